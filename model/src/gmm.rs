@@ -1,0 +1,357 @@
+//! Gaussian mixture statistics and sample energy.
+//!
+//! Two forms of the same maths: a differentiable one on burn tensors used inside the training
+//! loss, and an f64 one used by the scorer. Both factorise Σ_k + cov_reg·I with Cholesky and
+//! take the log-sum-exp over components, so energies stay finite far from every component.
+
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+use crate::config::{MAX_GMM_K, MAX_Z_DIM};
+
+const LN_2PI: f64 = 1.837_877_066_409_345_5;
+/// Floor for mixture weights and membership sums, so an empty component gives log(φ) = −27.6,
+/// not −∞, and its mean is not 0/0.
+const MIN_WEIGHT: f64 = 1e-12;
+
+/// Mixture parameters as differentiable tensors.
+pub struct GmmTensors {
+    /// Mixture weights φ, `[k]`.
+    pub phi: Tensor<1>,
+    /// Means μ, `[k, d]`.
+    pub mu: Tensor<2>,
+    /// Covariances Σ (without regularisation), `[k, d, d]`.
+    pub cov: Tensor<3>,
+}
+
+/// φ, μ, Σ from memberships γ `[n, k]` and codes z `[n, d]` (paper eq. 5).
+pub fn gmm_stats(z: Tensor<2>, gamma: Tensor<2>) -> GmmTensors {
+    let [n, d] = z.dims();
+    let k = gamma.dims()[1];
+    let gamma_sum = gamma.clone().sum_dim(0).add_scalar(MIN_WEIGHT); // [1, k]
+    let phi = gamma_sum.clone().div_scalar(n as f64).reshape([k]);
+    let mu = gamma.clone().transpose().matmul(z.clone()) / gamma_sum.clone().reshape([k, 1]);
+    let centred = z.unsqueeze_dim::<3>(1) - mu.clone().unsqueeze_dim::<3>(0); // [n, k, d]
+    let weighted = centred.clone() * gamma.unsqueeze_dim::<3>(2); // [n, k, d]
+    let cov = weighted
+        .permute([1, 2, 0]) // [k, d, n]
+        .matmul(centred.swap_dims(0, 1)) // [k, n, d]
+        / gamma_sum.reshape([k, 1, 1]);
+    let _ = d;
+    GmmTensors { phi, mu, cov }
+}
+
+/// Per-sample energy E(z) = −log Σ_k φ_k N(z | μ_k, Σ_k + cov_reg·I), `[n]`, and the penalty
+/// Σ_k Σ_j 1 / (Σ_k + cov_reg·I)_jj.
+pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tensor<1>) {
+    let [n, d] = z.dims();
+    let k = gmm.phi.dims()[0];
+    let device = z.device();
+    let eye = Tensor::<2>::from_data(identity(d), &device).unsqueeze_dim::<3>(0);
+    let cov = gmm.cov.clone() + eye.mul_scalar(cov_reg);
+    let entry = |i: usize, j: usize| cov.clone().slice([0..k, i..i + 1, j..j + 1]).reshape([1, k]);
+
+    // Cholesky Σ = L Lᵀ entry by entry on [1, k] tensors: differentiable and tiny (d ≤ 12).
+    // Each pivot is at least cov_reg in exact arithmetic; the clamp only absorbs f32 rounding.
+    let mut l: Vec<Vec<Option<Tensor<2>>>> = vec![vec![None; d]; d];
+    let mut penalty = Tensor::<2>::zeros([1, k], &device);
+    for j in 0..d {
+        let c_jj = entry(j, j);
+        penalty = penalty + c_jj.clone().recip();
+        let mut pivot = c_jj;
+        for p in 0..j {
+            let l_jp = l[j][p].clone().unwrap();
+            pivot = pivot - l_jp.clone() * l_jp;
+        }
+        let l_jj = pivot.clamp_min(cov_reg).sqrt();
+        for i in j + 1..d {
+            let mut off = entry(i, j);
+            for p in 0..j {
+                off = off - l[i][p].clone().unwrap() * l[j][p].clone().unwrap();
+            }
+            l[i][j] = Some(off / l_jj.clone());
+        }
+        l[j][j] = Some(l_jj);
+    }
+
+    // Forward substitution L y = z − μ_k for every sample and component at once.
+    let centred = z.unsqueeze_dim::<3>(1) - gmm.mu.clone().unsqueeze_dim::<3>(0); // [n, k, d]
+    let mut ys: Vec<Tensor<2>> = Vec::with_capacity(d);
+    let mut mahalanobis = Tensor::<2>::zeros([n, k], &device);
+    let mut half_log_det = Tensor::<2>::zeros([1, k], &device);
+    for j in 0..d {
+        let mut rhs = centred.clone().slice([0..n, 0..k, j..j + 1]).reshape([n, k]);
+        for (p, y_p) in ys.iter().enumerate() {
+            rhs = rhs - y_p.clone() * l[j][p].clone().unwrap();
+        }
+        let l_jj = l[j][j].clone().unwrap();
+        let y_j = rhs / l_jj.clone();
+        mahalanobis = mahalanobis + y_j.clone() * y_j.clone();
+        half_log_det = half_log_det + l_jj.log();
+        ys.push(y_j);
+    }
+    let log_phi = gmm.phi.clone().clamp_min(MIN_WEIGHT).log().reshape([1, k]);
+    let log_component = log_phi - mahalanobis.mul_scalar(0.5) - half_log_det
+        - 0.5 * d as f64 * LN_2PI;
+    // log-sum-exp over components; the shift is a constant for the gradient.
+    let shift = log_component.clone().max_dim(1).detach();
+    let lse = (log_component - shift.clone()).exp().sum_dim(1).log() + shift;
+    (lse.neg().reshape([n]), penalty.sum())
+}
+
+fn identity(d: usize) -> TensorData {
+    let mut v = vec![0f32; d * d];
+    for i in 0..d {
+        v[i * d + i] = 1.0;
+    }
+    TensorData::new(v, [d, d])
+}
+
+/// Fitted mixture parameters in f64, with each regularised covariance's Cholesky factor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GmmParams {
+    pub k: usize,
+    pub d: usize,
+    pub phi: Vec<f64>,
+    /// Means, `k` rows of `d`.
+    pub mu: Vec<Vec<f64>>,
+    /// Covariances without regularisation, `k` row-major `d × d` matrices.
+    pub cov: Vec<Vec<f64>>,
+    /// Added to each covariance diagonal before factorising.
+    pub cov_reg: f64,
+    /// Lower Cholesky factor of Σ_k + cov_reg·I, row-major `d × d`.
+    pub chol: Vec<Vec<f64>>,
+}
+
+impl GmmParams {
+    /// Build from φ, μ, Σ, factorising every regularised covariance.
+    pub fn new(phi: Vec<f64>, mu: Vec<Vec<f64>>, cov: Vec<Vec<f64>>, cov_reg: f64) -> Result<Self, ModelError> {
+        let k = phi.len();
+        let d = mu.first().map_or(0, Vec::len);
+        let shapes_ok = (1..=MAX_GMM_K).contains(&k)
+            && (1..=MAX_Z_DIM).contains(&d)
+            && mu.len() == k
+            && cov.len() == k
+            && mu.iter().all(|m| m.len() == d)
+            && cov.iter().all(|c| c.len() == d * d);
+        if !shapes_ok {
+            return Err(ModelError::InvalidData(format!("GMM parameters have inconsistent shapes (k = {k}, d = {d})")));
+        }
+        let all_finite = phi.iter().chain(mu.iter().flatten()).chain(cov.iter().flatten()).all(|v| v.is_finite());
+        if !all_finite {
+            return Err(ModelError::InvalidData("GMM parameters contain NaN or infinity".into()));
+        }
+        let chol = cov
+            .iter()
+            .enumerate()
+            .map(|(c, sigma)| {
+                cholesky(sigma, d, cov_reg).ok_or_else(|| {
+                    ModelError::InvalidData(format!("covariance of component {c} is not positive definite"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { k, d, phi, mu, cov, cov_reg, chol })
+    }
+
+    /// Build from the tensors of [`gmm_stats`].
+    pub fn from_tensors(t: &GmmTensors, cov_reg: f64) -> Result<Self, ModelError> {
+        let [k, d] = t.mu.dims();
+        let read = |data: TensorData| -> Vec<f64> {
+            data.try_into_vec::<f32>().expect("f32 tensor").into_iter().map(f64::from).collect()
+        };
+        let phi = read(t.phi.to_data());
+        let mu = read(t.mu.to_data()).chunks(d).map(<[f64]>::to_vec).collect();
+        let cov = read(t.cov.to_data()).chunks(d * d).map(<[f64]>::to_vec).collect();
+        let _ = k;
+        Self::new(phi, mu, cov, cov_reg)
+    }
+
+    /// Energy of one code vector `z` (length `d`).
+    pub fn energy(&self, z: &[f64]) -> f64 {
+        let d = self.d;
+        let mut log_components = [0f64; MAX_GMM_K];
+        let mut best = f64::NEG_INFINITY;
+        let mut y = [0f64; MAX_Z_DIM];
+        for c in 0..self.k {
+            let l = &self.chol[c];
+            let mut maha = 0.0;
+            let mut half_log_det = 0.0;
+            for j in 0..d {
+                let mut rhs = z[j] - self.mu[c][j];
+                for p in 0..j {
+                    rhs -= l[j * d + p] * y[p];
+                }
+                y[j] = rhs / l[j * d + j];
+                maha += y[j] * y[j];
+                half_log_det += l[j * d + j].ln();
+            }
+            let lc = self.phi[c].max(MIN_WEIGHT).ln() - 0.5 * maha - half_log_det - 0.5 * d as f64 * LN_2PI;
+            log_components[c] = lc;
+            best = best.max(lc);
+        }
+        if !best.is_finite() {
+            return f64::MAX;
+        }
+        let sum: f64 = log_components[..self.k].iter().map(|lc| (lc - best).exp()).sum();
+        -(best + sum.ln())
+    }
+}
+
+/// Lower Cholesky factor of `sigma + reg·I` (row-major `d × d`); `None` if not positive definite.
+pub fn cholesky(sigma: &[f64], d: usize, reg: f64) -> Option<Vec<f64>> {
+    let mut l = vec![0.0; d * d];
+    for j in 0..d {
+        let mut pivot = sigma[j * d + j] + reg;
+        for p in 0..j {
+            pivot -= l[j * d + p] * l[j * d + p];
+        }
+        if !(pivot > 0.0) {
+            return None;
+        }
+        // Same floor as the training graph, so both give the same factor.
+        let l_jj = pivot.max(reg).sqrt();
+        l[j * d + j] = l_jj;
+        for i in j + 1..d {
+            let mut off = sigma[i * d + j];
+            for p in 0..j {
+                off -= l[i * d + p] * l[j * d + p];
+            }
+            l[i * d + j] = off / l_jj;
+        }
+    }
+    Some(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, Normal};
+
+    /// −log Σ_k φ_k N(z | μ_k, Σ_k) for 2-D components, from the explicit inverse and determinant.
+    fn closed_form(z: [f64; 2], phi: &[f64], mu: &[[f64; 2]], cov: &[[f64; 4]]) -> f64 {
+        let density: f64 = (0..phi.len())
+            .map(|k| {
+                let [a, b, c, d] = cov[k];
+                let det = a * d - b * c;
+                let (x, y) = (z[0] - mu[k][0], z[1] - mu[k][1]);
+                let maha = (d * x * x - (b + c) * x * y + a * y * y) / det;
+                phi[k] * (-0.5 * maha).exp() / (2.0 * std::f64::consts::PI * det.sqrt())
+            })
+            .sum();
+        -density.ln()
+    }
+
+    fn known_mixture() -> (Vec<f64>, Vec<[f64; 2]>, Vec<[f64; 4]>) {
+        (
+            vec![0.3, 0.7],
+            vec![[0.0, 0.0], [3.0, -1.0]],
+            vec![[1.0, 0.4, 0.4, 0.5], [0.3, -0.1, -0.1, 2.0]],
+        )
+    }
+
+    fn draw(n: usize) -> Vec<[f64; 2]> {
+        let (phi, mu, cov) = known_mixture();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let normal = Normal::new(0.0, 1.0).unwrap();
+        (0..n)
+            .map(|_| {
+                let k = usize::from(rng.random_range(0.0..1.0) > phi[0]);
+                let l = cholesky(&cov[k], 2, 0.0).unwrap();
+                let (e0, e1) = (normal.sample(&mut rng), normal.sample(&mut rng));
+                [mu[k][0] + l[0] * e0, mu[k][1] + l[2] * e0 + l[3] * e1]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn f64_energy_matches_closed_form_density() {
+        let (phi, mu, cov) = known_mixture();
+        let params = GmmParams::new(
+            phi.clone(),
+            mu.iter().map(|m| m.to_vec()).collect(),
+            cov.iter().map(|c| c.to_vec()).collect(),
+            1e-12,
+        )
+        .unwrap();
+        for z in draw(2000) {
+            let expected = closed_form(z, &phi, &mu, &cov);
+            assert!((params.energy(&z) - expected).abs() <= 1e-4 * expected.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn burn_energy_matches_closed_form_density() {
+        let (phi, mu, cov) = known_mixture();
+        let device = Device::flex();
+        let f = |v: Vec<f64>| v.into_iter().map(|e| e as f32).collect::<Vec<f32>>();
+        let gmm = GmmTensors {
+            phi: Tensor::from_data(TensorData::new(f(phi.clone()), [2]), &device),
+            mu: Tensor::from_data(TensorData::new(f(mu.iter().flatten().copied().collect()), [2, 2]), &device),
+            cov: Tensor::from_data(TensorData::new(f(cov.iter().flatten().copied().collect()), [2, 2, 2]), &device),
+        };
+        let samples = draw(2000);
+        let z = Tensor::<2>::from_data(TensorData::new(f(samples.iter().flatten().copied().collect()), [2000, 2]), &device);
+        let (e, _) = energy(z, &gmm, 1e-9);
+        let e = e.into_data().try_into_vec::<f32>().unwrap();
+        for (z, e) in samples.iter().zip(e) {
+            let expected = closed_form(*z, &phi, &mu, &cov);
+            assert!((f64::from(e) - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{e} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn stats_recover_the_mixture_from_hard_memberships() {
+        let samples = draw(4000);
+        let device = Device::flex();
+        let (_, mu, _) = known_mixture();
+        // Assign each sample to the nearer true mean: hard γ.
+        let gamma: Vec<f32> = samples
+            .iter()
+            .flat_map(|s| {
+                let d0 = (s[0] - mu[0][0]).powi(2) + (s[1] - mu[0][1]).powi(2);
+                let d1 = (s[0] - mu[1][0]).powi(2) + (s[1] - mu[1][1]).powi(2);
+                if d0 < d1 { [1.0, 0.0] } else { [0.0, 1.0] }
+            })
+            .collect();
+        let z: Vec<f32> = samples.iter().flatten().map(|&v| v as f32).collect();
+        let t = gmm_stats(
+            Tensor::from_data(TensorData::new(z, [4000, 2]), &device),
+            Tensor::from_data(TensorData::new(gamma, [4000, 2]), &device),
+        );
+        let p = GmmParams::from_tensors(&t, 1e-6).unwrap();
+        assert!((p.phi[0] + p.phi[1] - 1.0).abs() < 1e-4);
+        assert!((p.mu[1][0] - 3.0).abs() < 0.1 && (p.mu[1][1] + 1.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn energy_stays_finite_far_from_every_component() {
+        let params = GmmParams::new(vec![0.5, 0.5], vec![vec![0.0, 0.0], vec![1.0, 1.0]], vec![vec![1e-3, 0.0, 0.0, 1e-3]; 2], 1e-6).unwrap();
+        for far in [1e2, 1e4, 1e6] {
+            let e = params.energy(&[far, -far]);
+            assert!(e.is_finite() && e > 1e3, "energy {e}");
+        }
+        let device = Device::flex();
+        let gmm = GmmTensors {
+            phi: Tensor::from_data(TensorData::new(vec![0.5f32, 0.5], [2]), &device),
+            mu: Tensor::from_data(TensorData::new(vec![0f32, 0.0, 1.0, 1.0], [2, 2]), &device),
+            cov: Tensor::from_data(TensorData::new(vec![1e-3f32, 0.0, 0.0, 1e-3, 1e-3, 0.0, 0.0, 1e-3], [2, 2, 2]), &device),
+        };
+        let z = Tensor::<2>::from_data(TensorData::new(vec![1e3f32, -1e3], [1, 2]), &device);
+        let (e, p) = energy(z, &gmm, 1e-6);
+        let e = e.into_data().try_into_vec::<f32>().unwrap()[0];
+        assert!(e.is_finite() && e > 1e3);
+        assert!(p.into_data().try_into_vec::<f32>().unwrap()[0].is_finite());
+    }
+
+    #[test]
+    fn singular_covariance_is_rescued_by_regularisation() {
+        let singular = vec![vec![1.0, 1.0, 1.0, 1.0]];
+        assert!(GmmParams::new(vec![1.0], vec![vec![0.0, 0.0]], singular.clone(), 0.0).is_err());
+        let p = GmmParams::new(vec![1.0], vec![vec![0.0, 0.0]], singular, 1e-4).unwrap();
+        assert!(p.energy(&[0.3, -0.3]).is_finite());
+    }
+}

@@ -1,0 +1,188 @@
+//! The DAGMM networks in burn: a compression autoencoder and an estimation MLP.
+//!
+//! Weights are initialised from our own seeded ChaCha stream (not burn's global RNG), so a
+//! fit is reproducible even when several models train in parallel threads.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::NetworkConfig;
+
+/// Added under square roots of squared norms so empty or zero rows keep finite gradients.
+pub const NORM_EPS: f32 = 1e-10;
+
+/// The trainable networks (compression encoder/decoder and estimation MLP).
+#[derive(Module, Debug)]
+pub struct DagmmNet {
+    pub encoder: Vec<Linear>,
+    pub decoder: Vec<Linear>,
+    pub estimation: Vec<Linear>,
+}
+
+/// What one forward pass produces.
+pub struct Forward {
+    /// Compressed code z_c, `[n, latent_dim]`.
+    pub z_c: Tensor<2>,
+    /// Reconstruction x', `[n, input_dim]`.
+    pub x_hat: Tensor<2>,
+    /// z = [z_c, relative Euclidean distance, cosine similarity], `[n, latent_dim + 2]`.
+    pub z: Tensor<2>,
+    /// Soft mixture memberships γ, `[n, gmm_k]`.
+    pub gamma: Tensor<2>,
+}
+
+/// Layer sizes of the encoder, decoder and estimation network, as (input, output) pairs.
+pub fn layer_shapes(cfg: &NetworkConfig) -> [Vec<(usize, usize)>; 3] {
+    let mut enc_sizes = vec![cfg.input_dim];
+    enc_sizes.extend(&cfg.hidden);
+    enc_sizes.push(cfg.latent_dim);
+    let dec_sizes: Vec<usize> = enc_sizes.iter().rev().copied().collect();
+    let mut est_sizes = vec![cfg.z_dim()];
+    est_sizes.extend(&cfg.estimation_hidden);
+    est_sizes.push(cfg.gmm_k);
+    let pairs = |s: &[usize]| s.windows(2).map(|w| (w[0], w[1])).collect();
+    [pairs(&enc_sizes), pairs(&dec_sizes), pairs(&est_sizes)]
+}
+
+/// Weights of one linear layer, row-major `[d_input, d_output]` (burn's own layout).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerWeights {
+    pub d_input: usize,
+    pub d_output: usize,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// All network weights as plain values, for the bundle and the plain-Rust scorer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkWeights {
+    pub encoder: Vec<LayerWeights>,
+    pub decoder: Vec<LayerWeights>,
+    pub estimation: Vec<LayerWeights>,
+}
+
+impl NetworkWeights {
+    /// Uniform(-1/√fan_in, 1/√fan_in) for weights and biases, as PyTorch's default Linear init.
+    pub fn init(cfg: &NetworkConfig, rng: &mut ChaCha8Rng) -> Self {
+        let mut layer = |(d_input, d_output): (usize, usize)| {
+            let bound = 1.0 / (d_input as f32).sqrt();
+            LayerWeights {
+                d_input,
+                d_output,
+                weight: (0..d_input * d_output).map(|_| rng.random_range(-bound..bound)).collect(),
+                bias: (0..d_output).map(|_| rng.random_range(-bound..bound)).collect(),
+            }
+        };
+        let [enc, dec, est] = layer_shapes(cfg);
+        Self {
+            encoder: enc.into_iter().map(&mut layer).collect(),
+            decoder: dec.into_iter().map(&mut layer).collect(),
+            estimation: est.into_iter().map(&mut layer).collect(),
+        }
+    }
+
+    /// Whether these weights have the shapes `cfg` describes.
+    pub fn matches(&self, cfg: &NetworkConfig) -> bool {
+        let [enc, dec, est] = layer_shapes(cfg);
+        let fits = |layers: &[LayerWeights], shapes: &[(usize, usize)]| {
+            layers.len() == shapes.len()
+                && layers.iter().zip(shapes).all(|(l, &(i, o))| {
+                    l.d_input == i && l.d_output == o && l.weight.len() == i * o && l.bias.len() == o
+                })
+        };
+        fits(&self.encoder, &enc) && fits(&self.decoder, &dec) && fits(&self.estimation, &est)
+    }
+}
+
+fn to_linear(w: &LayerWeights, device: &Device) -> Linear {
+    Linear {
+        weight: Param::from_data(TensorData::new(w.weight.clone(), [w.d_input, w.d_output]), device),
+        bias: Some(Param::from_data(TensorData::new(w.bias.clone(), [w.d_output]), device)),
+    }
+}
+
+fn from_linear(l: &Linear) -> LayerWeights {
+    let [d_input, d_output] = l.weight.dims();
+    let bias = match &l.bias {
+        Some(b) => b.val().into_data().try_into_vec::<f32>().expect("bias is f32"),
+        None => vec![0.0; d_output],
+    };
+    LayerWeights {
+        d_input,
+        d_output,
+        weight: l.weight.val().into_data().try_into_vec::<f32>().expect("weight is f32"),
+        bias,
+    }
+}
+
+impl DagmmNet {
+    pub fn from_weights(w: &NetworkWeights, device: &Device) -> Self {
+        let build = |layers: &[LayerWeights]| layers.iter().map(|l| to_linear(l, device)).collect();
+        Self {
+            encoder: build(&w.encoder),
+            decoder: build(&w.decoder),
+            estimation: build(&w.estimation),
+        }
+    }
+
+    pub fn weights(&self) -> NetworkWeights {
+        NetworkWeights {
+            encoder: self.encoder.iter().map(from_linear).collect(),
+            decoder: self.decoder.iter().map(from_linear).collect(),
+            estimation: self.estimation.iter().map(from_linear).collect(),
+        }
+    }
+
+    /// Encode then decode: returns (z_c, x').
+    pub fn compress(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+        let z_c = mlp(&self.encoder, x);
+        let x_hat = mlp(&self.decoder, z_c.clone());
+        (z_c, x_hat)
+    }
+
+    /// Full forward pass. `dropout_masks` holds one pre-scaled 0/(1/(1-p)) mask per estimation
+    /// hidden layer during training, and is `None` for evaluation.
+    pub fn forward(&self, x: Tensor<2>, dropout_masks: Option<&[Tensor<2>]>) -> Forward {
+        let (z_c, x_hat) = self.compress(x.clone());
+        let z = Tensor::cat(vec![z_c.clone(), reconstruction_features(x, x_hat.clone())], 1);
+        let mut h = z.clone();
+        let last = self.estimation.len() - 1;
+        for (i, layer) in self.estimation.iter().enumerate() {
+            h = layer.forward(h);
+            if i < last {
+                h = h.tanh();
+                if let Some(masks) = dropout_masks {
+                    h = h * masks[i].clone();
+                }
+            }
+        }
+        let gamma = softmax(h, 1);
+        Forward { z_c, x_hat, z, gamma }
+    }
+}
+
+/// tanh between layers, linear output (the paper's FC(..., tanh) ... FC(10, 1) pattern).
+fn mlp(layers: &[Linear], mut h: Tensor<2>) -> Tensor<2> {
+    let last = layers.len() - 1;
+    for (i, layer) in layers.iter().enumerate() {
+        h = layer.forward(h);
+        if i < last {
+            h = h.tanh();
+        }
+    }
+    h
+}
+
+/// [‖x − x'‖ / ‖x‖, cos(x, x')] per row, `[n, 2]`.
+pub fn reconstruction_features(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
+    let norm = |t: Tensor<2>| (t.clone() * t).sum_dim(1).add_scalar(NORM_EPS).sqrt();
+    let x_norm = norm(x.clone());
+    let relative_distance = norm(x.clone() - x_hat.clone()) / x_norm.clone();
+    let cosine = (x * x_hat.clone()).sum_dim(1) / (x_norm * norm(x_hat));
+    Tensor::cat(vec![relative_distance, cosine], 1)
+}

@@ -1,0 +1,197 @@
+//! Feature transforms and the scaler fitted on the training window, stored in the bundle so
+//! scoring applies exactly what training saw.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Transform applied to a raw metric before scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    Identity,
+    /// log(1 + x): for heavy-tailed rates such as network bits/s.
+    Log1p,
+}
+
+impl Transform {
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            Transform::Identity => x,
+            Transform::Log1p => x.ln_1p(),
+        }
+    }
+
+    pub fn invert(self, y: f64) -> f64 {
+        match self {
+            Transform::Identity => y,
+            Transform::Log1p => y.exp_m1(),
+        }
+    }
+}
+
+/// One input feature of a model: what it is called, its unit and how it is transformed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    /// Canonical name used in requests and outputs (e.g. `cpu_usage`).
+    pub name: String,
+    /// Human-readable unit (e.g. `%`, `bit/s`).
+    pub unit: String,
+    pub transform: Transform,
+    /// Smallest valid raw value, if any (rates cannot be negative).
+    pub min_valid: Option<f64>,
+    /// Largest valid raw value, if any (percentages stop at 100).
+    pub max_valid: Option<f64>,
+}
+
+impl FeatureSpec {
+    /// The four server metrics in their fixed order.
+    pub fn server_metrics() -> Vec<FeatureSpec> {
+        let percent = |name: &str| FeatureSpec {
+            name: name.into(),
+            unit: "%".into(),
+            transform: Transform::Identity,
+            min_valid: Some(0.0),
+            max_valid: Some(100.0),
+        };
+        vec![
+            percent("cpu_usage"),
+            percent("mem_usage"),
+            percent("disk_busy"),
+            FeatureSpec {
+                name: "net_in_bps".into(),
+                unit: "bit/s".into(),
+                transform: Transform::Log1p,
+                min_valid: Some(0.0),
+                max_valid: None,
+            },
+        ]
+    }
+
+    /// Plain numeric features with no transform or bounds (labelled benchmark data).
+    pub fn plain(names: &[String]) -> Vec<FeatureSpec> {
+        names
+            .iter()
+            .map(|name| FeatureSpec {
+                name: name.clone(),
+                unit: String::new(),
+                transform: Transform::Identity,
+                min_valid: None,
+                max_valid: None,
+            })
+            .collect()
+    }
+}
+
+/// Smallest feature range the scaler divides by, so a constant column maps to 0, not NaN.
+const MIN_RANGE: f64 = 1e-9;
+
+/// Transform-then-min-max scaling to [0, 1] over the training window.
+///
+/// Min-max rather than z-scores: the reconstruction features divide by ‖x‖, and z-scores put the
+/// most typical samples at the origin where that ratio explodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocessor {
+    pub features: Vec<FeatureSpec>,
+    /// Per-feature minimum of the transformed training values.
+    pub min: Vec<f64>,
+    /// Per-feature maximum of the transformed training values.
+    pub max: Vec<f64>,
+    /// Per-feature raw minimum seen in training (for out-of-range flags).
+    pub raw_min: Vec<f64>,
+    /// Per-feature raw maximum seen in training.
+    pub raw_max: Vec<f64>,
+}
+
+impl Preprocessor {
+    /// Fit on raw rows (row-major, `features.len()` values per row).
+    pub fn fit(features: Vec<FeatureSpec>, rows: &[f64]) -> Result<Self, ModelError> {
+        let d = features.len();
+        if d == 0 || rows.is_empty() || rows.len() % d != 0 {
+            return Err(ModelError::InvalidData(format!(
+                "expected rows of {d} values, got {} values",
+                rows.len()
+            )));
+        }
+        let mut min = vec![f64::INFINITY; d];
+        let mut max = vec![f64::NEG_INFINITY; d];
+        let mut raw_min = vec![f64::INFINITY; d];
+        let mut raw_max = vec![f64::NEG_INFINITY; d];
+        for row in rows.chunks_exact(d) {
+            for (j, (&raw, spec)) in row.iter().zip(&features).enumerate() {
+                if !raw.is_finite() {
+                    return Err(ModelError::InvalidData(format!(
+                        "feature {} has a non-finite value {raw}",
+                        spec.name
+                    )));
+                }
+                let t = spec.transform.apply(raw);
+                min[j] = min[j].min(t);
+                max[j] = max[j].max(t);
+                raw_min[j] = raw_min[j].min(raw);
+                raw_max[j] = raw_max[j].max(raw);
+            }
+        }
+        Ok(Self { features, min, max, raw_min, raw_max })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.features.len()
+    }
+
+    /// Map one raw value of feature `j` to model space.
+    pub fn scale(&self, j: usize, raw: f64) -> f64 {
+        let t = self.features[j].transform.apply(raw);
+        (t - self.min[j]) / (self.max[j] - self.min[j]).max(MIN_RANGE)
+    }
+
+    /// Map a model-space value of feature `j` back to its raw unit.
+    pub fn unscale(&self, j: usize, scaled: f64) -> f64 {
+        let t = scaled * (self.max[j] - self.min[j]).max(MIN_RANGE) + self.min[j];
+        self.features[j].transform.invert(t)
+    }
+
+    /// Scale whole rows into f32 model inputs.
+    pub fn scale_rows(&self, rows: &[f64]) -> Vec<f32> {
+        let d = self.dim();
+        rows.chunks_exact(d)
+            .flat_map(|row| row.iter().enumerate().map(|(j, &x)| self.scale(j, x) as f32))
+            .collect()
+    }
+
+    /// Whether a raw value lies outside what training saw.
+    pub fn out_of_range(&self, j: usize, raw: f64) -> bool {
+        raw < self.raw_min[j] || raw > self.raw_max[j]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_and_unscale_round_trip_through_log1p() {
+        let rows = vec![10.0, 20.0, 5.0, 1e3, 90.0, 60.0, 50.0, 1e7];
+        let p = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
+        assert!((p.scale(0, 10.0) - 0.0).abs() < 1e-12);
+        assert!((p.scale(3, 1e7) - 1.0).abs() < 1e-12);
+        for (j, raw) in [(0, 37.0), (3, 12345.0)] {
+            assert!((p.unscale(j, p.scale(j, raw)) - raw).abs() < 1e-6 * raw);
+        }
+    }
+
+    #[test]
+    fn constant_column_scales_to_zero_not_nan() {
+        let rows = vec![5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0];
+        let p = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
+        assert_eq!(p.scale(0, 5.0), 0.0);
+        assert!(p.scale(0, 6.0).is_finite());
+    }
+
+    #[test]
+    fn non_finite_training_value_is_an_error_naming_the_feature() {
+        let rows = vec![1.0, 2.0, f64::NAN, 4.0];
+        let err = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap_err();
+        assert!(err.to_string().contains("disk_busy"));
+    }
+}

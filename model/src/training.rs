@@ -1,0 +1,280 @@
+//! The DAGMM training loop: Adam on reconstruction + λ1·energy + λ2·covariance penalty, then
+//! GMM parameters over the whole training set and energy cutoffs from the plain scorer.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{NetworkConfig, TrainConfig};
+use crate::gmm::{GmmParams, energy, gmm_stats};
+use crate::network::{DagmmNet, NetworkWeights};
+use crate::preprocess::Preprocessor;
+use crate::scorer::Scorer;
+use crate::thresholds::Thresholds;
+use crate::{DagmmModel, ModelError};
+
+/// Mean loss parts over one epoch's batches.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochLosses {
+    pub epoch: usize,
+    pub total: f64,
+    pub reconstruction: f64,
+    pub energy: f64,
+    pub cov_penalty: f64,
+}
+
+/// A fitted model plus what training observed.
+#[derive(Debug)]
+pub struct FitOutput {
+    pub model: DagmmModel,
+    pub history: Vec<EpochLosses>,
+    /// Energy of every training row under the final model, in input order.
+    pub train_energies: Vec<f64>,
+    pub seconds: f64,
+}
+
+/// Fewest rows a mixture can be estimated from.
+pub const MIN_TRAIN_ROWS: usize = 2;
+
+/// Fit a DAGMM on raw rows (row-major, `preprocessor.dim()` values each).
+///
+/// `on_epoch` sees each epoch's losses (for progress bars); it is not called concurrently.
+pub fn fit(
+    net_cfg: &NetworkConfig,
+    cfg: &TrainConfig,
+    preprocessor: Preprocessor,
+    raw_rows: &[f64],
+    on_epoch: &mut dyn FnMut(&EpochLosses),
+) -> Result<FitOutput, ModelError> {
+    net_cfg.validate()?;
+    cfg.validate()?;
+    let d = preprocessor.dim();
+    if net_cfg.input_dim != d {
+        return Err(ModelError::InvalidConfig {
+            field: "input_dim",
+            why: format!("network expects {} features, data has {d}", net_cfg.input_dim),
+        });
+    }
+    if raw_rows.len() % d != 0 {
+        return Err(ModelError::InvalidData(format!("{} values do not make rows of {d}", raw_rows.len())));
+    }
+    let n = raw_rows.len() / d;
+    if n < MIN_TRAIN_ROWS {
+        return Err(ModelError::InvalidData(format!("{n} rows; at least {MIN_TRAIN_ROWS} are needed")));
+    }
+    let start = Instant::now();
+    let x = preprocessor.scale_rows(raw_rows);
+    if x.iter().any(|v| !v.is_finite()) {
+        return Err(ModelError::InvalidData("scaled features contain NaN or infinity".into()));
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let device = Device::flex().autodiff();
+    let mut net = DagmmNet::from_weights(&NetworkWeights::init(net_cfg, &mut rng), &device);
+    let mut optimizer = AdamConfig::new().init();
+
+    // Equal-sized batches (sizes differ by at most one) so no step sees a sliver of data.
+    let n_batches = n.div_ceil(cfg.batch_size);
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut history = Vec::with_capacity(cfg.epochs);
+    let mut batch = Vec::with_capacity(cfg.batch_size.min(n) * d + d);
+    for epoch in 1..=cfg.epochs {
+        order.shuffle(&mut rng);
+        let mut sums = [0f64; 4];
+        for b in 0..n_batches {
+            let rows = &order[b * n / n_batches..(b + 1) * n / n_batches];
+            batch.clear();
+            for &r in rows {
+                batch.extend_from_slice(&x[r * d..(r + 1) * d]);
+            }
+            let xb = Tensor::<2>::from_data(TensorData::new(batch.clone(), [rows.len(), d]), &device);
+            let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
+            let out = net.forward(xb.clone(), masks.as_deref());
+            let diff = xb - out.x_hat;
+            let reconstruction = (diff.clone() * diff).sum_dim(1).mean();
+            let gmm = gmm_stats(out.z.clone(), out.gamma);
+            let (energies, penalty) = energy(out.z, &gmm, cfg.cov_reg);
+            let mean_energy = energies.mean();
+            let loss = reconstruction.clone()
+                + mean_energy.clone().mul_scalar(cfg.lambda_energy)
+                + penalty.clone().mul_scalar(cfg.lambda_cov);
+            let parts = Tensor::cat(vec![loss.clone(), reconstruction, mean_energy, penalty], 0)
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("loss is f32");
+            for (sum, part) in sums.iter_mut().zip(parts) {
+                *sum += f64::from(part);
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            net = optimizer.step(cfg.learning_rate, net, grads);
+        }
+        let mean = |i: usize| sums[i] / n_batches as f64;
+        let losses = EpochLosses {
+            epoch,
+            total: mean(0),
+            reconstruction: mean(1),
+            energy: mean(2),
+            cov_penalty: mean(3),
+        };
+        if !losses.total.is_finite() {
+            return Err(ModelError::Diverged { epoch, what: "the loss" });
+        }
+        on_epoch(&losses);
+        history.push(losses);
+    }
+
+    let net = net.valid();
+    let weights = net.weights();
+    let gmm = whole_set_gmm(&net, &x, n, d, cfg.cov_reg)?;
+    let mut model = DagmmModel {
+        network: net_cfg.clone(),
+        preprocessor,
+        weights,
+        gmm,
+        thresholds: Thresholds::default(),
+    };
+    let scorer = Scorer::new(&model);
+    let train_energies = scorer.energies_scaled(&x);
+    if train_energies.iter().any(|e| !e.is_finite()) {
+        return Err(ModelError::Diverged { epoch: cfg.epochs, what: "a training energy" });
+    }
+    model.thresholds = Thresholds::from_energies(&train_energies, cfg.percentile, &cfg.severities);
+    Ok(FitOutput { model, history, train_energies, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Mixture parameters from every training row (evaluation mode, no dropout) rather than the
+/// last batch, so the scoring GMM does not depend on which rows happened to come last.
+fn whole_set_gmm(net: &DagmmNet, x: &[f32], n: usize, d: usize, cov_reg: f64) -> Result<GmmParams, ModelError> {
+    let device = Device::flex();
+    let xt = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), &device);
+    let out = net.forward(xt, None);
+    GmmParams::from_tensors(&gmm_stats(out.z, out.gamma), cov_reg)
+}
+
+/// Inverted-dropout masks (0 or 1/(1−p)) for each estimation hidden layer, from our own RNG.
+fn dropout_masks(cfg: &NetworkConfig, rows: usize, rng: &mut ChaCha8Rng, device: &Device) -> Option<Vec<Tensor<2>>> {
+    if cfg.dropout <= 0.0 {
+        return None;
+    }
+    let keep = 1.0 - cfg.dropout;
+    let scale = (1.0 / keep) as f32;
+    Some(
+        cfg.estimation_hidden
+            .iter()
+            .map(|&h| {
+                let mask: Vec<f32> = (0..rows * h).map(|_| if rng.random_bool(keep) { scale } else { 0.0 }).collect();
+                Tensor::<2>::from_data(TensorData::new(mask, [rows, h]), device)
+            })
+            .collect(),
+    )
+}
+
+/// Energies of scaled rows computed entirely with burn (network and mixture on tensors), from
+/// a fitted model's parameters: the reference the plain scorer is held to.
+pub fn burn_energies(model: &DagmmModel, x: &[f32]) -> Vec<f64> {
+    let device = Device::flex();
+    let d = model.network.input_dim;
+    let n = x.len() / d;
+    let net = DagmmNet::from_weights(&model.weights, &device);
+    let out = net.forward(Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), &device), None);
+    let g = &model.gmm;
+    let flat = |v: &[Vec<f64>]| v.iter().flatten().map(|&e| e as f32).collect::<Vec<f32>>();
+    let tensors = crate::gmm::GmmTensors {
+        phi: Tensor::from_data(TensorData::new(g.phi.iter().map(|&e| e as f32).collect(), [g.k]), &device),
+        mu: Tensor::from_data(TensorData::new(flat(&g.mu), [g.k, g.d]), &device),
+        cov: Tensor::from_data(TensorData::new(flat(&g.cov), [g.k, g.d, g.d]), &device),
+    };
+    let (e, _) = energy(out.z, &tensors, g.cov_reg);
+    e.into_data().try_into_vec::<f32>().expect("energy is f32").into_iter().map(f64::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::FeatureSpec;
+    use rand_distr::{Distribution, Normal};
+
+    fn blob_rows(n: usize, seed: u64) -> Vec<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let noise = Normal::new(0.0, 1.0).unwrap();
+        let mut rows = Vec::with_capacity(n * 4);
+        for _ in 0..n {
+            let load: f64 = rng.random_range(0.0..1.0);
+            rows.push(20.0 + 50.0 * load + 2.0 * noise.sample(&mut rng));
+            rows.push(40.0 + 5.0 * noise.sample(&mut rng));
+            rows.push(5.0 + 10.0 * load + noise.sample(&mut rng).abs());
+            rows.push(1e4 * (1.0 + 20.0 * load) * (1.0 + 0.05 * noise.sample(&mut rng)));
+        }
+        rows
+    }
+
+    fn quick(epochs: usize, seed: u64) -> TrainConfig {
+        TrainConfig { epochs, batch_size: 128, seed, ..TrainConfig::default() }
+    }
+
+    fn fit_rows(rows: &[f64], cfg: &TrainConfig) -> FitOutput {
+        let pre = Preprocessor::fit(FeatureSpec::server_metrics(), rows).unwrap();
+        fit(&NetworkConfig::metrics4(), cfg, pre, rows, &mut |_| {}).unwrap()
+    }
+
+    #[test]
+    fn same_seed_same_data_gives_bit_identical_model() {
+        let rows = blob_rows(300, 1);
+        let a = fit_rows(&rows, &quick(20, 7));
+        let b = fit_rows(&rows, &quick(20, 7));
+        assert_eq!(a.model, b.model);
+        assert_eq!(a.history, b.history);
+        let c = fit_rows(&rows, &quick(20, 8));
+        assert_ne!(a.model.weights, c.model.weights);
+    }
+
+    #[test]
+    fn plain_scorer_reproduces_burn_energies() {
+        let rows = blob_rows(600, 2);
+        let out = fit_rows(&rows, &quick(40, 3));
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // Real (training) samples plus random ones well outside the training range.
+        let mut x = out.model.preprocessor.scale_rows(&rows);
+        x.extend((0..4000 * 4).map(|_| rng.random_range(-0.5f32..1.5)));
+        let plain = Scorer::new(&out.model).energies_scaled(&x);
+        let reference = burn_energies(&out.model, &x);
+        let worst = plain
+            .iter()
+            .zip(&reference)
+            .map(|(p, r)| (p - r).abs() / r.abs().max(1.0))
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-5, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn degenerate_data_trains_without_nan() {
+        let mut constant_column = blob_rows(200, 4);
+        constant_column.chunks_exact_mut(4).for_each(|r| r[1] = 55.0);
+        let duplicated: Vec<f64> = (0..200).flat_map(|_| [30.0, 40.0, 5.0, 1e5]).collect();
+        let ten_rows = blob_rows(10, 5);
+        for rows in [constant_column, duplicated, ten_rows] {
+            let out = fit_rows(&rows, &quick(30, 1));
+            assert!(out.train_energies.iter().all(|e| e.is_finite()));
+            assert!(out.history.iter().all(|l| l.total.is_finite()));
+            assert!(out.model.thresholds.cutoff.is_finite());
+            out.model.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn too_few_rows_and_bad_shapes_are_errors() {
+        let pre = Preprocessor::fit(FeatureSpec::server_metrics(), &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        let err = fit(&NetworkConfig::metrics4(), &quick(1, 0), pre.clone(), &[1.0, 2.0, 3.0, 4.0], &mut |_| {});
+        assert!(err.unwrap_err().to_string().contains("at least"));
+        let bad_k = NetworkConfig { gmm_k: 0, ..NetworkConfig::metrics4() };
+        let err = fit(&bad_k, &quick(1, 0), pre, &blob_rows(10, 0), &mut |_| {});
+        assert!(err.unwrap_err().to_string().contains("gmm_k"));
+    }
+}
