@@ -272,6 +272,11 @@ pub fn write_frame(df: &mut DataFrame, path: &std::path::Path) -> Result<(), Dat
         }
         None => return Err(DataError::UnsupportedFormat { path: path.to_path_buf() }),
     }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }

@@ -60,6 +60,17 @@ pub struct LoadedBundle {
     pub sha256: String,
 }
 
+/// Temp files are created owner-only; a saved model should read like any other file.
+pub fn make_readable(file: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    let _ = file;
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -85,6 +96,7 @@ impl Bundle {
         let mut tmp = tempfile::Builder::new().prefix(".dagmm-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
         tmp.write_all(&bytes).map_err(io)?;
         tmp.as_file().sync_all().map_err(io)?;
+        make_readable(tmp.as_file()).map_err(io)?;
         tmp.persist(path).map_err(|e| io(e.error))?;
         let header_end = bytes.iter().position(|&b| b == b'\n').unwrap_or(0);
         Ok(String::from_utf8_lossy(&bytes[..header_end]).rsplit(':').next().unwrap_or("").to_string())

@@ -1,1 +1,36 @@
-fn main() {}
+//! `dagmm-train`: fit DAGMM models from exported metric history.
+//!
+//! Subcommands, one module each: `fit` (train and save bundles), `generate` (write the seeded
+//! sample export).
+
+mod fit;
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dagmm-train", version, about = "Train DAGMM anomaly-detection models on server metrics")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fit one model (or one per group) from a metric export and save the bundles.
+    Fit(Box<fit::FitArgs>),
+    /// Write the seeded synthetic sample export (what datasets/sample/ holds).
+    Generate(generate::GenerateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fit(args) => fit::run(*args),
+        Command::Generate(args) => generate::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
