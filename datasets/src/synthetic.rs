@@ -284,12 +284,14 @@ pub fn write_frame(df: &mut DataFrame, path: &std::path::Path) -> Result<(), Dat
 /// The reference scenario: 1000 normal 4-metric samples of one host (consecutive minutes) and
 /// two injected anomalies (CPU saturation with idle network; disk saturation with high memory).
 pub fn reference_scenario(seed: u64) -> (Vec<[f64; 4]>, Vec<[f64; 4]>) {
-    let spec = SampleSpec { hosts: 1, days: 1000.0 / 1440.0, anomalies_per_day: 0.0, seed, ..Default::default() };
+    // Gaps and nulls remove some rows; generate a margin and keep the first 1000 complete ones.
+    let spec = SampleSpec { hosts: 1, days: 1.0, anomalies_per_day: 0.0, seed, ..Default::default() };
     let normal: Vec<[f64; 4]> = generate(&spec)
         .values
         .iter()
         .filter(|v| v.iter().all(Option::is_some))
         .map(|v| v.map(|x| x.expect("complete row")))
+        .take(1000)
         .collect();
     let median_net = {
         let mut n: Vec<f64> = normal.iter().map(|v| v[3]).collect();
