@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod config;
 mod error;
+pub mod explain;
 pub mod gmm;
 pub mod network;
 pub mod preprocess;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use bundle::{Bundle, LoadedBundle, TrainingSummary};
 pub use config::{NetworkConfig, TrainConfig};
 pub use error::ModelError;
+pub use explain::{Direction, Explainer, MetricExplanation, Verdict};
 pub use gmm::GmmParams;
 pub use network::NetworkWeights;
 pub use preprocess::{FeatureSpec, Preprocessor, Transform};

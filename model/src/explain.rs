@@ -1,0 +1,174 @@
+//! Verdicts on raw samples: energy, cutoff, severity, percentile and per-metric explanation.
+//!
+//! **Contributions** are counterfactual energy drops: for each metric j, the sample is scored
+//! again with x_j replaced by the model's expected value (its reconstruction x'_j), and the
+//! contribution is how much lower the energy gets, max(0, E(x) − E(x with x_j := x'_j)),
+//! normalised to sum to 1. It measures each metric's effect on the score the cutoff is applied to
+//! — not merely its reconstruction error, which ignores the mixture — and costs only D + 1
+//! forward passes (D = 4). When no single substitution lowers the energy, the shares fall back to
+//! each metric's squared reconstruction error, and to equal shares if even those are all zero.
+
+use serde::{Deserialize, Serialize};
+
+use crate::scorer::{Scorer, Scratch};
+use crate::{DagmmModel, ModelError};
+
+/// Above or below what the model expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Above,
+    Below,
+}
+
+/// One metric's part in a verdict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricExplanation {
+    pub metric: String,
+    pub unit: String,
+    pub value: f64,
+    /// What the model expected, in the metric's own unit (reconstruction, inverse-transformed).
+    pub expected: f64,
+    pub direction: Direction,
+    /// Share of the anomaly attributed to this metric; shares sum to 1.
+    pub contribution: f64,
+    /// The value lies outside the range seen in training.
+    pub out_of_range: bool,
+}
+
+/// The verdict on one raw sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub energy: f64,
+    pub cutoff: f64,
+    pub anomaly: bool,
+    pub severity: String,
+    /// Where the energy falls in the training-energy distribution (0–100).
+    pub percentile: f64,
+    /// Any input lies outside the range seen in training: the model is extrapolating.
+    pub out_of_range: bool,
+    /// Metric with the largest contribution.
+    pub top_metric: String,
+    pub explanation: Vec<MetricExplanation>,
+}
+
+/// A scorer bound to its model's preprocessing and thresholds: raw values in, verdicts out.
+#[derive(Debug, Clone)]
+pub struct Explainer {
+    model: DagmmModel,
+    scorer: Scorer,
+}
+
+/// Energies at or below this are treated as equal when comparing counterfactuals.
+const MIN_DROP: f64 = 1e-12;
+
+impl Explainer {
+    pub fn new(model: DagmmModel) -> Self {
+        let scorer = Scorer::new(&model);
+        Self { model, scorer }
+    }
+
+    pub fn model(&self) -> &DagmmModel {
+        &self.model
+    }
+
+    pub fn scorer(&self) -> &Scorer {
+        &self.scorer
+    }
+
+    /// Check one raw sample against each feature's valid range; the error names the feature.
+    pub fn validate(&self, raw: &[f64]) -> Result<(), ModelError> {
+        let features = &self.model.preprocessor.features;
+        if raw.len() != features.len() {
+            return Err(ModelError::InvalidSample {
+                field: "sample".into(),
+                why: format!("expected {} metrics, got {}", features.len(), raw.len()),
+            });
+        }
+        for (spec, &v) in features.iter().zip(raw) {
+            let why = if !v.is_finite() {
+                Some(format!("{v} is not a finite number"))
+            } else if spec.min_valid.is_some_and(|lo| v < lo) || spec.max_valid.is_some_and(|hi| v > hi) {
+                Some(format!(
+                    "{v} is outside the valid range [{}, {}]",
+                    spec.min_valid.map_or("-inf".into(), |x| x.to_string()),
+                    spec.max_valid.map_or("inf".into(), |x| x.to_string())
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ModelError::InvalidSample { field: spec.name.clone(), why });
+            }
+        }
+        Ok(())
+    }
+
+    /// Energy of one raw sample (no explanation).
+    pub fn energy(&self, raw: &[f64], s: &mut Scratch) -> f64 {
+        let x = self.scale(raw);
+        self.scorer.energy_scaled(&x, s)
+    }
+
+    fn scale(&self, raw: &[f64]) -> Vec<f32> {
+        let p = &self.model.preprocessor;
+        raw.iter().enumerate().map(|(j, &v)| p.scale(j, v) as f32).collect()
+    }
+
+    /// Full verdict on one raw sample (call [`Explainer::validate`] first).
+    pub fn verdict(&self, raw: &[f64], s: &mut Scratch) -> Verdict {
+        let p = &self.model.preprocessor;
+        let t = &self.model.thresholds;
+        let x = self.scale(raw);
+        let energy = self.scorer.energy_scaled(&x, s);
+        let x_hat: Vec<f32> = self.scorer.reconstruction(s).to_vec();
+        let mut drops: Vec<f64> = (0..x.len())
+            .map(|j| {
+                let mut counterfactual = x.clone();
+                counterfactual[j] = x_hat[j];
+                (energy - self.scorer.energy_scaled(&counterfactual, s)).max(0.0)
+            })
+            .collect();
+        if drops.iter().sum::<f64>() <= MIN_DROP {
+            drops = x.iter().zip(&x_hat).map(|(a, b)| f64::from(a - b).powi(2)).collect();
+        }
+        let total: f64 = drops.iter().sum();
+        let shares: Vec<f64> = if total > MIN_DROP {
+            drops.iter().map(|d| d / total).collect()
+        } else {
+            vec![1.0 / x.len() as f64; x.len()]
+        };
+        let explanation: Vec<MetricExplanation> = p
+            .features
+            .iter()
+            .enumerate()
+            .map(|(j, spec)| {
+                let expected = p.unscale(j, f64::from(x_hat[j]));
+                MetricExplanation {
+                    metric: spec.name.clone(),
+                    unit: spec.unit.clone(),
+                    value: raw[j],
+                    expected,
+                    direction: if raw[j] >= expected { Direction::Above } else { Direction::Below },
+                    contribution: shares[j],
+                    out_of_range: p.out_of_range(j, raw[j]),
+                }
+            })
+            .collect();
+        let top = shares
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(j, _)| j);
+        Verdict {
+            energy,
+            cutoff: t.cutoff,
+            anomaly: t.is_anomaly(energy),
+            severity: t.severity(energy).to_string(),
+            percentile: t.percentile_rank(energy),
+            out_of_range: explanation.iter().any(|e| e.out_of_range),
+            top_metric: p.features[top].name.clone(),
+            explanation,
+        }
+    }
+}
