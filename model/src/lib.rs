@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod config;
 mod error;
+pub mod eval;
 pub mod explain;
 pub mod gmm;
 pub mod network;

@@ -83,13 +83,18 @@ impl FeatureSpec {
     }
 }
 
-/// Smallest feature range the scaler divides by, so a constant column maps to 0, not NaN.
+/// Smallest feature range the scaler divides by, so a constant column maps to a constant, not NaN.
 const MIN_RANGE: f64 = 1e-9;
+/// Scaled training values lie in [SCALE_OFFSET, SCALE_OFFSET + 1].
+pub const SCALE_OFFSET: f64 = 1.0;
 
-/// Transform-then-min-max scaling to [0, 1] over the training window.
+/// Transform-then-min-max scaling of the training window into [1, 2].
 ///
-/// Min-max rather than z-scores: the reconstruction features divide by ‖x‖, and z-scores put the
-/// most typical samples at the origin where that ratio explodes.
+/// Why [1, 2]: the reconstruction feature ‖x − x'‖/‖x‖ divides by the input's norm. With z-scores
+/// (or min-max into [0, 1]) quiet samples sit near the origin, their relative error is inflated
+/// and noisy, the mixture spreads a wide component over large relative errors, and real
+/// anomalies land inside it. Keeping ‖x‖ between 1 and 2 per dimension makes the relative
+/// distance track the reconstruction error itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocessor {
     pub features: Vec<FeatureSpec>,
@@ -142,12 +147,12 @@ impl Preprocessor {
     /// Map one raw value of feature `j` to model space.
     pub fn scale(&self, j: usize, raw: f64) -> f64 {
         let t = self.features[j].transform.apply(raw);
-        (t - self.min[j]) / (self.max[j] - self.min[j]).max(MIN_RANGE)
+        SCALE_OFFSET + (t - self.min[j]) / (self.max[j] - self.min[j]).max(MIN_RANGE)
     }
 
     /// Map a model-space value of feature `j` back to its raw unit.
     pub fn unscale(&self, j: usize, scaled: f64) -> f64 {
-        let t = scaled * (self.max[j] - self.min[j]).max(MIN_RANGE) + self.min[j];
+        let t = (scaled - SCALE_OFFSET) * (self.max[j] - self.min[j]).max(MIN_RANGE) + self.min[j];
         self.features[j].transform.invert(t)
     }
 
@@ -173,18 +178,18 @@ mod tests {
     fn scale_and_unscale_round_trip_through_log1p() {
         let rows = vec![10.0, 20.0, 5.0, 1e3, 90.0, 60.0, 50.0, 1e7];
         let p = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
-        assert!((p.scale(0, 10.0) - 0.0).abs() < 1e-12);
-        assert!((p.scale(3, 1e7) - 1.0).abs() < 1e-12);
+        assert!((p.scale(0, 10.0) - SCALE_OFFSET).abs() < 1e-12);
+        assert!((p.scale(3, 1e7) - SCALE_OFFSET - 1.0).abs() < 1e-12);
         for (j, raw) in [(0, 37.0), (3, 12345.0)] {
             assert!((p.unscale(j, p.scale(j, raw)) - raw).abs() < 1e-6 * raw);
         }
     }
 
     #[test]
-    fn constant_column_scales_to_zero_not_nan() {
+    fn constant_column_scales_to_a_constant_not_nan() {
         let rows = vec![5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0];
         let p = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
-        assert_eq!(p.scale(0, 5.0), 0.0);
+        assert_eq!(p.scale(0, 5.0), SCALE_OFFSET);
         assert!(p.scale(0, 6.0).is_finite());
     }
 

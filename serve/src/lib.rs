@@ -6,6 +6,7 @@
 //! shape), `server` (listening and graceful shutdown).
 
 pub mod app;
+pub mod batch;
 pub mod error;
 pub mod metrics;
 pub mod registry;

@@ -1,4 +1,4 @@
-//! `dagmm-serve`: the long-running scoring server (`serve`).
+//! `dagmm-serve`: the long-running scoring server (`serve`) and batch scoring of history (`score`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +22,43 @@ struct Cli {
 enum Command {
     /// Serve POST /v1/score over HTTP.
     Serve(ServeArgs),
+    /// Score a whole export (Parquet/CSV) into a Parquet or CSV file.
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// A bundle file, or a directory of per-host bundles (model name = host).
+    #[arg(long, env = "DAGMM_MODELS")]
+    models: PathBuf,
+    /// Export to score: a Parquet/CSV file, a directory of them, or a glob.
+    #[arg(long)]
+    input: String,
+    /// Output file; `.parquet` (zstd) or `.csv`.
+    #[arg(long)]
+    output: PathBuf,
+    /// Model for rows whose host has no bundle of its own.
+    #[arg(long)]
+    default_model: Option<String>,
+    /// Ground-truth column (0/1 or boolean): also print precision, recall, F1, ROC-AUC, PR-AUC.
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Metric column names: `cpu=…,mem=…,disk=…,net_in=…` (any subset).
+    #[arg(long, default_value = "")]
+    columns: String,
+    #[arg(long, default_value = "timestamp")]
+    time_column: String,
+    #[arg(long, default_value = "host")]
+    host_column: String,
+    /// Treat the input as the long shape (`timestamp, host, metric, value`); detected otherwise.
+    #[arg(long)]
+    long: bool,
+    /// Rows read and scored per step (bounds memory).
+    #[arg(long, default_value_t = dagmm_serve::batch::DEFAULT_CHUNK_ROWS)]
+    chunk_rows: usize,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +96,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => run_server(args),
+        Command::Score(args) => run_batch(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -99,4 +137,47 @@ fn run_server(args: ServeArgs) -> Result<()> {
         server::serve(listener, state, server::shutdown_signal()).await?;
         Ok(())
     })
+}
+
+fn run_batch(args: ScoreArgs) -> Result<()> {
+    use dagmm_datasets::ColumnMap;
+    use dagmm_datasets::read::{ReadOptions, ShapeOption};
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+    anyhow::ensure!(args.chunk_rows > 0, "--chunk-rows must be at least 1");
+    let registry = Registry::open(&args.models).map_err(|e| anyhow::anyhow!(e))?;
+    let bar = ProgressBar::with_draw_target(
+        Some(0),
+        if args.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] {human_pos}/{human_len} rows {per_sec} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let progress_bar = bar.clone();
+    let opts = dagmm_serve::batch::BatchOptions {
+        input: args.input.clone(),
+        output: args.output.clone(),
+        read: ReadOptions {
+            columns: ColumnMap {
+                time: args.time_column.clone(),
+                host: args.host_column.clone(),
+                ..ColumnMap::default().with_metric_overrides(&args.columns)?
+            },
+            shape: if args.long { ShapeOption::Long } else { ShapeOption::Auto },
+            group_by: None,
+        },
+        default_model: args.default_model.clone(),
+        label_column: args.label_column.clone(),
+        chunk_rows: args.chunk_rows,
+        progress: Some(Box::new(move |done, total| {
+            progress_bar.set_length(total as u64);
+            progress_bar.set_position(done as u64);
+        })),
+    };
+    let summary = dagmm_serve::batch::run(&registry.snapshot(), &opts)?;
+    bar.finish_and_clear();
+    print!("{}", summary.render(&args.output));
+    Ok(())
 }
