@@ -89,6 +89,10 @@ pub struct TrainConfig {
     /// Added to every covariance diagonal so Cholesky never meets a singular matrix.
     pub cov_reg: f64,
     pub seed: u64,
+    /// Share of the epochs that train the autoencoder on reconstruction alone before the joint
+    /// loss starts; without it the energy and covariance terms pull z together before the
+    /// autoencoder has learned anything and the fit settles on a useless reconstruction.
+    pub warmup_fraction: f64,
     /// Percentile of training energies used as the anomaly cutoff.
     pub percentile: f64,
     /// Severity levels above normal, as (name, percentile of training energies), ascending.
@@ -105,6 +109,7 @@ impl Default for TrainConfig {
             lambda_cov: 0.005,
             cov_reg: 1e-4,
             seed: 42,
+            warmup_fraction: 0.2,
             percentile: 99.0,
             severities: vec![("warning".into(), 99.0), ("critical".into(), 99.9)],
         }
@@ -134,6 +139,9 @@ impl TrainConfig {
         }
         if !(self.cov_reg.is_finite() && self.cov_reg > 0.0) {
             return bad("cov_reg", format!("must be a positive number, got {}", self.cov_reg));
+        }
+        if !(0.0..1.0).contains(&self.warmup_fraction) {
+            return bad("warmup_fraction", format!("must be in [0, 1), got {}", self.warmup_fraction));
         }
         if !(self.percentile > 0.0 && self.percentile < 100.0) {
             return bad("percentile", format!("must be in (0, 100), got {}", self.percentile));

@@ -43,22 +43,37 @@ pub fn gmm_stats(z: Tensor<2>, gamma: Tensor<2>) -> GmmTensors {
 }
 
 /// Per-sample energy E(z) = −log Σ_k φ_k N(z | μ_k, Σ_k + cov_reg·I), `[n]`, and the penalty
-/// Σ_k Σ_j 1 / (Σ_k + cov_reg·I)_jj.
+/// Σ_k φ_k Σ_j v_j / (Σ_k + cov_reg·I)_jj, where v_j is the variance of z_j over the batch.
+///
+/// Two changes to the paper's Σ_k Σ_j 1/Σ_kjj, both held constant for the gradient: dividing by
+/// v_j makes the penalty independent of each dimension's scale (a well-trained autoencoder gives
+/// reconstruction features with variances near 1e-4, for which 1/Σ_jj runs into the thousands,
+/// and the fit then spreads z by wrecking the reconstruction); weighting by φ_k stops near-empty
+/// components, whose variances are tiny, from dominating. It still grows without bound as a
+/// component narrows onto a point, which is what the penalty is for.
 pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tensor<1>) {
     let [n, d] = z.dims();
     let k = gmm.phi.dims()[0];
     let device = z.device();
-    let eye = Tensor::<2>::from_data(identity(d), &device).unsqueeze_dim::<3>(0);
+    // Work in z's element type (f32 in training, f64 for reference checks).
+    let dtype = z.dtype();
+    let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device).cast(dtype);
+    let eye = Tensor::<2>::from_data(identity(d), &device).cast(dtype).unsqueeze_dim::<3>(0);
     let cov = gmm.cov.clone() + eye.mul_scalar(cov_reg);
     let entry = |i: usize, j: usize| cov.clone().slice([0..k, i..i + 1, j..j + 1]).reshape([1, k]);
 
     // Cholesky Σ = L Lᵀ entry by entry on [1, k] tensors: differentiable and tiny (d ≤ 12).
     // Each pivot is at least cov_reg in exact arithmetic; the clamp only absorbs f32 rounding.
     let mut l: Vec<Vec<Option<Tensor<2>>>> = vec![vec![None; d]; d];
-    let mut penalty = Tensor::<2>::zeros([1, k], &device);
+    // Population variance (n, not n − 1), so a one-row batch gives 0 rather than NaN.
+    let detached = z.clone().detach();
+    let centred_z = detached.clone() - detached.mean_dim(0);
+    let spread = (centred_z.clone() * centred_z).mean_dim(0).add_scalar(cov_reg); // [1, d]
+    let mut inverse_diagonals = zeros([1, k]);
     for j in 0..d {
         let c_jj = entry(j, j);
-        penalty = penalty + c_jj.clone().recip();
+        let v_j = spread.clone().slice([0..1, j..j + 1]); // [1, 1]
+        inverse_diagonals = inverse_diagonals + v_j / c_jj.clone();
         let mut pivot = c_jj;
         for p in 0..j {
             let l_jp = l[j][p].clone().unwrap();
@@ -78,8 +93,8 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
     // Forward substitution L y = z − μ_k for every sample and component at once.
     let centred = z.unsqueeze_dim::<3>(1) - gmm.mu.clone().unsqueeze_dim::<3>(0); // [n, k, d]
     let mut ys: Vec<Tensor<2>> = Vec::with_capacity(d);
-    let mut mahalanobis = Tensor::<2>::zeros([n, k], &device);
-    let mut half_log_det = Tensor::<2>::zeros([1, k], &device);
+    let mut mahalanobis = zeros([n, k]);
+    let mut half_log_det = zeros([1, k]);
     for j in 0..d {
         let mut rhs = centred.clone().slice([0..n, 0..k, j..j + 1]).reshape([n, k]);
         for (p, y_p) in ys.iter().enumerate() {
@@ -91,13 +106,14 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
         half_log_det = half_log_det + l_jj.log();
         ys.push(y_j);
     }
+    let penalty = (inverse_diagonals * gmm.phi.clone().detach().reshape([1, k])).sum();
     let log_phi = gmm.phi.clone().clamp_min(MIN_WEIGHT).log().reshape([1, k]);
     let log_component = log_phi - mahalanobis.mul_scalar(0.5) - half_log_det
         - 0.5 * d as f64 * LN_2PI;
     // log-sum-exp over components; the shift is a constant for the gradient.
     let shift = log_component.clone().max_dim(1).detach();
     let lse = (log_component - shift.clone()).exp().sum_dim(1).log() + shift;
-    (lse.neg().reshape([n]), penalty.sum())
+    (lse.neg().reshape([n]), penalty)
 }
 
 fn identity(d: usize) -> TensorData {

@@ -26,16 +26,20 @@ pub struct Scratch {
     x_hat: Vec<f32>,
 }
 
-/// y = x W + b for a `[d_input, d_output]` row-major W.
+/// y = x W + b for a `[d_input, d_output]` row-major W, accumulated like burn's matmul
+/// (fused multiply-adds from zero, bias added last) so both round the same way.
 #[inline]
 fn linear(layer: &LayerWeights, input: &[f32], output: &mut Vec<f32>) {
     output.clear();
-    output.extend_from_slice(&layer.bias);
+    output.resize(layer.d_output, 0.0);
     for (i, &xi) in input.iter().enumerate() {
         let row = &layer.weight[i * layer.d_output..(i + 1) * layer.d_output];
         for (o, &w) in output.iter_mut().zip(row) {
-            *o += xi * w;
+            *o = xi.mul_add(w, *o);
         }
+    }
+    for (o, &b) in output.iter_mut().zip(&layer.bias) {
+        *o += b;
     }
 }
 

@@ -105,6 +105,9 @@ pub struct FitArgs {
     cov_reg: f64,
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u64,
+    /// Share of the epochs that train the autoencoder alone before the joint loss.
+    #[arg(long, default_value_t = TrainConfig::default().warmup_fraction)]
+    warmup: f64,
     /// Percentile of training energies used as the anomaly cutoff.
     #[arg(long, default_value_t = TrainConfig::default().percentile)]
     percentile: f64,
@@ -180,6 +183,7 @@ pub fn run(args: FitArgs) -> Result<()> {
         lambda_cov: args.lambda_cov,
         cov_reg: args.cov_reg,
         seed: args.seed,
+        warmup_fraction: args.warmup,
         percentile: args.percentile,
         severities: parse_severities(&args.severity)?,
     };
