@@ -25,8 +25,9 @@ use crate::DataError;
 
 /// Anomaly kinds, in the order they are cycled through.
 pub const ANOMALY_KINDS: [&str; 5] = ["cpu_saturation", "memory_leak", "disk_saturation", "network_flood", "combination"];
-/// The single metric each kind drives (index into the four metrics), `None` for combinations.
-pub const KIND_METRIC: [Option<usize>; 5] = [Some(0), Some(1), Some(2), Some(3), None];
+/// The single metric each kind drives (index into the four metrics); `None` for kinds that
+/// move two metrics on purpose (CPU saturation idles the network too) and for combinations.
+pub const KIND_METRIC: [Option<usize>; 5] = [None, Some(1), Some(2), Some(3), None];
 /// Alert threshold on the percent metrics.
 pub const ALERT_PERCENT: f64 = 95.0;
 

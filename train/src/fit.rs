@@ -232,11 +232,24 @@ pub fn run(args: FitArgs) -> Result<()> {
         grouped: args.group_by.is_some(),
     };
     let (groups, skipped) = prepare_groups(&table, &clean)?;
+    if groups.is_empty() {
+        let mut dropped = std::collections::BTreeMap::<&str, usize>::new();
+        for s in &skipped {
+            for (reason, n) in &s.report.dropped {
+                *dropped.entry(reason).or_default() += n;
+            }
+        }
+        let dropped: Vec<String> = dropped.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+        bail!(
+            "{}: no group has enough rows left after cleaning ({} rows read; fewer than --min-rows {} remain; removed: {})",
+            args.input,
+            table.len(),
+            args.min_rows,
+            if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") }
+        );
+    }
     for s in &skipped {
         eprintln!("skipped {}: {}", s.name.as_deref().unwrap_or(&args.name), s.why);
-    }
-    if groups.is_empty() {
-        bail!("{}: no group has enough rows left after cleaning ({} rows read)", args.input, table.len());
     }
 
     let bars = MultiProgress::with_draw_target(if args.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });

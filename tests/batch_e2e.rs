@@ -1,0 +1,188 @@
+//! Train on the first three days of the sample export, batch-score all of it, and check that
+//! injected anomalies are flagged, that every row is accounted for, and that the output equals
+//! what `POST /score` answers for the same rows.
+
+mod common;
+
+use std::path::Path;
+
+use common::{sample_path, train_sample_model};
+use dagmm_datasets::read::{ReadOptions, read_file};
+use dagmm_datasets::synthetic::{ANOMALY_KINDS, KIND_METRIC};
+use dagmm_serve::app::score_request;
+use dagmm_serve::batch::{BatchOptions, run};
+use dagmm_serve::registry::Registry;
+use dagmm_serve::request::parse;
+use polars::prelude::*;
+use serde_json::json;
+
+/// 2026-10-08T00:00:00Z: the first three days train, the rest is new to the models.
+const SPLIT_MS: i64 = 1_791_417_600_000;
+const HOSTS: [&str; 2] = ["web-01", "db-01"];
+
+fn options(input: &str, output: &Path) -> BatchOptions {
+    BatchOptions {
+        input: input.to_string(),
+        output: output.to_path_buf(),
+        read: ReadOptions::default(),
+        default_model: None,
+        label_column: Some("is_anomaly".into()),
+        chunk_rows: 5000,
+        progress: None,
+    }
+}
+
+#[test]
+fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    for host in HOSTS {
+        train_sample_model(host, &models, 150, Some(SPLIT_MS));
+    }
+    let registry = Registry::open(&models).unwrap();
+    let snapshot = registry.snapshot();
+    let output = dir.path().join("scored.parquet");
+    let summary = run(&snapshot, &options(sample_path().to_str().unwrap(), &output)).unwrap();
+
+    let scored = read_file(&output).unwrap();
+    let input = read_file(&sample_path()).unwrap();
+    assert_eq!(scored.height(), input.height(), "every input row is in the output");
+    for name in input.get_column_names() {
+        assert!(scored.schema().contains(name), "input column {name} kept");
+    }
+    let unrouted = summary.not_scored.iter().filter(|(r, _)| r.starts_with("no model")).map(|(_, n)| n).sum::<usize>();
+    assert!(unrouted > 0, "hosts without a model are counted, not dropped");
+    assert_eq!(summary.rows_in, input.height());
+
+    // Injected anomalies after the split, on hosts with a model.
+    let host = scored.column("host").unwrap().str().unwrap().clone();
+    let time = scored.column("timestamp").unwrap().cast(&DataType::Int64).unwrap();
+    let time = time.i64().unwrap().clone();
+    let kind = scored.column("anomaly_kind").unwrap().str().unwrap().clone();
+    let anomaly = scored.column("anomaly").unwrap().bool().unwrap().clone();
+    let top = scored.column("top_metric").unwrap().str().unwrap().clone();
+    let energy = scored.column("energy").unwrap().f64().unwrap().clone();
+    let (mut injected, mut flagged, mut normal, mut false_alarms) = (0, 0, 0, 0);
+    let (mut single, mut single_top) = (0, 0);
+    // Events: runs of rows of one kind on one host; detected when any row is flagged.
+    let mut events: Vec<(String, String, bool)> = Vec::new();
+    // Per kind: rows, rows flagged, flagged rows whose injected metric contributed most.
+    let mut per_kind: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
+    for i in 0..scored.height() {
+        let ours = HOSTS.contains(&host.get(i).unwrap_or("")) && time.get(i).is_some_and(|t| t >= SPLIT_MS);
+        let Some(flag) = anomaly.get(i) else { continue };
+        if !ours {
+            continue;
+        }
+        let k = kind.get(i).unwrap_or("");
+        if k.is_empty() {
+            normal += 1;
+            false_alarms += usize::from(flag);
+            continue;
+        }
+        injected += 1;
+        flagged += usize::from(flag);
+        let h = host.get(i).unwrap_or("").to_string();
+        let continues = i > 0 && kind.get(i - 1) == Some(k) && host.get(i - 1) == Some(h.as_str());
+        match events.last_mut() {
+            Some(last) if continues => last.2 |= flag,
+            _ => events.push((h, k.to_string(), flag)),
+        }
+        let kind_index = ANOMALY_KINDS.iter().position(|x| *x == k).unwrap();
+        let entry = per_kind.entry(k.to_string()).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(flag);
+        if let (Some(metric), true) = (KIND_METRIC[kind_index], flag) {
+            single += 1;
+            let on_top = top.get(i) == Some(dagmm_datasets::METRICS[metric]);
+            single_top += usize::from(on_top);
+            entry.2 += usize::from(on_top);
+        }
+    }
+    let recall = flagged as f64 / injected as f64;
+    let false_rate = false_alarms as f64 / normal as f64;
+    let top_share = single_top as f64 / single.max(1) as f64;
+    eprintln!(
+        "held-out days: {flagged}/{injected} injected anomalous rows flagged (recall {recall:.3}), \
+         {false_alarms}/{normal} normal rows flagged ({:.2} %); injected metric on top in {single_top}/{single} \
+         flagged single-metric anomalies ({:.1} %)",
+        100.0 * false_rate,
+        100.0 * top_share
+    );
+    eprint!("{}", summary.render(&output));
+    for (k, (n, f, on_top)) in &per_kind {
+        let ev: Vec<_> = events.iter().filter(|e| &e.1 == k).collect();
+        let found = ev.iter().filter(|e| e.2).count();
+        eprintln!("  {k:<16} rows flagged {f}/{n}, events detected {found}/{}, injected metric on top {on_top}", ev.len());
+    }
+    let detected = events.iter().filter(|e| e.2).count();
+    eprintln!("events detected: {detected}/{}", events.len());
+    assert!(injected > 0 && recall >= 0.2, "row recall {recall}");
+    assert!(detected as f64 >= 0.6 * events.len() as f64, "detected {detected} of {} events", events.len());
+    assert!(top_share >= 0.8, "injected metric on top in only {:.1} %", 100.0 * top_share);
+    assert!(false_rate <= 0.05, "false alarm rate {false_rate}");
+
+    // The same rows through the server's scoring path give the same numbers.
+    let metric_cols: Vec<Vec<Option<f64>>> = dagmm_datasets::METRICS
+        .iter()
+        .map(|m| scored.column(m).unwrap().f64().unwrap().iter().collect())
+        .collect();
+    let mut compared = 0;
+    for i in (0..scored.height()).step_by(97) {
+        let h = host.get(i).unwrap();
+        let values: Option<Vec<f64>> = metric_cols.iter().map(|c| c[i]).collect();
+        let (Some(values), Some(e)) = (values, energy.get(i)) else { continue };
+        let body = json!({"samples": [{"host": h, "cpu_usage": values[0], "mem_usage": values[1], "disk_busy": values[2], "net_in_bps": values[3]}]});
+        let Ok(served) = score_request(&snapshot, &parse(body.to_string().as_bytes(), 10).unwrap()) else {
+            continue; // values the server rejects (e.g. out of range) are null in batch output too
+        };
+        let v = &served[0].1.verdict;
+        assert_eq!(v.energy, e, "row {i}");
+        assert_eq!(Some(v.anomaly), anomaly.get(i));
+        assert_eq!(Some(v.top_metric.as_str()), top.get(i));
+        let percentile = scored.column("percentile").unwrap().f64().unwrap().get(i);
+        assert_eq!(Some(v.percentile), percentile);
+        for ex in &v.explanation {
+            let c = scored.column(&format!("contribution_{}", ex.metric)).unwrap().f64().unwrap().get(i);
+            assert_eq!(Some(ex.contribution), c);
+        }
+        compared += 1;
+    }
+    assert!(compared > 50, "compared {compared} rows");
+}
+
+#[test]
+fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    train_sample_model("web-01", &models, 2, None);
+    let registry = Registry::open(&models).unwrap();
+    let snapshot = registry.snapshot();
+    let out = dir.path().join("out.parquet");
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let corrupt = write("corrupt.parquet", b"PAR1 definitely not parquet PAR1");
+    let empty = write("empty.csv", b"");
+    let no_cpu = write("nocpu.csv", b"timestamp,host,mem_usage,disk_busy,net_in_bps\n1,web-01,1,2,3\n");
+    let cases: Vec<(BatchOptions, &str)> = vec![
+        (options(&corrupt, &out), "corrupt.parquet"),
+        (options(&empty, &out), "empty.csv: no rows"),
+        (options(&no_cpu, &out), "`cpu_usage`"),
+        (options("/nonexistent/*.parquet", &out), "no input files"),
+        (BatchOptions { default_model: Some("nope".into()), ..options(sample_path().to_str().unwrap(), &out) }, "nope"),
+        (options(sample_path().to_str().unwrap(), Path::new("/nonexistent-dir/out.parquet")), "/nonexistent-dir/out.parquet"),
+        (options(sample_path().to_str().unwrap(), &dir.path().join("out.txt")), "out.txt"),
+    ];
+    for (opts, needle) in cases {
+        let err = format!("{:#}", run(&snapshot, &opts).unwrap_err());
+        assert!(err.contains(needle), "expected {needle:?} in {err}");
+        assert!(!out.exists(), "no output left behind ({needle})");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}

@@ -1,0 +1,106 @@
+//! The `dagmm-train` binary as an operator runs it: fit per host, and one-line errors (never a
+//! panic) for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dagmm-train")).args(args).output().expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// A small wide CSV export: `hosts` hosts, `n` one-minute samples each.
+fn export(hosts: &[&str], n: usize) -> String {
+    let mut s = String::from("timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps,alert\n");
+    for h in hosts {
+        for i in 0..n {
+            let load = (i as f64 / 40.0).sin() * 0.5 + 0.5;
+            s += &format!(
+                "{},{h},{:.2},{:.2},{:.2},{:.0},{}\n",
+                1_791_158_400 + 60 * i,
+                10.0 + 50.0 * load,
+                40.0 + (i % 7) as f64,
+                3.0 + 5.0 * load,
+                1e5 * (1.0 + 9.0 * load),
+                i % 50 == 0
+            );
+        }
+    }
+    s
+}
+
+#[test]
+fn fits_one_model_per_host_and_skips_small_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = export(&["web-01", "db-01"], 120);
+    text += &export(&["tiny"], 10).lines().skip(1).map(|l| format!("{l}\n")).collect::<String>();
+    let input = write(dir.path(), "history.csv", &text);
+    let out = dir.path().join("models");
+    let o = train(&["fit", "--input", &input, "--out", out.to_str().unwrap(), "--group-by", "host", "--epochs", "3", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("web-01.dagmm").is_file() && out.join("db-01.dagmm").is_file());
+    assert!(!out.join("tiny.dagmm").exists());
+    assert!(stderr(&o).contains("skipped tiny"), "{}", stderr(&o));
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(summary.contains("trained 2 model(s)") && summary.contains("web-01.dagmm"), "{summary}");
+    let bundle = dagmm_model::Bundle::load(&out.join("web-01.dagmm")).unwrap().bundle;
+    assert_eq!(bundle.training.rows_dropped["alert raised"], 3);
+    assert_eq!(bundle.training.rows_used, 117);
+    assert_eq!(bundle.history.len(), 3);
+}
+
+#[test]
+fn bad_input_gives_a_one_line_error_and_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = write(dir.path(), "ok.csv", &export(&["a"], 80));
+    let no_disk = write(dir.path(), "nodisk.csv", "timestamp,host,cpu_usage,mem_usage,net_in_bps\n1,a,1,2,3\n");
+    let text_cpu = write(dir.path(), "text.csv", "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n1,a,x,2,3,4\n");
+    let empty = write(dir.path(), "empty.csv", "");
+    let all_alerts = write(
+        dir.path(),
+        "alerts.csv",
+        &export(&["a"], 80).replace(",false\n", ",true\n"),
+    );
+    let out = dir.path().join("m");
+    let out = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["fit", "--input", &no_disk, "--out", out], "`disk_busy`"),
+        (vec!["fit", "--input", &text_cpu, "--out", out], "`cpu_usage`"),
+        (vec!["fit", "--input", &empty, "--out", out], "empty.csv: no rows"),
+        (vec!["fit", "--input", "/nonexistent/history.parquet", "--out", out], "/nonexistent/history.parquet"),
+        (vec!["fit", "--input", &all_alerts, "--out", out], "no group has enough rows"),
+        (vec!["fit", "--input", &ok, "--out", out, "--gmm-k", "0"], "gmm_k"),
+        (vec!["fit", "--input", &ok, "--out", out, "--hidden", ""], "hidden"),
+        (vec!["fit", "--input", &ok, "--out", out, "--lr", "0"], "learning_rate"),
+        (vec!["fit", "--input", &ok, "--out", out, "--epochs", "0"], "epochs"),
+        (vec!["fit", "--input", &ok, "--out", out, "--from", "yesterday"], "--from"),
+        (vec!["fit", "--input", &ok, "--out", out, "--columns", "gpu=x"], "gpu"),
+    ];
+    for (args, needle) in cases {
+        let o = train(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
+    }
+}
+
+#[test]
+fn generate_writes_the_sample_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.parquet");
+    let o = train(&["generate", "--out", out.to_str().unwrap(), "--hosts", "2", "--days", "0.5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = dagmm_datasets::read::read_metrics(out.to_str().unwrap(), &Default::default()).unwrap();
+    assert!(table.len() > 1000);
+}
