@@ -43,23 +43,48 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
     let registry = Registry::open(&models).unwrap();
     let snapshot = registry.snapshot();
     let output = dir.path().join("scored.parquet");
-    let summary = run(&snapshot, &options(sample_path().to_str().unwrap(), &output)).unwrap();
+    let summary = run(
+        &snapshot,
+        &options(sample_path().to_str().unwrap(), &output),
+    )
+    .unwrap();
 
     let scored = read_file(&output).unwrap();
     let input = read_file(&sample_path()).unwrap();
-    assert_eq!(scored.height(), input.height(), "every input row is in the output");
+    assert_eq!(
+        scored.height(),
+        input.height(),
+        "every input row is in the output"
+    );
     for name in input.get_column_names() {
         assert!(scored.schema().contains(name), "input column {name} kept");
     }
-    let unrouted = summary.not_scored.iter().filter(|(r, _)| r.starts_with("no model")).map(|(_, n)| n).sum::<usize>();
-    assert!(unrouted > 0, "hosts without a model are counted, not dropped");
+    let unrouted = summary
+        .not_scored
+        .iter()
+        .filter(|(r, _)| r.starts_with("no model"))
+        .map(|(_, n)| n)
+        .sum::<usize>();
+    assert!(
+        unrouted > 0,
+        "hosts without a model are counted, not dropped"
+    );
     assert_eq!(summary.rows_in, input.height());
 
     // Injected anomalies after the split, on hosts with a model.
     let host = scored.column("host").unwrap().str().unwrap().clone();
-    let time = scored.column("timestamp").unwrap().cast(&DataType::Int64).unwrap();
+    let time = scored
+        .column("timestamp")
+        .unwrap()
+        .cast(&DataType::Int64)
+        .unwrap();
     let time = time.i64().unwrap().clone();
-    let kind = scored.column("anomaly_kind").unwrap().str().unwrap().clone();
+    let kind = scored
+        .column("anomaly_kind")
+        .unwrap()
+        .str()
+        .unwrap()
+        .clone();
     let anomaly = scored.column("anomaly").unwrap().bool().unwrap().clone();
     let top = scored.column("top_metric").unwrap().str().unwrap().clone();
     let energy = scored.column("energy").unwrap().f64().unwrap().clone();
@@ -68,9 +93,11 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
     // Events: runs of rows of one kind on one host; detected when any row is flagged.
     let mut events: Vec<(String, String, bool)> = Vec::new();
     // Per kind: rows, rows flagged, flagged rows whose injected metric contributed most.
-    let mut per_kind: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
+    let mut per_kind: std::collections::BTreeMap<String, (usize, usize, usize)> =
+        Default::default();
     for i in 0..scored.height() {
-        let ours = HOSTS.contains(&host.get(i).unwrap_or("")) && time.get(i).is_some_and(|t| t >= SPLIT_MS);
+        let ours = HOSTS.contains(&host.get(i).unwrap_or(""))
+            && time.get(i).is_some_and(|t| t >= SPLIT_MS);
         let Some(flag) = anomaly.get(i) else { continue };
         if !ours {
             continue;
@@ -114,13 +141,24 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
     for (k, (n, f, on_top)) in &per_kind {
         let ev: Vec<_> = events.iter().filter(|e| &e.1 == k).collect();
         let found = ev.iter().filter(|e| e.2).count();
-        eprintln!("  {k:<16} rows flagged {f}/{n}, events detected {found}/{}, injected metric on top {on_top}", ev.len());
+        eprintln!(
+            "  {k:<16} rows flagged {f}/{n}, events detected {found}/{}, injected metric on top {on_top}",
+            ev.len()
+        );
     }
     let detected = events.iter().filter(|e| e.2).count();
     eprintln!("events detected: {detected}/{}", events.len());
     assert!(injected > 0 && recall >= 0.2, "row recall {recall}");
-    assert!(detected as f64 >= 0.6 * events.len() as f64, "detected {detected} of {} events", events.len());
-    assert!(top_share >= 0.8, "injected metric on top in only {:.1} %", 100.0 * top_share);
+    assert!(
+        detected as f64 >= 0.6 * events.len() as f64,
+        "detected {detected} of {} events",
+        events.len()
+    );
+    assert!(
+        top_share >= 0.8,
+        "injected metric on top in only {:.1} %",
+        100.0 * top_share
+    );
     assert!(false_rate <= 0.05, "false alarm rate {false_rate}");
 
     // The same rows through the server's scoring path give the same numbers.
@@ -132,9 +170,12 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
     for i in (0..scored.height()).step_by(97) {
         let h = host.get(i).unwrap();
         let values: Option<Vec<f64>> = metric_cols.iter().map(|c| c[i]).collect();
-        let (Some(values), Some(e)) = (values, energy.get(i)) else { continue };
+        let (Some(values), Some(e)) = (values, energy.get(i)) else {
+            continue;
+        };
         let body = json!({"samples": [{"host": h, "cpu_usage": values[0], "mem_usage": values[1], "disk_busy": values[2], "net_in_bps": values[3]}]});
-        let Ok(served) = score_request(&snapshot, &parse(body.to_string().as_bytes(), 10).unwrap()) else {
+        let Ok(served) = score_request(&snapshot, &parse(body.to_string().as_bytes(), 10).unwrap())
+        else {
             continue; // values the server rejects (e.g. out of range) are null in batch output too
         };
         let v = &served[0].1.verdict;
@@ -144,7 +185,12 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
         let percentile = scored.column("percentile").unwrap().f64().unwrap().get(i);
         assert_eq!(Some(v.percentile), percentile);
         for ex in &v.explanation {
-            let c = scored.column(&format!("contribution_{}", ex.metric)).unwrap().f64().unwrap().get(i);
+            let c = scored
+                .column(&format!("contribution_{}", ex.metric))
+                .unwrap()
+                .f64()
+                .unwrap()
+                .get(i);
             assert_eq!(Some(ex.contribution), c);
         }
         compared += 1;
@@ -168,21 +214,43 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
     };
     let corrupt = write("corrupt.parquet", b"PAR1 definitely not parquet PAR1");
     let empty = write("empty.csv", b"");
-    let no_cpu = write("nocpu.csv", b"timestamp,host,mem_usage,disk_busy,net_in_bps\n1,web-01,1,2,3\n");
+    let no_cpu = write(
+        "nocpu.csv",
+        b"timestamp,host,mem_usage,disk_busy,net_in_bps\n1,web-01,1,2,3\n",
+    );
     let cases: Vec<(BatchOptions, &str)> = vec![
         (options(&corrupt, &out), "corrupt.parquet"),
         (options(&empty, &out), "empty.csv: no rows"),
         (options(&no_cpu, &out), "`cpu_usage`"),
         (options("/nonexistent/*.parquet", &out), "no input files"),
-        (BatchOptions { default_model: Some("nope".into()), ..options(sample_path().to_str().unwrap(), &out) }, "nope"),
-        (options(sample_path().to_str().unwrap(), Path::new("/nonexistent-dir/out.parquet")), "/nonexistent-dir/out.parquet"),
-        (options(sample_path().to_str().unwrap(), &dir.path().join("out.txt")), "out.txt"),
+        (
+            BatchOptions {
+                default_model: Some("nope".into()),
+                ..options(sample_path().to_str().unwrap(), &out)
+            },
+            "nope",
+        ),
+        (
+            options(
+                sample_path().to_str().unwrap(),
+                Path::new("/nonexistent-dir/out.parquet"),
+            ),
+            "/nonexistent-dir/out.parquet",
+        ),
+        (
+            options(sample_path().to_str().unwrap(), &dir.path().join("out.txt")),
+            "out.txt",
+        ),
     ];
     for (opts, needle) in cases {
         let err = format!("{:#}", run(&snapshot, &opts).unwrap_err());
         assert!(err.contains(needle), "expected {needle:?} in {err}");
         assert!(!out.exists(), "no output left behind ({needle})");
     }
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }

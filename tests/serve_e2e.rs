@@ -33,11 +33,19 @@ impl Drop for Server {
 
 fn start(models: &std::path::Path, config: ServerConfig) -> Server {
     let registry = Registry::open(models).unwrap();
-    let state = Arc::new(AppState { registry, metrics: Metrics::new(), config });
+    let state = Arc::new(AppState {
+        registry,
+        metrics: Metrics::new(),
+        config,
+    });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -49,11 +57,21 @@ fn start(models: &std::path::Path, config: ServerConfig) -> Server {
         });
     });
     let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    Server { addr, stop: Some(stop_tx), thread: Some(thread) }
+    Server {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
 }
 
 fn post(addr: SocketAddr, body: &Value) -> (u16, Value) {
-    let (status, text) = http(addr, "POST", "/v1/score", &[JSON], body.to_string().as_bytes());
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/v1/score",
+        &[JSON],
+        body.to_string().as_bytes(),
+    );
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
@@ -72,7 +90,11 @@ fn scores_samples_with_the_library_energies_and_reports_operations_state() {
     // Normal-looking samples from the training window, and blatant anomalies.
     let normal = [[30.0, 45.0, 8.0, 2e6], [25.0, 50.0, 6.0, 1.5e6]];
     let anomalous = [[99.5, 99.0, 99.0, 1.0], [100.0, 5.0, 100.0, 1e12]];
-    let samples: Vec<Value> = normal.iter().chain(&anomalous).map(|s| sample(s[0], s[1], s[2], s[3])).collect();
+    let samples: Vec<Value> = normal
+        .iter()
+        .chain(&anomalous)
+        .map(|s| sample(s[0], s[1], s[2], s[3]))
+        .collect();
     let (status, body) = post(server.addr, &json!({"model": "web-01", "samples": samples}));
     assert_eq!(status, 200, "{body}");
     let results = body["results"].as_array().unwrap();
@@ -80,9 +102,18 @@ fn scores_samples_with_the_library_energies_and_reports_operations_state() {
     let mut scratch = explainer.scorer().new_scratch();
     for (raw, r) in normal.iter().chain(&anomalous).zip(results) {
         let expected = explainer.verdict(raw, &mut scratch);
-        assert_eq!(r["energy"].as_f64().unwrap(), expected.energy, "server and library energies differ");
+        assert_eq!(
+            r["energy"].as_f64().unwrap(),
+            expected.energy,
+            "server and library energies differ"
+        );
         assert_eq!(r["model"]["sha256"], loaded.sha256.as_str());
-        let shares: f64 = r["explanation"].as_array().unwrap().iter().map(|e| e["contribution"].as_f64().unwrap()).sum();
+        let shares: f64 = r["explanation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["contribution"].as_f64().unwrap())
+            .sum();
         assert!((shares - 1.0).abs() < 1e-9);
         assert!(r["percentile"].as_f64().unwrap() >= 0.0);
     }
@@ -100,7 +131,10 @@ fn scores_samples_with_the_library_energies_and_reports_operations_state() {
     let (status, body) = post(server.addr, &one);
     assert_eq!(status, 200, "{body}");
     let r = &body["results"][0];
-    assert_eq!((r["id"].clone(), r["host"].clone()), (json!(42), json!("web-01")));
+    assert_eq!(
+        (r["id"].clone(), r["host"].clone()),
+        (json!(42), json!("web-01"))
+    );
     assert_eq!(r["timestamp"], "2026-10-08T12:00:00Z");
 
     assert_eq!(http(server.addr, "GET", "/healthz", &[], b"").0, 200);
@@ -114,7 +148,10 @@ fn scores_samples_with_the_library_energies_and_reports_operations_state() {
     assert_eq!(status, 200);
     assert!(spec.contains("/v1/score"));
     let (_, metrics) = http(server.addr, "GET", "/metrics", &[], b"");
-    assert!(metrics.contains("dagmm_http_requests_total{route=\"/v1/score\",status=\"200\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("dagmm_http_requests_total{route=\"/v1/score\",status=\"200\"} 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("dagmm_anomalies_total{model=\"web-01\""));
     assert!(metrics.contains("dagmm_last_energy{host=\"web-01\",model=\"web-01\"}"));
     assert!(metrics.contains("dagmm_model_age_seconds{model=\"web-01\"}"));
@@ -124,11 +161,25 @@ fn scores_samples_with_the_library_energies_and_reports_operations_state() {
 fn every_bad_request_gets_a_4xx_with_the_error_shape() {
     let dir = tempfile::tempdir().unwrap();
     train_sample_model("db-01", dir.path(), 5, None);
-    let token_config = ServerConfig { max_samples: 3, max_body_bytes: 4096, auth_token: Some("s3cret".into()), ..Default::default() };
+    let token_config = ServerConfig {
+        max_samples: 3,
+        max_body_bytes: 4096,
+        auth_token: Some("s3cret".into()),
+        ..Default::default()
+    };
     let server = start(dir.path(), token_config);
     let auth = ("authorization", "Bearer s3cret");
     let ok = sample(10.0, 20.0, 3.0, 1e5);
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u16, &str, Option<&str>)> = vec![
+    // (what, headers, body, status, error code, error field)
+    type Case<'a> = (
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        Vec<u8>,
+        u16,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
         ("malformed JSON", vec![JSON, auth], b"{\"cpu_usage\": ".to_vec(), 400, "malformed_json", Some("body")),
         ("wrong content type", vec![("content-type", "text/plain"), auth], ok.to_string().into_bytes(), 415, "unsupported_media_type", Some("content-type")),
         ("unknown model", vec![JSON, auth], json!({"model": "nope", "samples": [ok]}).to_string().into_bytes(), 404, "unknown_model", Some("model")),
@@ -147,9 +198,15 @@ fn every_bad_request_gets_a_4xx_with_the_error_shape() {
     for (what, headers, body, status, code, field) in cases {
         let (got, text) = http(server.addr, "POST", "/v1/score", &headers, &body);
         assert_eq!(got, status, "{what}: {text}");
-        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
         assert_eq!(v["error"]["code"], code, "{what}: {text}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
         if let Some(field) = field {
             assert_eq!(v["error"]["field"], field, "{what}: {text}");
         }
@@ -159,7 +216,13 @@ fn every_bad_request_gets_a_4xx_with_the_error_shape() {
     assert_eq!(http(server.addr, "GET", "/v1/models", &[], b"").0, 401);
     assert_eq!(http(server.addr, "GET", "/v1/models", &[auth], b"").0, 200);
     // The server is still up and scoring after all of that.
-    let (status, _) = http(server.addr, "POST", "/v1/score", &[JSON, auth], ok.to_string().as_bytes());
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/v1/score",
+        &[JSON, auth],
+        ok.to_string().as_bytes(),
+    );
     assert_eq!(status, 200);
 }
 
@@ -173,11 +236,21 @@ fn reload_swaps_models_and_keeps_the_old_one_when_a_bundle_is_corrupt() {
     let (status, report) = http(server.addr, "POST", "/v1/admin/reload", &[], b"");
     assert_eq!(status, 200);
     let report: Value = serde_json::from_str(&report).unwrap();
-    assert!(report["failed"][0]["error"].as_str().unwrap().contains("checksum"), "{report}");
+    assert!(
+        report["failed"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("checksum"),
+        "{report}"
+    );
     assert_eq!(report["loaded"], json!(["cache-01"]));
     let (status, body) = post(server.addr, &sample(10.0, 20.0, 3.0, 1e5));
     assert_eq!(status, 200);
-    assert_eq!(body["results"][0]["model"]["sha256"], before.as_str(), "the old model keeps serving");
+    assert_eq!(
+        body["results"][0]["model"]["sha256"],
+        before.as_str(),
+        "the old model keeps serving"
+    );
     // A fixed bundle is picked up by the next reload.
     let new_path = train_sample_model("cache-01", dir.path(), 6, None);
     let after = Bundle::load(&new_path).unwrap().sha256;

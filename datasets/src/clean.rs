@@ -95,15 +95,27 @@ pub struct SkippedGroup {
     pub report: CleaningReport,
 }
 
+/// Rows of one group as (time, values).
+type TimedRows = Vec<(i64, [f64; 4])>;
+
 /// Clean every host's series, take the windows, and split into groups.
-pub fn prepare_groups(table: &MetricTable, opts: &CleanOptions) -> Result<(Vec<GroupData>, Vec<SkippedGroup>), DataError> {
+pub fn prepare_groups(
+    table: &MetricTable,
+    opts: &CleanOptions,
+) -> Result<(Vec<GroupData>, Vec<SkippedGroup>), DataError> {
     if let Window::Last(0) = opts.window {
-        return Err(DataError::InvalidOption { option: "--last", why: "must be at least 1".into() });
+        return Err(DataError::InvalidOption {
+            option: "--last",
+            why: "must be at least 1".into(),
+        });
     }
     if let MissingPolicy::ForwardFill { max_gap_ms } = opts.missing
         && max_gap_ms < 0
     {
-        return Err(DataError::InvalidOption { option: "--max-gap", why: "must not be negative".into() });
+        return Err(DataError::InvalidOption {
+            option: "--max-gap",
+            why: "must not be negative".into(),
+        });
     }
     // Rows of each host, in first-seen order so the output is deterministic.
     let mut host_order: Vec<&str> = Vec::new();
@@ -122,7 +134,7 @@ pub fn prepare_groups(table: &MetricTable, opts: &CleanOptions) -> Result<(Vec<G
     for host in host_order {
         let (kept, report) = clean_host(table, &by_host[host], opts);
         // A host's rows may fall into several groups when grouping by another column.
-        let mut per_group: Vec<(Option<String>, Vec<(i64, [f64; 4])>)> = Vec::new();
+        let mut per_group: Vec<(Option<String>, TimedRows)> = Vec::new();
         for (row, t, values) in kept {
             let key = opts.grouped.then(|| table.group[row].clone());
             match per_group.iter_mut().find(|(k, _)| *k == key) {
@@ -131,13 +143,21 @@ pub fn prepare_groups(table: &MetricTable, opts: &CleanOptions) -> Result<(Vec<G
             }
         }
         if per_group.is_empty() {
-            per_group.push((opts.grouped.then(|| table.group[by_host[host][0]].clone()), Vec::new()));
+            per_group.push((
+                opts.grouped.then(|| table.group[by_host[host][0]].clone()),
+                Vec::new(),
+            ));
         }
         for (i, (key, rows)) in per_group.into_iter().enumerate() {
             let slot = *group_index.entry(key.clone()).or_insert_with(|| {
                 groups.push((
                     key.clone(),
-                    GroupData { name: key.clone(), rows: vec![], time_ms: vec![], report: CleaningReport::default() },
+                    GroupData {
+                        name: key.clone(),
+                        rows: vec![],
+                        time_ms: vec![],
+                        report: CleaningReport::default(),
+                    },
                 ));
                 groups.len() - 1
             });
@@ -156,7 +176,11 @@ pub fn prepare_groups(table: &MetricTable, opts: &CleanOptions) -> Result<(Vec<G
     for (_, g) in groups {
         if g.rows.len() < opts.min_rows.max(1) {
             skipped.push(SkippedGroup {
-                why: format!("{} rows after cleaning, fewer than the minimum {}", g.rows.len(), opts.min_rows.max(1)),
+                why: format!(
+                    "{} rows after cleaning, fewer than the minimum {}",
+                    g.rows.len(),
+                    opts.min_rows.max(1)
+                ),
                 name: g.name,
                 report: g.report,
             });
@@ -168,9 +192,19 @@ pub fn prepare_groups(table: &MetricTable, opts: &CleanOptions) -> Result<(Vec<G
 }
 
 /// Clean one host's rows; returns (row index, time, values) of the kept rows in time order.
-fn clean_host(table: &MetricTable, rows: &[usize], opts: &CleanOptions) -> (Vec<(usize, i64, [f64; 4])>, CleaningReport) {
-    let mut report = CleaningReport { rows_in: rows.len(), ..Default::default() };
-    let mut timed: Vec<(usize, i64)> = rows.iter().filter_map(|&r| table.time_ms[r].map(|t| (r, t))).collect();
+fn clean_host(
+    table: &MetricTable,
+    rows: &[usize],
+    opts: &CleanOptions,
+) -> (Vec<(usize, i64, [f64; 4])>, CleaningReport) {
+    let mut report = CleaningReport {
+        rows_in: rows.len(),
+        ..Default::default()
+    };
+    let mut timed: Vec<(usize, i64)> = rows
+        .iter()
+        .filter_map(|&r| table.time_ms[r].map(|t| (r, t)))
+        .collect();
     report.drop("missing timestamp", rows.len() - timed.len());
     timed.sort_by_key(|&(r, t)| (t, r));
     // Repeated timestamps: the later row in the export wins.
@@ -197,7 +231,9 @@ fn clean_host(table: &MetricTable, rows: &[usize], opts: &CleanOptions) -> (Vec<
                 continue;
             }
             match (opts.missing, last_valid[j]) {
-                (MissingPolicy::ForwardFill { max_gap_ms }, Some((t0, v0))) if t - t0 <= max_gap_ms => {
+                (MissingPolicy::ForwardFill { max_gap_ms }, Some((t0, v0)))
+                    if t - t0 <= max_gap_ms =>
+                {
                     *v = v0;
                     report.filled += 1;
                 }
@@ -217,7 +253,9 @@ fn clean_host(table: &MetricTable, rows: &[usize], opts: &CleanOptions) -> (Vec<
         }
         for (j, v) in values.iter_mut().enumerate() {
             let (lo, hi) = opts.bounds[j];
-            let clipped = v.max(lo.unwrap_or(f64::NEG_INFINITY)).min(hi.unwrap_or(f64::INFINITY));
+            let clipped = v
+                .max(lo.unwrap_or(f64::NEG_INFINITY))
+                .min(hi.unwrap_or(f64::INFINITY));
             if clipped != *v {
                 *report.clipped.entry(METRICS[j].to_string()).or_default() += 1;
                 *v = clipped;
@@ -266,7 +304,12 @@ mod tests {
         CleanOptions {
             missing,
             window,
-            bounds: [(Some(0.0), Some(100.0)), (Some(0.0), Some(100.0)), (Some(0.0), Some(100.0)), (Some(0.0), None)],
+            bounds: [
+                (Some(0.0), Some(100.0)),
+                (Some(0.0), Some(100.0)),
+                (Some(0.0), Some(100.0)),
+                (Some(0.0), None),
+            ],
             min_rows: 1,
             grouped: true,
         }
@@ -284,7 +327,8 @@ mod tests {
             ("a", Some(4 * MIN), [120.0, 20.0, -3.0, -1.0], false),
             ("a", Some(4 * MIN), [50.0, 20.0, 30.0, 1e4], false),
         ]);
-        let (groups, skipped) = prepare_groups(&t, &opts(MissingPolicy::Drop, Window::All)).unwrap();
+        let (groups, skipped) =
+            prepare_groups(&t, &opts(MissingPolicy::Drop, Window::All)).unwrap();
         assert!(skipped.is_empty());
         let g = &groups[0];
         assert_eq!(g.time_ms, vec![MIN, 4 * MIN, 5 * MIN]);
@@ -295,7 +339,10 @@ mod tests {
         assert_eq!(r.dropped["duplicate timestamp"], 1);
         assert_eq!(r.dropped["alert raised"], 1);
         assert_eq!(r.dropped["missing value"], 1);
-        assert!(r.clipped.is_empty(), "the clipped row lost to its duplicate");
+        assert!(
+            r.clipped.is_empty(),
+            "the clipped row lost to its duplicate"
+        );
     }
 
     #[test]
@@ -315,7 +362,16 @@ mod tests {
             ("a", Some(MIN), gap, false),
             ("a", Some(10 * MIN), gap, false),
         ]);
-        let (groups, _) = prepare_groups(&t, &opts(MissingPolicy::ForwardFill { max_gap_ms: 5 * MIN }, Window::All)).unwrap();
+        let (groups, _) = prepare_groups(
+            &t,
+            &opts(
+                MissingPolicy::ForwardFill {
+                    max_gap_ms: 5 * MIN,
+                },
+                Window::All,
+            ),
+        )
+        .unwrap();
         assert_eq!(groups[0].rows.len(), 2);
         assert_eq!(groups[0].rows[1][1], 20.0);
         assert_eq!(groups[0].report.filled, 1);
@@ -325,25 +381,39 @@ mod tests {
     #[test]
     fn windows_keep_the_latest_rows_per_host_or_a_range() {
         let rows: Vec<_> = (0..10)
-            .flat_map(|i| [("a", Some(i * MIN), [1.0; 4], false), ("b", Some(i * MIN), [2.0; 4], false)])
+            .flat_map(|i| {
+                [
+                    ("a", Some(i * MIN), [1.0; 4], false),
+                    ("b", Some(i * MIN), [2.0; 4], false),
+                ]
+            })
             .collect();
         let t = table(&rows);
         let (groups, _) = prepare_groups(&t, &opts(MissingPolicy::Drop, Window::Last(3))).unwrap();
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].time_ms, vec![7 * MIN, 8 * MIN, 9 * MIN]);
         assert_eq!(groups[1].report.dropped["before the last-N window"], 7);
-        let range = Window::Range { from: Some(2 * MIN), to: Some(4 * MIN) };
+        let range = Window::Range {
+            from: Some(2 * MIN),
+            to: Some(4 * MIN),
+        };
         let (groups, _) = prepare_groups(&t, &opts(MissingPolicy::Drop, range)).unwrap();
         assert_eq!(groups[0].time_ms, vec![2 * MIN, 3 * MIN]);
         let mut one = opts(MissingPolicy::Drop, Window::Last(3));
         one.grouped = false;
         let (groups, _) = prepare_groups(&t, &one).unwrap();
-        assert_eq!((groups.len(), groups[0].rows.len(), groups[0].name.clone()), (1, 6, None));
+        assert_eq!(
+            (groups.len(), groups[0].rows.len(), groups[0].name.clone()),
+            (1, 6, None)
+        );
     }
 
     #[test]
     fn small_groups_are_skipped_with_a_reason() {
-        let t = table(&[("a", Some(0), [1.0; 4], false), ("b", Some(0), [1.0; 4], true)]);
+        let t = table(&[
+            ("a", Some(0), [1.0; 4], false),
+            ("b", Some(0), [1.0; 4], true),
+        ]);
         let mut o = opts(MissingPolicy::Drop, Window::All);
         o.min_rows = 1;
         let (groups, skipped) = prepare_groups(&t, &o).unwrap();

@@ -37,10 +37,12 @@ impl ColumnMap {
     /// Apply a `cpu=…,mem=…,disk=…,net_in=…` override (any subset; canonical names also work).
     pub fn with_metric_overrides(mut self, spec: &str) -> Result<Self, DataError> {
         for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, column) = pair.split_once('=').ok_or_else(|| DataError::InvalidOption {
-                option: "--columns",
-                why: format!("`{pair}` is not KEY=COLUMN"),
-            })?;
+            let (key, column) = pair
+                .split_once('=')
+                .ok_or_else(|| DataError::InvalidOption {
+                    option: "--columns",
+                    why: format!("`{pair}` is not KEY=COLUMN"),
+                })?;
             let key = key.trim();
             let index = METRIC_KEYS
                 .iter()
@@ -48,11 +50,17 @@ impl ColumnMap {
                 .or_else(|| METRICS.iter().position(|m| *m == key))
                 .ok_or_else(|| DataError::InvalidOption {
                     option: "--columns",
-                    why: format!("unknown metric `{key}` (expected one of {})", METRIC_KEYS.join(", ")),
+                    why: format!(
+                        "unknown metric `{key}` (expected one of {})",
+                        METRIC_KEYS.join(", ")
+                    ),
                 })?;
             let column = column.trim();
             if column.is_empty() {
-                return Err(DataError::InvalidOption { option: "--columns", why: format!("empty column for `{key}`") });
+                return Err(DataError::InvalidOption {
+                    option: "--columns",
+                    why: format!("empty column for `{key}`"),
+                });
             }
             self.metrics[index] = column.to_string();
         }
@@ -66,13 +74,24 @@ mod tests {
 
     #[test]
     fn overrides_change_only_the_named_metrics() {
-        let map = ColumnMap::default().with_metric_overrides("cpu=CPU%, net_in=rx_bits").unwrap();
-        assert_eq!(map.metrics, ["CPU%", "mem_usage", "disk_busy", "rx_bits"].map(String::from));
+        let map = ColumnMap::default()
+            .with_metric_overrides("cpu=CPU%, net_in=rx_bits")
+            .unwrap();
+        assert_eq!(
+            map.metrics,
+            ["CPU%", "mem_usage", "disk_busy", "rx_bits"].map(String::from)
+        );
     }
 
     #[test]
     fn bad_overrides_are_errors() {
-        assert!(ColumnMap::default().with_metric_overrides("gpu=x").unwrap_err().to_string().contains("gpu"));
+        assert!(
+            ColumnMap::default()
+                .with_metric_overrides("gpu=x")
+                .unwrap_err()
+                .to_string()
+                .contains("gpu")
+        );
         assert!(ColumnMap::default().with_metric_overrides("cpu").is_err());
         assert!(ColumnMap::default().with_metric_overrides("cpu=").is_err());
     }

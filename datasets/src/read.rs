@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use polars::prelude::*;
 use polars::frame::PivotColumnNaming;
+use polars::prelude::*;
 
 use crate::DataError;
 use crate::columns::{ColumnMap, METRICS};
@@ -50,14 +50,20 @@ impl FileFormat {
 pub fn resolve_inputs(input: &str) -> Result<Vec<PathBuf>, DataError> {
     let path = Path::new(input);
     let mut files = if path.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|source| DataError::Io { path: path.into(), source })?;
+        let entries = std::fs::read_dir(path).map_err(|source| DataError::Io {
+            path: path.into(),
+            source,
+        })?;
         entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && FileFormat::of(p).is_some())
             .collect()
     } else if input.contains(['*', '?', '[']) {
         glob::glob(input)
-            .map_err(|e| DataError::InvalidOption { option: "--input", why: format!("bad glob {input}: {e}") })?
+            .map_err(|e| DataError::InvalidOption {
+                option: "--input",
+                why: format!("bad glob {input}: {e}"),
+            })?
             .filter_map(Result::ok)
             .filter(|p| p.is_file())
             .collect()
@@ -83,15 +89,28 @@ pub fn resolve_inputs(input: &str) -> Result<Vec<PathBuf>, DataError> {
 
 /// Read one file into a DataFrame.
 pub fn read_file(path: &Path) -> Result<DataFrame, DataError> {
-    let format = FileFormat::of(path).ok_or_else(|| DataError::UnsupportedFormat { path: path.into() })?;
-    let file = File::open(path).map_err(|source| DataError::Io { path: path.into(), source })?;
-    let meta = file.metadata().map_err(|source| DataError::Io { path: path.into(), source })?;
+    let format =
+        FileFormat::of(path).ok_or_else(|| DataError::UnsupportedFormat { path: path.into() })?;
+    let file = File::open(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
     if meta.len() == 0 {
         return Err(DataError::Empty(path.display().to_string()));
     }
-    let read_err = |format, e: PolarsError| DataError::Read { path: path.into(), format, why: e.to_string() };
+    let read_err = |format, e: PolarsError| DataError::Read {
+        path: path.into(),
+        format,
+        why: e.to_string(),
+    };
     let df = match format {
-        FileFormat::Parquet => ParquetReader::new(file).finish().map_err(|e| read_err("Parquet", e))?,
+        FileFormat::Parquet => ParquetReader::new(file)
+            .finish()
+            .map_err(|e| read_err("Parquet", e))?,
         FileFormat::Csv => CsvReadOptions::default()
             .with_has_header(true)
             .with_infer_schema_length(Some(10_000))
@@ -109,7 +128,9 @@ pub fn read_file(path: &Path) -> Result<DataFrame, DataError> {
 pub fn read_input(input: &str) -> Result<DataFrame, DataError> {
     let files = resolve_inputs(input)?;
     let mut frames = files.iter().map(|f| read_file(f).map(|df| (f, df)));
-    let (first_path, mut all) = frames.next().expect("resolve_inputs returns at least one file")?;
+    let (first_path, mut all) = frames
+        .next()
+        .expect("resolve_inputs returns at least one file")?;
     for next in frames {
         let (path, df) = next?;
         if df.get_column_names() != all.get_column_names() {
@@ -121,14 +142,20 @@ pub fn read_input(input: &str) -> Result<DataFrame, DataError> {
                 all.get_column_names()
             )));
         }
-        all.vstack_mut(&df).map_err(|e| DataError::Other(format!("{}: {e}", path.display())))?;
+        all.vstack_mut(&df)
+            .map_err(|e| DataError::Other(format!("{}: {e}", path.display())))?;
     }
     Ok(all)
 }
 
 /// Wide if every metric column is present, long if the metric/value pair is, else an error
 /// naming the first missing metric column.
-pub fn detect_shape(df: &DataFrame, map: &ColumnMap, choice: ShapeOption, source: &str) -> Result<Shape, DataError> {
+pub fn detect_shape(
+    df: &DataFrame,
+    map: &ColumnMap,
+    choice: ShapeOption,
+    source: &str,
+) -> Result<Shape, DataError> {
     let has = |c: &str| df.schema().contains(c);
     match choice {
         ShapeOption::Wide => Ok(Shape::Wide),
@@ -136,7 +163,11 @@ pub fn detect_shape(df: &DataFrame, map: &ColumnMap, choice: ShapeOption, source
         ShapeOption::Auto if map.metrics.iter().all(|m| has(m)) => Ok(Shape::Wide),
         ShapeOption::Auto if has(&map.long_metric) && has(&map.long_value) => Ok(Shape::Long),
         ShapeOption::Auto => {
-            let missing = map.metrics.iter().find(|m| !has(m)).expect("some metric column is missing");
+            let missing = map
+                .metrics
+                .iter()
+                .find(|m| !has(m))
+                .expect("some metric column is missing");
             Err(DataError::MissingColumn {
                 source_name: source.to_string(),
                 column: missing.clone(),
@@ -162,8 +193,9 @@ pub fn pivot_long(df: DataFrame, map: &ColumnMap, source: &str) -> Result<DataFr
         index.push(map.host.clone());
     }
     let names: Vec<&str> = map.metrics.iter().map(String::as_str).collect();
-    let on_columns = DataFrame::new_infer_height(vec![Column::new(map.long_metric.as_str().into(), names)])
-        .map_err(|e| DataError::Other(e.to_string()))?;
+    let on_columns =
+        DataFrame::new_infer_height(vec![Column::new(map.long_metric.as_str().into(), names)])
+            .map_err(|e| DataError::Other(e.to_string()))?;
     let metric_as_text = col(map.long_metric.as_str()).cast(DataType::String);
     let value_as_float = col(map.long_value.as_str()).cast(DataType::Float64);
     df.lazy()
@@ -182,7 +214,11 @@ pub fn pivot_long(df: DataFrame, map: &ColumnMap, source: &str) -> Result<DataFr
         .map_err(|e| DataError::Other(format!("{source}: cannot pivot the long export: {e}")))
 }
 
-fn require_column<'a>(df: &'a DataFrame, column: &str, source: &str) -> Result<&'a Column, DataError> {
+fn require_column<'a>(
+    df: &'a DataFrame,
+    column: &str,
+    source: &str,
+) -> Result<&'a Column, DataError> {
     df.column(column).map_err(|_| DataError::MissingColumn {
         source_name: source.to_string(),
         column: column.to_string(),
@@ -230,7 +266,11 @@ pub fn read_metrics(input: &str, opts: &ReadOptions) -> Result<MetricTable, Data
 }
 
 /// Convert an export DataFrame (either shape) into a [`MetricTable`].
-pub fn frame_to_table(df: DataFrame, opts: &ReadOptions, source: &str) -> Result<MetricTable, DataError> {
+pub fn frame_to_table(
+    df: DataFrame,
+    opts: &ReadOptions,
+    source: &str,
+) -> Result<MetricTable, DataError> {
     let map = &opts.columns;
     let df = match detect_shape(&df, map, opts.shape, source)? {
         Shape::Wide => df,
@@ -253,7 +293,11 @@ pub fn frame_to_table(df: DataFrame, opts: &ReadOptions, source: &str) -> Result
     let mut values = vec![[f64::NAN; 4]; n];
     for (j, name) in map.metrics.iter().enumerate() {
         let column = require_column(&df, name, source).map_err(|e| match e {
-            DataError::MissingColumn { source_name, column, .. } => DataError::MissingColumn {
+            DataError::MissingColumn {
+                source_name,
+                column,
+                ..
+            } => DataError::MissingColumn {
                 source_name,
                 column,
                 hint: format!(" (metric {}; rename with --columns)", METRICS[j]),
@@ -268,7 +312,13 @@ pub fn frame_to_table(df: DataFrame, opts: &ReadOptions, source: &str) -> Result
         Ok(c) => bool_column(c, source)?,
         Err(_) => vec![false; n],
     };
-    Ok(MetricTable { time_ms, host, group, values, alert })
+    Ok(MetricTable {
+        time_ms,
+        host,
+        group,
+        values,
+        alert,
+    })
 }
 
 fn wrong_type(column: &Column, source: &str, expected: &'static str) -> DataError {
@@ -285,22 +335,39 @@ pub fn numeric_column(column: &Column, source: &str) -> Result<Vec<Option<f64>>,
     if !(column.dtype().is_primitive_numeric() || column.dtype().is_null()) {
         return Err(wrong_type(column, source, "numbers"));
     }
-    let cast = column.cast(&DataType::Float64).map_err(|_| wrong_type(column, source, "numbers"))?;
+    let cast = column
+        .cast(&DataType::Float64)
+        .map_err(|_| wrong_type(column, source, "numbers"))?;
     Ok(cast.f64().expect("cast to f64").iter().collect())
 }
 
 fn text_column(column: &Column, source: &str) -> Result<Vec<String>, DataError> {
-    let cast = column.cast(&DataType::String).map_err(|_| wrong_type(column, source, "text"))?;
-    Ok(cast.str().expect("cast to str").iter().map(|v| v.unwrap_or("").to_string()).collect())
+    let cast = column
+        .cast(&DataType::String)
+        .map_err(|_| wrong_type(column, source, "text"))?;
+    Ok(cast
+        .str()
+        .expect("cast to str")
+        .iter()
+        .map(|v| v.unwrap_or("").to_string())
+        .collect())
 }
 
 fn bool_column(column: &Column, source: &str) -> Result<Vec<bool>, DataError> {
     let dtype = column.dtype();
     if dtype.is_bool() {
-        return Ok(column.bool().expect("bool").iter().map(|v| v.unwrap_or(false)).collect());
+        return Ok(column
+            .bool()
+            .expect("bool")
+            .iter()
+            .map(|v| v.unwrap_or(false))
+            .collect());
     }
     if dtype.is_primitive_numeric() {
-        return Ok(numeric_column(column, source)?.into_iter().map(|v| v.is_some_and(|v| v != 0.0)).collect());
+        return Ok(numeric_column(column, source)?
+            .into_iter()
+            .map(|v| v.is_some_and(|v| v != 0.0))
+            .collect());
     }
     if dtype == &DataType::String {
         return column
@@ -308,16 +375,18 @@ fn bool_column(column: &Column, source: &str) -> Result<Vec<bool>, DataError> {
             .expect("str")
             .iter()
             .enumerate()
-            .map(|(row, v)| match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
-                None | Some("") | Some("false") | Some("0") | Some("no") => Ok(false),
-                Some("true") | Some("1") | Some("yes") => Ok(true),
-                Some(other) => Err(DataError::BadValue {
-                    source_name: source.to_string(),
-                    column: column.name().to_string(),
-                    row,
-                    why: format!("`{other}` is not a boolean"),
-                }),
-            })
+            .map(
+                |(row, v)| match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+                    None | Some("") | Some("false") | Some("0") | Some("no") => Ok(false),
+                    Some("true") | Some("1") | Some("yes") => Ok(true),
+                    Some(other) => Err(DataError::BadValue {
+                        source_name: source.to_string(),
+                        column: column.name().to_string(),
+                        row,
+                        why: format!("`{other}` is not a boolean"),
+                    }),
+                },
+            )
             .collect();
     }
     Err(wrong_type(column, source, "booleans"))
@@ -335,12 +404,26 @@ pub fn time_column(column: &Column, source: &str) -> Result<Vec<Option<i64>>, Da
                 TimeUnit::Microseconds => 1_000,
                 TimeUnit::Milliseconds => 1,
             };
-            let raw = column.cast(&DataType::Int64).map_err(|_| wrong_type(column, source, "a time"))?;
-            Ok(raw.i64().expect("i64").iter().map(|v| v.map(|v| v.div_euclid(per_ms))).collect())
+            let raw = column
+                .cast(&DataType::Int64)
+                .map_err(|_| wrong_type(column, source, "a time"))?;
+            Ok(raw
+                .i64()
+                .expect("i64")
+                .iter()
+                .map(|v| v.map(|v| v.div_euclid(per_ms)))
+                .collect())
         }
         DataType::Date => {
-            let raw = column.cast(&DataType::Int32).map_err(|_| wrong_type(column, source, "a time"))?;
-            Ok(raw.i32().expect("i32").iter().map(|v| v.map(|d| i64::from(d) * 86_400_000)).collect())
+            let raw = column
+                .cast(&DataType::Int32)
+                .map_err(|_| wrong_type(column, source, "a time"))?;
+            Ok(raw
+                .i32()
+                .expect("i32")
+                .iter()
+                .map(|v| v.map(|d| i64::from(d) * 86_400_000))
+                .collect())
         }
         DataType::String => column
             .str()
@@ -349,21 +432,33 @@ pub fn time_column(column: &Column, source: &str) -> Result<Vec<Option<i64>>, Da
             .enumerate()
             .map(|(row, v)| match v {
                 None => Ok(None),
-                Some(text) => parse_time_text(text).map(Some).ok_or_else(|| DataError::BadValue {
-                    source_name: source.to_string(),
-                    column: column.name().to_string(),
-                    row,
-                    why: format!("`{text}` is not an RFC 3339 time or epoch number"),
-                }),
+                Some(text) => parse_time_text(text)
+                    .map(Some)
+                    .ok_or_else(|| DataError::BadValue {
+                        source_name: source.to_string(),
+                        column: column.name().to_string(),
+                        row,
+                        why: format!("`{text}` is not an RFC 3339 time or epoch number"),
+                    }),
             })
             .collect(),
         dtype if dtype.is_primitive_numeric() => {
             let values = numeric_column(column, source)?;
             let max = values.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
             let scale = if max < SECONDS_LIMIT { 1000.0 } else { 1.0 };
-            Ok(values.into_iter().map(|v| v.filter(|v| v.is_finite()).map(|v| (v * scale).round() as i64)).collect())
+            Ok(values
+                .into_iter()
+                .map(|v| {
+                    v.filter(|v| v.is_finite())
+                        .map(|v| (v * scale).round() as i64)
+                })
+                .collect())
         }
-        _ => Err(wrong_type(column, source, "a time (datetime, epoch seconds/ms or RFC 3339 text)")),
+        _ => Err(wrong_type(
+            column,
+            source,
+            "a time (datetime, epoch seconds/ms or RFC 3339 text)",
+        )),
     }
 }
 
@@ -379,7 +474,13 @@ pub fn parse_time_text(text: &str) -> Option<i64> {
         }
     }
     let number: f64 = text.parse().ok()?;
-    number.is_finite().then(|| if number.abs() < SECONDS_LIMIT { (number * 1000.0).round() as i64 } else { number as i64 })
+    number.is_finite().then(|| {
+        if number.abs() < SECONDS_LIMIT {
+            (number * 1000.0).round() as i64
+        } else {
+            number as i64
+        }
+    })
 }
 
 /// RFC 3339 text of epoch milliseconds (UTC).
@@ -407,7 +508,10 @@ mod tests {
     fn wide_csv_with_epoch_seconds_reads_every_field() {
         let dir = tempfile::tempdir().unwrap();
         let t = read_metrics(&write(dir.path(), "a.csv", WIDE), &ReadOptions::default()).unwrap();
-        assert_eq!(t.time_ms, vec![Some(1_791_158_400_000), Some(1_791_158_460_000)]);
+        assert_eq!(
+            t.time_ms,
+            vec![Some(1_791_158_400_000), Some(1_791_158_460_000)]
+        );
         assert_eq!(t.values[0], [10.0, 20.0, 3.0, 1000.0]);
         assert!(t.values[1][2].is_nan());
         assert_eq!(t.alert, vec![false, true]);
@@ -422,9 +526,17 @@ mod tests {
             2026-10-05T00:01:00Z,a,cpu_usage,11\n2026-10-05T00:01:00Z,a,net_in_bps,900\n\
             2026-10-05T00:01:00Z,a,mem_usage,21\n2026-10-05T00:01:00Z,a,disk_busy,4\n\
             2026-10-05T00:01:00Z,a,load_avg,9\n";
-        let t = read_metrics(&write(dir.path(), "long.csv", long), &ReadOptions::default()).unwrap();
+        let t = read_metrics(
+            &write(dir.path(), "long.csv", long),
+            &ReadOptions::default(),
+        )
+        .unwrap();
         assert_eq!(t.len(), 2);
-        let second = t.time_ms.iter().position(|&x| x == Some(1_791_158_460_000)).unwrap();
+        let second = t
+            .time_ms
+            .iter()
+            .position(|&x| x == Some(1_791_158_460_000))
+            .unwrap();
         assert_eq!(t.values[second], [11.0, 21.0, 4.0, 900.0]);
     }
 
@@ -437,54 +549,122 @@ mod tests {
         let by_dir = read_metrics(dir.path().to_str().unwrap(), &ReadOptions::default()).unwrap();
         assert_eq!(by_dir.len(), 4);
         let pattern = format!("{}/a*.csv", dir.path().display());
-        assert_eq!(read_metrics(&pattern, &ReadOptions::default()).unwrap().len(), 2);
+        assert_eq!(
+            read_metrics(&pattern, &ReadOptions::default())
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]
     fn bad_inputs_give_one_line_errors_naming_file_or_column() {
         let dir = tempfile::tempdir().unwrap();
-        let no_disk = write(dir.path(), "m.csv", "timestamp,host,cpu_usage,mem_usage,net_in_bps\n1,a,1,2,3\n");
-        let err = read_metrics(&no_disk, &ReadOptions::default()).unwrap_err().to_string();
-        assert!(err.contains("m.csv") && err.contains("`disk_busy`"), "{err}");
+        let no_disk = write(
+            dir.path(),
+            "m.csv",
+            "timestamp,host,cpu_usage,mem_usage,net_in_bps\n1,a,1,2,3\n",
+        );
+        let err = read_metrics(&no_disk, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.csv") && err.contains("`disk_busy`"),
+            "{err}"
+        );
 
-        let text_cpu = write(dir.path(), "t.csv", "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n1,a,high,2,3,4\n");
-        let err = read_metrics(&text_cpu, &ReadOptions::default()).unwrap_err().to_string();
-        assert!(err.contains("`cpu_usage`") && err.contains("expected numbers"), "{err}");
+        let text_cpu = write(
+            dir.path(),
+            "t.csv",
+            "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n1,a,high,2,3,4\n",
+        );
+        let err = read_metrics(&text_cpu, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`cpu_usage`") && err.contains("expected numbers"),
+            "{err}"
+        );
 
         let empty = write(dir.path(), "e.csv", "");
-        assert!(read_metrics(&empty, &ReadOptions::default()).unwrap_err().to_string().contains("no rows"));
-        let header_only = write(dir.path(), "h.csv", "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n");
-        assert!(read_metrics(&header_only, &ReadOptions::default()).unwrap_err().to_string().contains("no rows"));
+        assert!(
+            read_metrics(&empty, &ReadOptions::default())
+                .unwrap_err()
+                .to_string()
+                .contains("no rows")
+        );
+        let header_only = write(
+            dir.path(),
+            "h.csv",
+            "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n",
+        );
+        assert!(
+            read_metrics(&header_only, &ReadOptions::default())
+                .unwrap_err()
+                .to_string()
+                .contains("no rows")
+        );
 
         let corrupt = write(dir.path(), "c.parquet", "PAR1 this is not parquet");
-        let err = read_metrics(&corrupt, &ReadOptions::default()).unwrap_err().to_string();
-        assert!(err.contains("c.parquet") && err.contains("Parquet"), "{err}");
+        let err = read_metrics(&corrupt, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c.parquet") && err.contains("Parquet"),
+            "{err}"
+        );
 
         let missing = format!("{}/nope.parquet", dir.path().display());
-        assert!(read_metrics(&missing, &ReadOptions::default()).unwrap_err().to_string().contains("nope.parquet"));
+        assert!(
+            read_metrics(&missing, &ReadOptions::default())
+                .unwrap_err()
+                .to_string()
+                .contains("nope.parquet")
+        );
         let none = format!("{}/*.pq", dir.path().display());
-        assert!(read_metrics(&none, &ReadOptions::default()).unwrap_err().to_string().contains("no input files"));
-        let bad_time = write(dir.path(), "bt.csv", "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\nyesterday,a,1,2,3,4\n");
-        let err = read_metrics(&bad_time, &ReadOptions::default()).unwrap_err().to_string();
-        assert!(err.contains("`timestamp`") && err.contains("yesterday"), "{err}");
-        for err in [err] {
-            assert!(!err.contains('\n'));
-        }
+        assert!(
+            read_metrics(&none, &ReadOptions::default())
+                .unwrap_err()
+                .to_string()
+                .contains("no input files")
+        );
+        let bad_time = write(
+            dir.path(),
+            "bt.csv",
+            "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\nyesterday,a,1,2,3,4\n",
+        );
+        let err = read_metrics(&bad_time, &ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`timestamp`") && err.contains("yesterday"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'));
     }
 
     #[test]
     fn renamed_columns_are_honoured() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "r.csv", "ts,node,CPU,mem_usage,disk_busy,rx\n1,a,5,6,7,8\n");
+        let p = write(
+            dir.path(),
+            "r.csv",
+            "ts,node,CPU,mem_usage,disk_busy,rx\n1,a,5,6,7,8\n",
+        );
         let opts = ReadOptions {
             columns: ColumnMap {
                 time: "ts".into(),
                 host: "node".into(),
-                ..ColumnMap::default().with_metric_overrides("cpu=CPU,net_in=rx").unwrap()
+                ..ColumnMap::default()
+                    .with_metric_overrides("cpu=CPU,net_in=rx")
+                    .unwrap()
             },
             ..Default::default()
         };
         let t = read_metrics(&p, &opts).unwrap();
-        assert_eq!((t.host[0].as_str(), t.values[0]), ("a", [5.0, 6.0, 7.0, 8.0]));
+        assert_eq!(
+            (t.host[0].as_str(), t.values[0]),
+            ("a", [5.0, 6.0, 7.0, 8.0])
+        );
     }
 }

@@ -24,7 +24,13 @@ use rand_distr::{Distribution, Normal};
 use crate::DataError;
 
 /// Anomaly kinds, in the order they are cycled through.
-pub const ANOMALY_KINDS: [&str; 5] = ["cpu_saturation", "memory_leak", "disk_saturation", "network_flood", "combination"];
+pub const ANOMALY_KINDS: [&str; 5] = [
+    "cpu_saturation",
+    "memory_leak",
+    "disk_saturation",
+    "network_flood",
+    "combination",
+];
 /// The single metric each kind drives (index into the four metrics); `None` for kinds that
 /// move two metrics on purpose (CPU saturation idles the network too) and for combinations.
 pub const KIND_METRIC: [Option<usize>; 5] = [None, Some(1), Some(2), Some(3), None];
@@ -113,7 +119,12 @@ impl HostProfile {
             cpu += 8.0;
         }
         let net = self.net_base * (self.net_gain * load + 0.1 * noise.sample(rng)).exp();
-        [cpu.clamp(0.0, 100.0), mem.clamp(0.0, 100.0), disk.clamp(0.0, 100.0), net.max(0.0)]
+        [
+            cpu.clamp(0.0, 100.0),
+            mem.clamp(0.0, 100.0),
+            disk.clamp(0.0, 100.0),
+            net.max(0.0),
+        ]
     }
 
     fn load(&self, hour: f64) -> f64 {
@@ -133,7 +144,8 @@ pub fn generate(spec: &SampleSpec) -> SampleExport {
     let noise = Normal::new(0.0, 1.0).expect("unit normal");
     let steps = (spec.days * 86_400.0 / spec.step_s as f64) as usize;
     for h in 0..spec.hosts {
-        let mut rng = ChaCha8Rng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(h as u64));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(h as u64));
         let profile = HostProfile::draw(&mut rng);
         let events = plan_anomalies(spec, steps, h, &mut rng);
         let gaps: Vec<(usize, usize)> = (0..3)
@@ -165,7 +177,8 @@ pub fn generate(spec: &SampleSpec) -> SampleExport {
             out.alert.push(v[..3].iter().any(|&p| p > ALERT_PERCENT));
             out.values.push(values);
             out.is_anomaly.push(event.is_some());
-            out.anomaly_kind.push(event.map_or(String::new(), |e| ANOMALY_KINDS[e.kind].to_string()));
+            out.anomaly_kind
+                .push(event.map_or(String::new(), |e| ANOMALY_KINDS[e.kind].to_string()));
         }
     }
     out
@@ -178,7 +191,12 @@ struct Event {
 }
 
 /// Non-overlapping events after the first half day, kinds cycling per host.
-fn plan_anomalies(spec: &SampleSpec, steps: usize, host: usize, rng: &mut ChaCha8Rng) -> Vec<Event> {
+fn plan_anomalies(
+    spec: &SampleSpec,
+    steps: usize,
+    host: usize,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Event> {
     let count = (spec.anomalies_per_day * spec.days).round() as usize;
     let per_min = 60 / spec.step_s.max(1) as usize;
     let first = steps / (2 * spec.days.max(0.5) as usize).max(1);
@@ -195,7 +213,10 @@ fn plan_anomalies(spec: &SampleSpec, steps: usize, host: usize, rng: &mut ChaCha
                 break;
             }
             let start = rng.random_range(first..steps - len);
-            if events.iter().all(|e| start + len + 30 < e.start || e.start + e.len + 30 < start) {
+            if events
+                .iter()
+                .all(|e| start + len + 30 < e.start || e.start + e.len + 30 < start)
+            {
                 events.push(Event { kind, start, len });
                 break;
             }
@@ -238,9 +259,17 @@ impl SampleExport {
 
     /// As a DataFrame with the default export column names plus `is_anomaly` and `anomaly_kind`.
     pub fn to_dataframe(&self) -> Result<DataFrame, DataError> {
-        let metric = |j: usize| self.values.iter().map(|v| v[j]).collect::<Vec<Option<f64>>>();
+        let metric = |j: usize| {
+            self.values
+                .iter()
+                .map(|v| v[j])
+                .collect::<Vec<Option<f64>>>()
+        };
         let time = Column::new("timestamp".into(), &self.time_ms)
-            .cast(&DataType::Datetime(TimeUnit::Milliseconds, Some(TimeZone::UTC)))
+            .cast(&DataType::Datetime(
+                TimeUnit::Milliseconds,
+                Some(TimeZone::UTC),
+            ))
             .map_err(|e| DataError::Other(e.to_string()))?;
         DataFrame::new_infer_height(vec![
             time,
@@ -259,24 +288,46 @@ impl SampleExport {
 
 /// Write a DataFrame as zstd Parquet (via a temp file renamed into place) or CSV, by extension.
 pub fn write_frame(df: &mut DataFrame, path: &std::path::Path) -> Result<(), DataError> {
-    let io = |source| DataError::Io { path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let io = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = tempfile::Builder::new().prefix(".dagmm-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".dagmm-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io)?;
     let fail = |e: PolarsError| DataError::Other(format!("{}: {e}", path.display()));
     match crate::read::FileFormat::of(path) {
         Some(crate::read::FileFormat::Parquet) => {
-            ParquetWriter::new(tmp.as_file()).with_compression(ParquetCompression::Zstd(None)).finish(df).map_err(fail)?;
+            ParquetWriter::new(tmp.as_file())
+                .with_compression(ParquetCompression::Zstd(None))
+                .finish(df)
+                .map_err(fail)?;
         }
         Some(crate::read::FileFormat::Csv) => {
-            CsvWriter::new(tmp.as_file()).include_header(true).finish(df).map_err(fail)?;
+            CsvWriter::new(tmp.as_file())
+                .include_header(true)
+                .finish(df)
+                .map_err(fail)?;
         }
-        None => return Err(DataError::UnsupportedFormat { path: path.to_path_buf() }),
+        None => {
+            return Err(DataError::UnsupportedFormat {
+                path: path.to_path_buf(),
+            });
+        }
     }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io)?;
     }
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
@@ -286,7 +337,13 @@ pub fn write_frame(df: &mut DataFrame, path: &std::path::Path) -> Result<(), Dat
 /// two injected anomalies (CPU saturation with idle network; disk saturation with high memory).
 pub fn reference_scenario(seed: u64) -> (Vec<[f64; 4]>, Vec<[f64; 4]>) {
     // Gaps and nulls remove some rows; generate a margin and keep the first 1000 complete ones.
-    let spec = SampleSpec { hosts: 1, days: 1.0, anomalies_per_day: 0.0, seed, ..Default::default() };
+    let spec = SampleSpec {
+        hosts: 1,
+        days: 1.0,
+        anomalies_per_day: 0.0,
+        seed,
+        ..Default::default()
+    };
     let normal: Vec<[f64; 4]> = generate(&spec)
         .values
         .iter()
@@ -299,7 +356,10 @@ pub fn reference_scenario(seed: u64) -> (Vec<[f64; 4]>, Vec<[f64; 4]>) {
         n.sort_by(f64::total_cmp);
         n[n.len() / 2]
     };
-    let anomalies = vec![[99.0, 45.0, 5.0, median_net * 0.05], [12.0, 93.0, 98.0, median_net]];
+    let anomalies = vec![
+        [99.0, 45.0, 5.0, median_net * 0.05],
+        [12.0, 93.0, 98.0, median_net],
+    ];
     (normal, anomalies)
 }
 
@@ -309,10 +369,20 @@ mod tests {
 
     #[test]
     fn generation_is_seeded_and_has_every_anomaly_kind() {
-        let spec = SampleSpec { hosts: 5, days: 2.0, ..Default::default() };
+        let spec = SampleSpec {
+            hosts: 5,
+            days: 2.0,
+            ..Default::default()
+        };
         let a = generate(&spec);
         assert_eq!(a, generate(&spec));
-        assert_ne!(a, generate(&SampleSpec { seed: 8, ..spec.clone() }));
+        assert_ne!(
+            a,
+            generate(&SampleSpec {
+                seed: 8,
+                ..spec.clone()
+            })
+        );
         for kind in ANOMALY_KINDS {
             assert!(a.anomaly_kind.iter().any(|k| k == kind), "{kind} missing");
         }
@@ -320,20 +390,34 @@ mod tests {
         assert!(gaps > 0, "some rows are missing");
         assert!(a.values.iter().any(|v| v.iter().any(Option::is_none)));
         // Percent metrics stay in range and saturations raise alerts.
-        assert!(a.values.iter().flatten().take(4000).flatten().all(|x| *x >= 0.0));
-        let saturated_alerts = (0..a.len()).filter(|&i| a.anomaly_kind[i] == "cpu_saturation").all(|i| a.alert[i]);
+        assert!(
+            a.values
+                .iter()
+                .flatten()
+                .take(4000)
+                .flatten()
+                .all(|x| *x >= 0.0)
+        );
+        let saturated_alerts = (0..a.len())
+            .filter(|&i| a.anomaly_kind[i] == "cpu_saturation")
+            .all(|i| a.alert[i]);
         assert!(saturated_alerts);
     }
 
     #[test]
     fn dataframe_round_trips_through_parquet_and_csv() {
-        let spec = SampleSpec { hosts: 2, days: 0.5, ..Default::default() };
+        let spec = SampleSpec {
+            hosts: 2,
+            days: 0.5,
+            ..Default::default()
+        };
         let export = generate(&spec);
         let dir = tempfile::tempdir().unwrap();
         for name in ["x.parquet", "x.csv"] {
             let path = dir.path().join(name);
             write_frame(&mut export.to_dataframe().unwrap(), &path).unwrap();
-            let table = crate::read::read_metrics(path.to_str().unwrap(), &Default::default()).unwrap();
+            let table =
+                crate::read::read_metrics(path.to_str().unwrap(), &Default::default()).unwrap();
             assert_eq!(table.len(), export.len());
             assert_eq!(table.time_ms[5], Some(export.time_ms[5]));
             assert_eq!(table.host[5], export.host[5]);

@@ -79,33 +79,54 @@ impl Bundle {
     /// Serialise to the on-disk bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let body = serde_json::to_vec(self).expect("bundle serialises");
-        let mut out = format!("{MAGIC} {FORMAT_VERSION} sha256:{}\n", hex(&Sha256::digest(&body))).into_bytes();
+        let mut out = format!(
+            "{MAGIC} {FORMAT_VERSION} sha256:{}\n",
+            hex(&Sha256::digest(&body))
+        )
+        .into_bytes();
         out.extend_from_slice(&body);
         out
     }
 
     /// Write atomically: a temp file in the target directory, fsync, then rename over `path`.
     pub fn save(&self, path: &Path) -> Result<String, ModelError> {
-        let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+        let io = |source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let bytes = self.to_bytes();
-        let mut tmp = tempfile::Builder::new().prefix(".dagmm-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".dagmm-")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(io)?;
         tmp.write_all(&bytes).map_err(io)?;
         tmp.as_file().sync_all().map_err(io)?;
         make_readable(tmp.as_file()).map_err(io)?;
         tmp.persist(path).map_err(|e| io(e.error))?;
         let header_end = bytes.iter().position(|&b| b == b'\n').unwrap_or(0);
-        Ok(String::from_utf8_lossy(&bytes[..header_end]).rsplit(':').next().unwrap_or("").to_string())
+        Ok(String::from_utf8_lossy(&bytes[..header_end])
+            .rsplit(':')
+            .next()
+            .unwrap_or("")
+            .to_string())
     }
 
     /// Read and verify a bundle file.
     pub fn load(path: &Path) -> Result<LoadedBundle, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        Self::from_bytes(&bytes).map_err(|why| ModelError::Bundle { path: path.to_path_buf(), why })
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(&bytes).map_err(|why| ModelError::Bundle {
+            path: path.to_path_buf(),
+            why,
+        })
     }
 
     /// Parse and verify bundle bytes; the error says what is wrong with them.
@@ -115,7 +136,8 @@ impl Bundle {
             .take(256)
             .position(|&b| b == b'\n')
             .ok_or("not a dagmm bundle (no header line)")?;
-        let header = std::str::from_utf8(&bytes[..newline]).map_err(|_| "not a dagmm bundle (header is not text)")?;
+        let header = std::str::from_utf8(&bytes[..newline])
+            .map_err(|_| "not a dagmm bundle (header is not text)")?;
         let mut parts = header.split(' ');
         if parts.next() != Some(MAGIC) {
             return Err("not a dagmm bundle (bad magic)".into());
@@ -140,9 +162,16 @@ impl Bundle {
                 "checksum mismatch (header says {expected}, content is {actual}): the file is corrupt or truncated"
             ));
         }
-        let bundle: Bundle = serde_json::from_slice(body).map_err(|e| format!("invalid bundle body: {e}"))?;
-        bundle.model.validate().map_err(|e| format!("invalid model: {e}"))?;
-        Ok(LoadedBundle { bundle, sha256: actual })
+        let bundle: Bundle =
+            serde_json::from_slice(body).map_err(|e| format!("invalid bundle body: {e}"))?;
+        bundle
+            .model
+            .validate()
+            .map_err(|e| format!("invalid model: {e}"))?;
+        Ok(LoadedBundle {
+            bundle,
+            sha256: actual,
+        })
     }
 }
 
@@ -156,17 +185,29 @@ mod tests {
         let rows: Vec<f64> = (0..200)
             .flat_map(|i| {
                 let t = f64::from(i) / 200.0;
-                [20.0 + 60.0 * t, 40.0 + 3.0 * (t * 9.0).sin(), 5.0 + 10.0 * t, 1e4 * (1.0 + 9.0 * t)]
+                [
+                    20.0 + 60.0 * t,
+                    40.0 + 3.0 * (t * 9.0).sin(),
+                    5.0 + 10.0 * t,
+                    1e4 * (1.0 + 9.0 * t),
+                ]
             })
             .collect();
         let pre = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
-        let cfg = TrainConfig { epochs: 5, batch_size: 64, ..TrainConfig::default() };
+        let cfg = TrainConfig {
+            epochs: 5,
+            batch_size: 64,
+            ..TrainConfig::default()
+        };
         let out = fit(&NetworkConfig::metrics4(), &cfg, pre, &rows, &mut |_| {}).unwrap();
         Bundle {
             name: "test".into(),
             created_at: "2026-01-01T00:00:00Z".into(),
             model: out.model,
-            training: TrainingSummary { rows_used: 200, ..Default::default() },
+            training: TrainingSummary {
+                rows_used: 200,
+                ..Default::default()
+            },
             history: out.history,
         }
     }
@@ -181,7 +222,10 @@ mod tests {
         assert_eq!(loaded.sha256, hash);
         assert_eq!(loaded.bundle, bundle);
         let x: Vec<f32> = (0..400).map(|i| (i % 17) as f32 / 10.0).collect();
-        assert_eq!(Scorer::new(&bundle.model).energies_scaled(&x), Scorer::new(&loaded.bundle.model).energies_scaled(&x));
+        assert_eq!(
+            Scorer::new(&bundle.model).energies_scaled(&x),
+            Scorer::new(&loaded.bundle.model).energies_scaled(&x)
+        );
         // Nothing but the bundle is left in the directory.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -192,13 +236,35 @@ mod tests {
         let mut flipped = bytes.clone();
         let i = bytes.len() / 2;
         flipped[i] ^= 0x01;
-        assert!(Bundle::from_bytes(&flipped).unwrap_err().contains("checksum mismatch"));
-        assert!(Bundle::from_bytes(&bytes[..bytes.len() - 10]).unwrap_err().contains("checksum mismatch"));
-        let other_version = String::from_utf8(bytes.clone()).unwrap().replacen("DAGMM-BUNDLE 1 ", "DAGMM-BUNDLE 7 ", 1);
-        assert!(Bundle::from_bytes(other_version.as_bytes()).unwrap_err().contains("version 7"));
-        assert!(Bundle::from_bytes(b"PAR1 garbage").unwrap_err().contains("not a dagmm bundle"));
+        assert!(
+            Bundle::from_bytes(&flipped)
+                .unwrap_err()
+                .contains("checksum mismatch")
+        );
+        assert!(
+            Bundle::from_bytes(&bytes[..bytes.len() - 10])
+                .unwrap_err()
+                .contains("checksum mismatch")
+        );
+        let other_version = String::from_utf8(bytes.clone()).unwrap().replacen(
+            "DAGMM-BUNDLE 1 ",
+            "DAGMM-BUNDLE 7 ",
+            1,
+        );
+        assert!(
+            Bundle::from_bytes(other_version.as_bytes())
+                .unwrap_err()
+                .contains("version 7")
+        );
+        assert!(
+            Bundle::from_bytes(b"PAR1 garbage")
+                .unwrap_err()
+                .contains("not a dagmm bundle")
+        );
         assert!(Bundle::from_bytes(b"").is_err());
-        let missing = Bundle::load(Path::new("/nonexistent/m.dagmm")).unwrap_err().to_string();
+        let missing = Bundle::load(Path::new("/nonexistent/m.dagmm"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("/nonexistent/m.dagmm"));
     }
 }

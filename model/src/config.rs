@@ -46,25 +46,49 @@ impl NetworkConfig {
             return bad("input_dim", "must be at least 1".into());
         }
         if self.hidden.is_empty() || self.hidden.contains(&0) {
-            return bad("hidden", format!("needs one or more non-zero layer sizes, got {:?}", self.hidden));
+            return bad(
+                "hidden",
+                format!(
+                    "needs one or more non-zero layer sizes, got {:?}",
+                    self.hidden
+                ),
+            );
         }
         if self.latent_dim == 0 {
             return bad("latent_dim", "must be at least 1".into());
         }
         if self.z_dim() > MAX_Z_DIM {
-            return bad("latent_dim", format!("at most {} (z has latent_dim + 2 dimensions)", MAX_Z_DIM - 2));
+            return bad(
+                "latent_dim",
+                format!(
+                    "at most {} (z has latent_dim + 2 dimensions)",
+                    MAX_Z_DIM - 2
+                ),
+            );
         }
         if self.estimation_hidden.is_empty() || self.estimation_hidden.contains(&0) {
             return bad(
                 "estimation_hidden",
-                format!("needs one or more non-zero layer sizes, got {:?}", self.estimation_hidden),
+                format!(
+                    "needs one or more non-zero layer sizes, got {:?}",
+                    self.estimation_hidden
+                ),
             );
         }
         if !(1..=MAX_GMM_K).contains(&self.gmm_k) {
-            return bad("gmm_k", format!("needs 1 to {MAX_GMM_K} mixture components, got {}", self.gmm_k));
+            return bad(
+                "gmm_k",
+                format!(
+                    "needs 1 to {MAX_GMM_K} mixture components, got {}",
+                    self.gmm_k
+                ),
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return bad("dropout", format!("must be in [0, 1), got {}", self.dropout));
+            return bad(
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            );
         }
         Ok(())
     }
@@ -127,7 +151,10 @@ impl TrainConfig {
             return bad("batch_size", "must be at least 1".into());
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return bad("learning_rate", format!("must be a positive number, got {}", self.learning_rate));
+            return bad(
+                "learning_rate",
+                format!("must be a positive number, got {}", self.learning_rate),
+            );
         }
         for (field, value) in [
             ("lambda_energy", self.lambda_energy),
@@ -138,21 +165,36 @@ impl TrainConfig {
             }
         }
         if !(self.cov_reg.is_finite() && self.cov_reg > 0.0) {
-            return bad("cov_reg", format!("must be a positive number, got {}", self.cov_reg));
+            return bad(
+                "cov_reg",
+                format!("must be a positive number, got {}", self.cov_reg),
+            );
         }
         if !(0.0..1.0).contains(&self.warmup_fraction) {
-            return bad("warmup_fraction", format!("must be in [0, 1), got {}", self.warmup_fraction));
+            return bad(
+                "warmup_fraction",
+                format!("must be in [0, 1), got {}", self.warmup_fraction),
+            );
         }
         if !(self.percentile > 0.0 && self.percentile < 100.0) {
-            return bad("percentile", format!("must be in (0, 100), got {}", self.percentile));
+            return bad(
+                "percentile",
+                format!("must be in (0, 100), got {}", self.percentile),
+            );
         }
         let mut previous = 0.0;
         for (name, p) in &self.severities {
             if name.is_empty() || name == "normal" {
-                return bad("severities", format!("level name {name:?} is reserved or empty"));
+                return bad(
+                    "severities",
+                    format!("level name {name:?} is reserved or empty"),
+                );
             }
             if !(*p > 0.0 && *p < 100.0) || *p < previous {
-                return bad("severities", format!("percentiles must be ascending in (0, 100), got {p} for {name}"));
+                return bad(
+                    "severities",
+                    format!("percentiles must be ascending in (0, 100), got {p} for {name}"),
+                );
             }
             previous = *p;
         }
@@ -178,11 +220,23 @@ mod tests {
         let mut net = NetworkConfig::metrics4();
         net.hidden.clear();
         assert!(net.validate().unwrap_err().to_string().contains("hidden"));
-        let mut train = TrainConfig { learning_rate: 0.0, ..Default::default() };
-        assert!(train.validate().unwrap_err().to_string().contains("learning_rate"));
+        let mut train = TrainConfig {
+            learning_rate: 0.0,
+            ..Default::default()
+        };
+        assert!(
+            train
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("learning_rate")
+        );
         train.learning_rate = f64::NAN;
         assert!(train.validate().is_err());
-        let train = TrainConfig { percentile: 100.0, ..Default::default() };
+        let train = TrainConfig {
+            percentile: 100.0,
+            ..Default::default()
+        };
         assert!(train.validate().is_err());
     }
 }

@@ -32,7 +32,11 @@ pub fn detection(scores: &[f64], labels: &[bool], cutoff: f64) -> Detection {
     let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let precision = ratio(tp, tp + fp);
     let recall = ratio(tp, tp + fn_);
-    let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
+    let f1 = if precision + recall == 0.0 {
+        0.0
+    } else {
+        2.0 * precision * recall / (precision + recall)
+    };
     Detection {
         precision,
         recall,
@@ -68,7 +72,11 @@ pub fn roc_auc(scores: &[f64], labels: &[bool]) -> f64 {
         let mut j = i;
         let (mut pos, mut neg) = (0usize, 0usize);
         while j < order.len() && scores[order[j]] == scores[order[i]] {
-            if labels[order[j]] { pos += 1 } else { neg += 1 }
+            if labels[order[j]] {
+                pos += 1
+            } else {
+                neg += 1
+            }
             j += 1;
         }
         wins += neg as f64 * (positives_above as f64 + 0.5 * pos as f64);
@@ -111,7 +119,10 @@ mod tests {
         let scores = [0.1, 0.2, 0.3, 5.0, 6.0];
         let labels = [false, false, false, true, true];
         let d = detection(&scores, &labels, 1.0);
-        assert_eq!((d.precision, d.recall, d.f1, d.roc_auc, d.pr_auc), (1.0, 1.0, 1.0, 1.0, 1.0));
+        assert_eq!(
+            (d.precision, d.recall, d.f1, d.roc_auc, d.pr_auc),
+            (1.0, 1.0, 1.0, 1.0, 1.0)
+        );
     }
 
     #[test]

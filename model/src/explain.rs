@@ -88,7 +88,9 @@ impl Explainer {
         for (spec, &v) in features.iter().zip(raw) {
             let why = if !v.is_finite() {
                 Some(format!("{v} is not a finite number"))
-            } else if spec.min_valid.is_some_and(|lo| v < lo) || spec.max_valid.is_some_and(|hi| v > hi) {
+            } else if spec.min_valid.is_some_and(|lo| v < lo)
+                || spec.max_valid.is_some_and(|hi| v > hi)
+            {
                 Some(format!(
                     "{v} is outside the valid range [{}, {}]",
                     spec.min_valid.map_or("-inf".into(), |x| x.to_string()),
@@ -98,7 +100,10 @@ impl Explainer {
                 None
             };
             if let Some(why) = why {
-                return Err(ModelError::InvalidSample { field: spec.name.clone(), why });
+                return Err(ModelError::InvalidSample {
+                    field: spec.name.clone(),
+                    why,
+                });
             }
         }
         Ok(())
@@ -112,7 +117,10 @@ impl Explainer {
 
     fn scale(&self, raw: &[f64]) -> Vec<f32> {
         let p = &self.model.preprocessor;
-        raw.iter().enumerate().map(|(j, &v)| p.scale(j, v) as f32).collect()
+        raw.iter()
+            .enumerate()
+            .map(|(j, &v)| p.scale(j, v) as f32)
+            .collect()
     }
 
     /// Full verdict on one raw sample (call [`Explainer::validate`] first).
@@ -130,7 +138,11 @@ impl Explainer {
             })
             .collect();
         if drops.iter().sum::<f64>() <= MIN_DROP {
-            drops = x.iter().zip(&x_hat).map(|(a, b)| f64::from(a - b).powi(2)).collect();
+            drops = x
+                .iter()
+                .zip(&x_hat)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .collect();
         }
         let total: f64 = drops.iter().sum();
         let shares: Vec<f64> = if total > MIN_DROP {
@@ -149,7 +161,11 @@ impl Explainer {
                     unit: spec.unit.clone(),
                     value: raw[j],
                     expected,
-                    direction: if raw[j] >= expected { Direction::Above } else { Direction::Below },
+                    direction: if raw[j] >= expected {
+                        Direction::Above
+                    } else {
+                        Direction::Below
+                    },
                     contribution: shares[j],
                     out_of_range: p.out_of_range(j, raw[j]),
                 }

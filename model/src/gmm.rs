@@ -4,6 +4,9 @@
 //! loss, and an f64 one used by the scorer. Both factorise Σ_k + cov_reg·I with Cholesky and
 //! take the log-sum-exp over components, so energies stay finite far from every component.
 
+// Index loops read closest to the textbook Cholesky and substitution formulas.
+#![allow(clippy::needless_range_loop)]
+
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -58,9 +61,15 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
     // Work in z's element type (f32 in training, f64 for reference checks).
     let dtype = z.dtype();
     let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device).cast(dtype);
-    let eye = Tensor::<2>::from_data(identity(d), &device).cast(dtype).unsqueeze_dim::<3>(0);
+    let eye = Tensor::<2>::from_data(identity(d), &device)
+        .cast(dtype)
+        .unsqueeze_dim::<3>(0);
     let cov = gmm.cov.clone() + eye.mul_scalar(cov_reg);
-    let entry = |i: usize, j: usize| cov.clone().slice([0..k, i..i + 1, j..j + 1]).reshape([1, k]);
+    let entry = |i: usize, j: usize| {
+        cov.clone()
+            .slice([0..k, i..i + 1, j..j + 1])
+            .reshape([1, k])
+    };
 
     // Cholesky Σ = L Lᵀ entry by entry on [1, k] tensors: differentiable and tiny (d ≤ 12).
     // Each pivot is at least cov_reg in exact arithmetic; the clamp only absorbs f32 rounding.
@@ -68,7 +77,9 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
     // Population variance (n, not n − 1), so a one-row batch gives 0 rather than NaN.
     let detached = z.clone().detach();
     let centred_z = detached.clone() - detached.mean_dim(0);
-    let spread = (centred_z.clone() * centred_z).mean_dim(0).add_scalar(cov_reg); // [1, d]
+    let spread = (centred_z.clone() * centred_z)
+        .mean_dim(0)
+        .add_scalar(cov_reg); // [1, d]
     let mut inverse_diagonals = zeros([1, k]);
     for j in 0..d {
         let c_jj = entry(j, j);
@@ -96,7 +107,10 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
     let mut mahalanobis = zeros([n, k]);
     let mut half_log_det = zeros([1, k]);
     for j in 0..d {
-        let mut rhs = centred.clone().slice([0..n, 0..k, j..j + 1]).reshape([n, k]);
+        let mut rhs = centred
+            .clone()
+            .slice([0..n, 0..k, j..j + 1])
+            .reshape([n, k]);
         for (p, y_p) in ys.iter().enumerate() {
             rhs = rhs - y_p.clone() * l[j][p].clone().unwrap();
         }
@@ -108,8 +122,8 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
     }
     let penalty = (inverse_diagonals * gmm.phi.clone().detach().reshape([1, k])).sum();
     let log_phi = gmm.phi.clone().clamp_min(MIN_WEIGHT).log().reshape([1, k]);
-    let log_component = log_phi - mahalanobis.mul_scalar(0.5) - half_log_det
-        - 0.5 * d as f64 * LN_2PI;
+    let log_component =
+        log_phi - mahalanobis.mul_scalar(0.5) - half_log_det - 0.5 * d as f64 * LN_2PI;
     // log-sum-exp over components; the shift is a constant for the gradient.
     let shift = log_component.clone().max_dim(1).detach();
     let lse = (log_component - shift.clone()).exp().sum_dim(1).log() + shift;
@@ -142,7 +156,12 @@ pub struct GmmParams {
 
 impl GmmParams {
     /// Build from φ, μ, Σ, factorising every regularised covariance.
-    pub fn new(phi: Vec<f64>, mu: Vec<Vec<f64>>, cov: Vec<Vec<f64>>, cov_reg: f64) -> Result<Self, ModelError> {
+    pub fn new(
+        phi: Vec<f64>,
+        mu: Vec<Vec<f64>>,
+        cov: Vec<Vec<f64>>,
+        cov_reg: f64,
+    ) -> Result<Self, ModelError> {
         let k = phi.len();
         let d = mu.first().map_or(0, Vec::len);
         let shapes_ok = (1..=MAX_GMM_K).contains(&k)
@@ -152,33 +171,61 @@ impl GmmParams {
             && mu.iter().all(|m| m.len() == d)
             && cov.iter().all(|c| c.len() == d * d);
         if !shapes_ok {
-            return Err(ModelError::InvalidData(format!("GMM parameters have inconsistent shapes (k = {k}, d = {d})")));
+            return Err(ModelError::InvalidData(format!(
+                "GMM parameters have inconsistent shapes (k = {k}, d = {d})"
+            )));
         }
-        let all_finite = phi.iter().chain(mu.iter().flatten()).chain(cov.iter().flatten()).all(|v| v.is_finite());
+        let all_finite = phi
+            .iter()
+            .chain(mu.iter().flatten())
+            .chain(cov.iter().flatten())
+            .all(|v| v.is_finite());
         if !all_finite {
-            return Err(ModelError::InvalidData("GMM parameters contain NaN or infinity".into()));
+            return Err(ModelError::InvalidData(
+                "GMM parameters contain NaN or infinity".into(),
+            ));
         }
         let chol = cov
             .iter()
             .enumerate()
             .map(|(c, sigma)| {
                 cholesky(sigma, d, cov_reg).ok_or_else(|| {
-                    ModelError::InvalidData(format!("covariance of component {c} is not positive definite"))
+                    ModelError::InvalidData(format!(
+                        "covariance of component {c} is not positive definite"
+                    ))
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { k, d, phi, mu, cov, cov_reg, chol })
+        Ok(Self {
+            k,
+            d,
+            phi,
+            mu,
+            cov,
+            cov_reg,
+            chol,
+        })
     }
 
     /// Build from the tensors of [`gmm_stats`].
     pub fn from_tensors(t: &GmmTensors, cov_reg: f64) -> Result<Self, ModelError> {
         let [k, d] = t.mu.dims();
         let read = |data: TensorData| -> Vec<f64> {
-            data.try_into_vec::<f32>().expect("f32 tensor").into_iter().map(f64::from).collect()
+            data.try_into_vec::<f32>()
+                .expect("f32 tensor")
+                .into_iter()
+                .map(f64::from)
+                .collect()
         };
         let phi = read(t.phi.to_data());
-        let mu = read(t.mu.to_data()).chunks(d).map(<[f64]>::to_vec).collect();
-        let cov = read(t.cov.to_data()).chunks(d * d).map(<[f64]>::to_vec).collect();
+        let mu = read(t.mu.to_data())
+            .chunks(d)
+            .map(<[f64]>::to_vec)
+            .collect();
+        let cov = read(t.cov.to_data())
+            .chunks(d * d)
+            .map(<[f64]>::to_vec)
+            .collect();
         let _ = k;
         Self::new(phi, mu, cov, cov_reg)
     }
@@ -202,14 +249,20 @@ impl GmmParams {
                 maha += y[j] * y[j];
                 half_log_det += l[j * d + j].ln();
             }
-            let lc = self.phi[c].max(MIN_WEIGHT).ln() - 0.5 * maha - half_log_det - 0.5 * d as f64 * LN_2PI;
+            let lc = self.phi[c].max(MIN_WEIGHT).ln()
+                - 0.5 * maha
+                - half_log_det
+                - 0.5 * d as f64 * LN_2PI;
             log_components[c] = lc;
             best = best.max(lc);
         }
         if !best.is_finite() {
             return f64::MAX;
         }
-        let sum: f64 = log_components[..self.k].iter().map(|lc| (lc - best).exp()).sum();
+        let sum: f64 = log_components[..self.k]
+            .iter()
+            .map(|lc| (lc - best).exp())
+            .sum();
         -(best + sum.ln())
     }
 }
@@ -222,7 +275,7 @@ pub fn cholesky(sigma: &[f64], d: usize, reg: f64) -> Option<Vec<f64>> {
         for p in 0..j {
             pivot -= l[j * d + p] * l[j * d + p];
         }
-        if !(pivot > 0.0) {
+        if pivot.is_nan() || pivot <= 0.0 {
             return None;
         }
         // Same floor as the training graph, so both give the same factor.
@@ -306,16 +359,28 @@ mod tests {
         let f = |v: Vec<f64>| v.into_iter().map(|e| e as f32).collect::<Vec<f32>>();
         let gmm = GmmTensors {
             phi: Tensor::from_data(TensorData::new(f(phi.clone()), [2]), &device),
-            mu: Tensor::from_data(TensorData::new(f(mu.iter().flatten().copied().collect()), [2, 2]), &device),
-            cov: Tensor::from_data(TensorData::new(f(cov.iter().flatten().copied().collect()), [2, 2, 2]), &device),
+            mu: Tensor::from_data(
+                TensorData::new(f(mu.iter().flatten().copied().collect()), [2, 2]),
+                &device,
+            ),
+            cov: Tensor::from_data(
+                TensorData::new(f(cov.iter().flatten().copied().collect()), [2, 2, 2]),
+                &device,
+            ),
         };
         let samples = draw(2000);
-        let z = Tensor::<2>::from_data(TensorData::new(f(samples.iter().flatten().copied().collect()), [2000, 2]), &device);
+        let z = Tensor::<2>::from_data(
+            TensorData::new(f(samples.iter().flatten().copied().collect()), [2000, 2]),
+            &device,
+        );
         let (e, _) = energy(z, &gmm, 1e-9);
         let e = e.into_data().try_into_vec::<f32>().unwrap();
         for (z, e) in samples.iter().zip(e) {
             let expected = closed_form(*z, &phi, &mu, &cov);
-            assert!((f64::from(e) - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{e} vs {expected}");
+            assert!(
+                (f64::from(e) - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                "{e} vs {expected}"
+            );
         }
     }
 
@@ -345,7 +410,13 @@ mod tests {
 
     #[test]
     fn energy_stays_finite_far_from_every_component() {
-        let params = GmmParams::new(vec![0.5, 0.5], vec![vec![0.0, 0.0], vec![1.0, 1.0]], vec![vec![1e-3, 0.0, 0.0, 1e-3]; 2], 1e-6).unwrap();
+        let params = GmmParams::new(
+            vec![0.5, 0.5],
+            vec![vec![0.0, 0.0], vec![1.0, 1.0]],
+            vec![vec![1e-3, 0.0, 0.0, 1e-3]; 2],
+            1e-6,
+        )
+        .unwrap();
         for far in [1e2, 1e4, 1e6] {
             let e = params.energy(&[far, -far]);
             assert!(e.is_finite() && e > 1e3, "energy {e}");
@@ -354,7 +425,13 @@ mod tests {
         let gmm = GmmTensors {
             phi: Tensor::from_data(TensorData::new(vec![0.5f32, 0.5], [2]), &device),
             mu: Tensor::from_data(TensorData::new(vec![0f32, 0.0, 1.0, 1.0], [2, 2]), &device),
-            cov: Tensor::from_data(TensorData::new(vec![1e-3f32, 0.0, 0.0, 1e-3, 1e-3, 0.0, 0.0, 1e-3], [2, 2, 2]), &device),
+            cov: Tensor::from_data(
+                TensorData::new(
+                    vec![1e-3f32, 0.0, 0.0, 1e-3, 1e-3, 0.0, 0.0, 1e-3],
+                    [2, 2, 2],
+                ),
+                &device,
+            ),
         };
         let z = Tensor::<2>::from_data(TensorData::new(vec![1e3f32, -1e3], [1, 2]), &device);
         let (e, p) = energy(z, &gmm, 1e-6);

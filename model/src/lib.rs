@@ -54,10 +54,14 @@ impl DagmmModel {
         if !self.weights.matches(&self.network) {
             return bad("network weights do not match the network configuration".into());
         }
-        let all_finite = [&self.weights.encoder, &self.weights.decoder, &self.weights.estimation]
-            .into_iter()
-            .flatten()
-            .all(|l| l.weight.iter().chain(&l.bias).all(|v| v.is_finite()));
+        let all_finite = [
+            &self.weights.encoder,
+            &self.weights.decoder,
+            &self.weights.estimation,
+        ]
+        .into_iter()
+        .flatten()
+        .all(|l| l.weight.iter().chain(&l.bias).all(|v| v.is_finite()));
         if !all_finite {
             return bad("network weights contain NaN or infinity".into());
         }
@@ -65,7 +69,12 @@ impl DagmmModel {
             return bad("GMM dimensions do not match the network".into());
         }
         // The stored factor must be the factor of the stored covariances.
-        let refactored = GmmParams::new(self.gmm.phi.clone(), self.gmm.mu.clone(), self.gmm.cov.clone(), self.gmm.cov_reg)?;
+        let refactored = GmmParams::new(
+            self.gmm.phi.clone(),
+            self.gmm.mu.clone(),
+            self.gmm.cov.clone(),
+            self.gmm.cov_reg,
+        )?;
         if refactored.chol != self.gmm.chol {
             return bad("stored Cholesky factors do not match the covariances".into());
         }

@@ -74,8 +74,12 @@ impl NetworkWeights {
             LayerWeights {
                 d_input,
                 d_output,
-                weight: (0..d_input * d_output).map(|_| rng.random_range(-bound..bound)).collect(),
-                bias: (0..d_output).map(|_| rng.random_range(-bound..bound)).collect(),
+                weight: (0..d_input * d_output)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect(),
+                bias: (0..d_output)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect(),
             }
         };
         let [enc, dec, est] = layer_shapes(cfg);
@@ -92,7 +96,10 @@ impl NetworkWeights {
         let fits = |layers: &[LayerWeights], shapes: &[(usize, usize)]| {
             layers.len() == shapes.len()
                 && layers.iter().zip(shapes).all(|(l, &(i, o))| {
-                    l.d_input == i && l.d_output == o && l.weight.len() == i * o && l.bias.len() == o
+                    l.d_input == i
+                        && l.d_output == o
+                        && l.weight.len() == i * o
+                        && l.bias.len() == o
                 })
         };
         fits(&self.encoder, &enc) && fits(&self.decoder, &dec) && fits(&self.estimation, &est)
@@ -101,21 +108,36 @@ impl NetworkWeights {
 
 fn to_linear(w: &LayerWeights, device: &Device) -> Linear {
     Linear {
-        weight: Param::from_data(TensorData::new(w.weight.clone(), [w.d_input, w.d_output]), device),
-        bias: Some(Param::from_data(TensorData::new(w.bias.clone(), [w.d_output]), device)),
+        weight: Param::from_data(
+            TensorData::new(w.weight.clone(), [w.d_input, w.d_output]),
+            device,
+        ),
+        bias: Some(Param::from_data(
+            TensorData::new(w.bias.clone(), [w.d_output]),
+            device,
+        )),
     }
 }
 
 fn from_linear(l: &Linear) -> LayerWeights {
     let [d_input, d_output] = l.weight.dims();
     let bias = match &l.bias {
-        Some(b) => b.val().into_data().try_into_vec::<f32>().expect("bias is f32"),
+        Some(b) => b
+            .val()
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("bias is f32"),
         None => vec![0.0; d_output],
     };
     LayerWeights {
         d_input,
         d_output,
-        weight: l.weight.val().into_data().try_into_vec::<f32>().expect("weight is f32"),
+        weight: l
+            .weight
+            .val()
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("weight is f32"),
         bias,
     }
 }
@@ -149,7 +171,10 @@ impl DagmmNet {
     /// hidden layer during training, and is `None` for evaluation.
     pub fn forward(&self, x: Tensor<2>, dropout_masks: Option<&[Tensor<2>]>) -> Forward {
         let (z_c, x_hat) = self.compress(x.clone());
-        let z = Tensor::cat(vec![z_c.clone(), reconstruction_features(x, x_hat.clone())], 1);
+        let z = Tensor::cat(
+            vec![z_c.clone(), reconstruction_features(x, x_hat.clone())],
+            1,
+        );
         let mut h = z.clone();
         let last = self.estimation.len() - 1;
         for (i, layer) in self.estimation.iter().enumerate() {
@@ -162,7 +187,12 @@ impl DagmmNet {
             }
         }
         let gamma = softmax(h, 1);
-        Forward { z_c, x_hat, z, gamma }
+        Forward {
+            z_c,
+            x_hat,
+            z,
+            gamma,
+        }
     }
 }
 

@@ -112,7 +112,7 @@ impl Preprocessor {
     /// Fit on raw rows (row-major, `features.len()` values per row).
     pub fn fit(features: Vec<FeatureSpec>, rows: &[f64]) -> Result<Self, ModelError> {
         let d = features.len();
-        if d == 0 || rows.is_empty() || rows.len() % d != 0 {
+        if d == 0 || rows.is_empty() || !rows.len().is_multiple_of(d) {
             return Err(ModelError::InvalidData(format!(
                 "expected rows of {d} values, got {} values",
                 rows.len()
@@ -137,7 +137,13 @@ impl Preprocessor {
                 raw_max[j] = raw_max[j].max(raw);
             }
         }
-        Ok(Self { features, min, max, raw_min, raw_max })
+        Ok(Self {
+            features,
+            min,
+            max,
+            raw_min,
+            raw_max,
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -160,7 +166,11 @@ impl Preprocessor {
     pub fn scale_rows(&self, rows: &[f64]) -> Vec<f32> {
         let d = self.dim();
         rows.chunks_exact(d)
-            .flat_map(|row| row.iter().enumerate().map(|(j, &x)| self.scale(j, x) as f32))
+            .flat_map(|row| {
+                row.iter()
+                    .enumerate()
+                    .map(|(j, &x)| self.scale(j, x) as f32)
+            })
             .collect()
     }
 

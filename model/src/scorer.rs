@@ -128,6 +128,8 @@ impl Scorer {
     /// Energies of row-major scaled samples.
     pub fn energies_scaled(&self, x: &[f32]) -> Vec<f64> {
         let mut s = self.new_scratch();
-        x.chunks_exact(self.input_dim).map(|row| self.energy_scaled(row, &mut s)).collect()
+        x.chunks_exact(self.input_dim)
+            .map(|row| self.energy_scaled(row, &mut s))
+            .collect()
     }
 }

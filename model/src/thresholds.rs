@@ -85,7 +85,11 @@ impl Thresholds {
         let hi = q.partition_point(|&v| v < energy);
         let lo = hi - 1;
         let step = 100.0 / (q.len() - 1) as f64;
-        let frac = if q[hi] > q[lo] { (energy - q[lo]) / (q[hi] - q[lo]) } else { 0.0 };
+        let frac = if q[hi] > q[lo] {
+            (energy - q[lo]) / (q[hi] - q[lo])
+        } else {
+            0.0
+        };
         (lo as f64 + frac) * step
     }
 }
@@ -104,7 +108,10 @@ mod tests {
     #[test]
     fn severity_and_rank_follow_the_cutoffs() {
         let energies: Vec<f64> = (0..1000).map(f64::from).collect();
-        let levels = [("warning".to_string(), 99.0), ("critical".to_string(), 99.9)];
+        let levels = [
+            ("warning".to_string(), 99.0),
+            ("critical".to_string(), 99.9),
+        ];
         let t = Thresholds::from_energies(&energies, 99.0, &levels);
         assert!((t.cutoff - 989.01).abs() < 1e-9);
         assert_eq!(t.severity(10.0), "normal");

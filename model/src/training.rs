@@ -6,9 +6,9 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
+use rand::Rng;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -59,20 +59,30 @@ pub fn fit(
     if net_cfg.input_dim != d {
         return Err(ModelError::InvalidConfig {
             field: "input_dim",
-            why: format!("network expects {} features, data has {d}", net_cfg.input_dim),
+            why: format!(
+                "network expects {} features, data has {d}",
+                net_cfg.input_dim
+            ),
         });
     }
-    if raw_rows.len() % d != 0 {
-        return Err(ModelError::InvalidData(format!("{} values do not make rows of {d}", raw_rows.len())));
+    if !raw_rows.len().is_multiple_of(d) {
+        return Err(ModelError::InvalidData(format!(
+            "{} values do not make rows of {d}",
+            raw_rows.len()
+        )));
     }
     let n = raw_rows.len() / d;
     if n < MIN_TRAIN_ROWS {
-        return Err(ModelError::InvalidData(format!("{n} rows; at least {MIN_TRAIN_ROWS} are needed")));
+        return Err(ModelError::InvalidData(format!(
+            "{n} rows; at least {MIN_TRAIN_ROWS} are needed"
+        )));
     }
     let start = Instant::now();
     let x = preprocessor.scale_rows(raw_rows);
     if x.iter().any(|v| !v.is_finite()) {
-        return Err(ModelError::InvalidData("scaled features contain NaN or infinity".into()));
+        return Err(ModelError::InvalidData(
+            "scaled features contain NaN or infinity".into(),
+        ));
     }
 
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -102,7 +112,8 @@ pub fn fit(
             for &r in rows {
                 batch.extend_from_slice(&x[r * d..(r + 1) * d]);
             }
-            let xb = Tensor::<2>::from_data(TensorData::new(batch.clone(), [rows.len(), d]), &device);
+            let xb =
+                Tensor::<2>::from_data(TensorData::new(batch.clone(), [rows.len(), d]), &device);
             let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
             let out = net.forward(xb.clone(), masks.as_deref());
             let diff = xb - out.x_hat;
@@ -136,7 +147,10 @@ pub fn fit(
             cov_penalty: mean(3),
         };
         if !losses.total.is_finite() {
-            return Err(ModelError::Diverged { epoch, what: "the loss" });
+            return Err(ModelError::Diverged {
+                epoch,
+                what: "the loss",
+            });
         }
         on_epoch(&losses);
         history.push(losses);
@@ -155,10 +169,18 @@ pub fn fit(
     let scorer = Scorer::new(&model);
     let train_energies = scorer.energies_scaled(&x);
     if train_energies.iter().any(|e| !e.is_finite()) {
-        return Err(ModelError::Diverged { epoch: cfg.epochs, what: "a training energy" });
+        return Err(ModelError::Diverged {
+            epoch: cfg.epochs,
+            what: "a training energy",
+        });
     }
     model.thresholds = Thresholds::from_energies(&train_energies, cfg.percentile, &cfg.severities);
-    Ok(FitOutput { model, history, train_energies, seconds: start.elapsed().as_secs_f64() })
+    Ok(FitOutput {
+        model,
+        history,
+        train_energies,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 fn column_means(x: &[f32], d: usize) -> Vec<f32> {
@@ -174,7 +196,13 @@ fn column_means(x: &[f32], d: usize) -> Vec<f32> {
 
 /// Mixture parameters from every training row (evaluation mode, no dropout) rather than the
 /// last batch, so the scoring GMM does not depend on which rows happened to come last.
-fn whole_set_gmm(net: &DagmmNet, x: &[f32], n: usize, d: usize, cov_reg: f64) -> Result<GmmParams, ModelError> {
+fn whole_set_gmm(
+    net: &DagmmNet,
+    x: &[f32],
+    n: usize,
+    d: usize,
+    cov_reg: f64,
+) -> Result<GmmParams, ModelError> {
     let device = Device::flex();
     let xt = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), &device);
     let out = net.forward(xt, None);
@@ -182,7 +210,12 @@ fn whole_set_gmm(net: &DagmmNet, x: &[f32], n: usize, d: usize, cov_reg: f64) ->
 }
 
 /// Inverted-dropout masks (0 or 1/(1−p)) for each estimation hidden layer, from our own RNG.
-fn dropout_masks(cfg: &NetworkConfig, rows: usize, rng: &mut ChaCha8Rng, device: &Device) -> Option<Vec<Tensor<2>>> {
+fn dropout_masks(
+    cfg: &NetworkConfig,
+    rows: usize,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Option<Vec<Tensor<2>>> {
     if cfg.dropout <= 0.0 {
         return None;
     }
@@ -192,7 +225,9 @@ fn dropout_masks(cfg: &NetworkConfig, rows: usize, rng: &mut ChaCha8Rng, device:
         cfg.estimation_hidden
             .iter()
             .map(|&h| {
-                let mask: Vec<f32> = (0..rows * h).map(|_| if rng.random_bool(keep) { scale } else { 0.0 }).collect();
+                let mask: Vec<f32> = (0..rows * h)
+                    .map(|_| if rng.random_bool(keep) { scale } else { 0.0 })
+                    .collect();
                 Tensor::<2>::from_data(TensorData::new(mask, [rows, h]), device)
             })
             .collect(),
@@ -207,14 +242,19 @@ pub fn burn_energies(model: &DagmmModel, x: &[f32], rows_per_call: usize) -> Vec
     let device = Device::flex();
     let d = model.network.input_dim;
     let net = DagmmNet::from_weights(&model.weights, &device);
-    x.chunks(rows_per_call.max(1) * d).flat_map(|chunk| burn_energies_with(&net, model, chunk, &device)).collect()
+    x.chunks(rows_per_call.max(1) * d)
+        .flat_map(|chunk| burn_energies_with(&net, model, chunk, &device))
+        .collect()
 }
 
 fn burn_energies_with(net: &DagmmNet, model: &DagmmModel, x: &[f32], device: &Device) -> Vec<f64> {
     let device = device.clone();
     let d = model.network.input_dim;
     let n = x.len() / d;
-    let out = net.forward(Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), &device), None);
+    let out = net.forward(
+        Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), &device),
+        None,
+    );
     use burn::tensor::DType::F64;
     let g = &model.gmm;
     // The mixture maths runs in f64 (flex picks the element type at run time): in f32 the
@@ -223,7 +263,8 @@ fn burn_energies_with(net: &DagmmNet, model: &DagmmModel, x: &[f32], device: &De
     let tensors = crate::gmm::GmmTensors {
         phi: Tensor::<1>::from_data(TensorData::new(g.phi.clone(), [g.k]), &device).cast(F64),
         mu: Tensor::<2>::from_data(TensorData::new(flat(&g.mu), [g.k, g.d]), &device).cast(F64),
-        cov: Tensor::<3>::from_data(TensorData::new(flat(&g.cov), [g.k, g.d, g.d]), &device).cast(F64),
+        cov: Tensor::<3>::from_data(TensorData::new(flat(&g.cov), [g.k, g.d, g.d]), &device)
+            .cast(F64),
     };
     let z = out.z.cast(F64);
     let (e, _) = energy(z, &tensors, g.cov_reg);
@@ -251,7 +292,12 @@ mod tests {
     }
 
     fn quick(epochs: usize, seed: u64) -> TrainConfig {
-        TrainConfig { epochs, batch_size: 128, seed, ..TrainConfig::default() }
+        TrainConfig {
+            epochs,
+            batch_size: 128,
+            seed,
+            ..TrainConfig::default()
+        }
     }
 
     fn fit_rows(rows: &[f64], cfg: &TrainConfig) -> FitOutput {
@@ -286,7 +332,10 @@ mod tests {
         let device = Device::flex();
         let net = DagmmNet::from_weights(&out.model.weights, &device);
         let z_burn = net
-            .forward(Tensor::<2>::from_data(TensorData::new(x.clone(), [n, 4]), &device), None)
+            .forward(
+                Tensor::<2>::from_data(TensorData::new(x.clone(), [n, 4]), &device),
+                None,
+            )
             .z
             .into_data()
             .try_into_vec::<f32>()
@@ -296,17 +345,31 @@ mod tests {
             let z_plain = scorer.code(row, &mut scratch);
             for j in 0..3 {
                 let (a, b) = (z_plain[j], f64::from(z_burn[i * 3 + j]));
-                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "row {i} z[{j}]: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "row {i} z[{j}]: {a} vs {b}"
+                );
             }
         }
 
         // 2. End to end against burn (network in f32, mixture in f64, one row per call).
         let reference = burn_energies(&out.model, &x, 1);
-        let errors: Vec<f64> = plain.iter().zip(&reference).map(|(p, r)| (p - r).abs() / r.abs().max(1.0)).collect();
+        let errors: Vec<f64> = plain
+            .iter()
+            .zip(&reference)
+            .map(|(p, r)| (p - r).abs() / r.abs().max(1.0))
+            .collect();
         let within = errors.iter().filter(|&&e| e <= 1e-5).count() as f64 / n as f64;
         let worst = errors.iter().copied().fold(0.0, f64::max);
-        eprintln!("{n} samples: {:.2} % within 1e-5, worst relative error {worst:.2e}", 100.0 * within);
-        assert!(within >= 0.99, "only {:.2} % of energies within 1e-5 of burn's", 100.0 * within);
+        eprintln!(
+            "{n} samples: {:.2} % within 1e-5, worst relative error {worst:.2e}",
+            100.0 * within
+        );
+        assert!(
+            within >= 0.99,
+            "only {:.2} % of energies within 1e-5 of burn's",
+            100.0 * within
+        );
         assert!(worst <= 1e-4, "worst relative error against burn {worst}");
     }
 
@@ -318,19 +381,29 @@ mod tests {
         let device = Device::flex();
         let net = DagmmNet::from_weights(&out.model.weights, &device);
         let burn = burn_energies(&out.model, &x, x.len());
-        let z = net.forward(Tensor::<2>::from_data(TensorData::new(x.clone(), [300, 4]), &device), None).z;
+        let z = net
+            .forward(
+                Tensor::<2>::from_data(TensorData::new(x.clone(), [300, 4]), &device),
+                None,
+            )
+            .z;
         let z: Vec<f32> = z.into_data().try_into_vec::<f32>().unwrap();
         for (i, e) in burn.iter().enumerate() {
             let codes: Vec<f64> = z[i * 3..i * 3 + 3].iter().map(|&v| f64::from(v)).collect();
             let plain = out.model.gmm.energy(&codes);
-            assert!((plain - e).abs() <= 1e-9 * e.abs().max(1.0), "row {i}: {plain} vs {e}");
+            assert!(
+                (plain - e).abs() <= 1e-9 * e.abs().max(1.0),
+                "row {i}: {plain} vs {e}"
+            );
         }
     }
 
     #[test]
     fn degenerate_data_trains_without_nan() {
         let mut constant_column = blob_rows(200, 4);
-        constant_column.chunks_exact_mut(4).for_each(|r| r[1] = 55.0);
+        constant_column
+            .chunks_exact_mut(4)
+            .for_each(|r| r[1] = 55.0);
         let duplicated: Vec<f64> = (0..200).flat_map(|_| [30.0, 40.0, 5.0, 1e5]).collect();
         let ten_rows = blob_rows(10, 5);
         for rows in [constant_column, duplicated, ten_rows] {
@@ -345,9 +418,18 @@ mod tests {
     #[test]
     fn too_few_rows_and_bad_shapes_are_errors() {
         let pre = Preprocessor::fit(FeatureSpec::server_metrics(), &[1.0, 2.0, 3.0, 4.0]).unwrap();
-        let err = fit(&NetworkConfig::metrics4(), &quick(1, 0), pre.clone(), &[1.0, 2.0, 3.0, 4.0], &mut |_| {});
+        let err = fit(
+            &NetworkConfig::metrics4(),
+            &quick(1, 0),
+            pre.clone(),
+            &[1.0, 2.0, 3.0, 4.0],
+            &mut |_| {},
+        );
         assert!(err.unwrap_err().to_string().contains("at least"));
-        let bad_k = NetworkConfig { gmm_k: 0, ..NetworkConfig::metrics4() };
+        let bad_k = NetworkConfig {
+            gmm_k: 0,
+            ..NetworkConfig::metrics4()
+        };
         let err = fit(&bad_k, &quick(1, 0), pre, &blob_rows(10, 0), &mut |_| {});
         assert!(err.unwrap_err().to_string().contains("gmm_k"));
     }

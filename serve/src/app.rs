@@ -18,7 +18,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::Metrics;
-use crate::registry::{LoadedModel, ModelMap, ReloadReport, Registry};
+use crate::registry::{LoadedModel, ModelMap, Registry, ReloadReport};
 use crate::request::{self, ScoreRequest};
 
 /// Limits and access settings of the HTTP server.
@@ -94,7 +94,12 @@ pub fn resolve_model(
 ) -> Result<Arc<LoadedModel>, ApiError> {
     if let Some(name) = explicit {
         return models.get(name).cloned().ok_or_else(|| {
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_model", format!("no model named `{name}` is loaded")).field(field)
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_model",
+                format!("no model named `{name}` is loaded"),
+            )
+            .field(field)
         });
     }
     if let Some(m) = host.and_then(|h| models.get(h)) {
@@ -113,13 +118,25 @@ pub fn resolve_model(
 }
 
 /// Score a parsed request against a model snapshot; the same path the batch scorer uses.
-pub fn score_request(models: &ModelMap, req: &ScoreRequest) -> Result<Vec<(Arc<LoadedModel>, ScoredSample)>, ApiError> {
+pub fn score_request(
+    models: &ModelMap,
+    req: &ScoreRequest,
+) -> Result<Vec<(Arc<LoadedModel>, ScoredSample)>, ApiError> {
     let mut out = Vec::with_capacity(req.samples.len());
     let mut scratch = None;
     for sample in &req.samples {
         let explicit = sample.model.as_deref().or(req.model.as_deref());
-        let model_field = if sample.model.is_some() { format!("{}.model", sample.path) } else { "model".to_string() };
-        let model = resolve_model(models, explicit, sample.host.as_deref(), model_field.trim_start_matches('.'))?;
+        let model_field = if sample.model.is_some() {
+            format!("{}.model", sample.path)
+        } else {
+            "model".to_string()
+        };
+        let model = resolve_model(
+            models,
+            explicit,
+            sample.host.as_deref(),
+            model_field.trim_start_matches('.'),
+        )?;
         let values = request::metric_values(sample, &model.explainer)?;
         let s = scratch.get_or_insert_with(|| model.explainer.scorer().new_scratch());
         let verdict = model.explainer.verdict(&values, s);
@@ -127,7 +144,11 @@ pub fn score_request(models: &ModelMap, req: &ScoreRequest) -> Result<Vec<(Arc<L
             id: sample.id.clone(),
             timestamp: sample.timestamp.clone(),
             host: sample.host.clone(),
-            model: ModelRef { name: model.name.clone(), sha256: model.sha256.clone(), trained_at: model.trained_at.clone() },
+            model: ModelRef {
+                name: model.name.clone(),
+                sha256: model.sha256.clone(),
+                trained_at: model.trained_at.clone(),
+            },
             verdict,
         };
         out.push((model, scored));
@@ -161,7 +182,11 @@ fn is_json(headers: &HeaderMap) -> bool {
         (status = 422, description = "Invalid or missing metric value", body = ErrorBody),
     )
 )]
-pub async fn score(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn score(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     if !is_json(&headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -170,14 +195,16 @@ pub async fn score(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
         )
         .field("content-type"));
     }
-    let bytes: Bytes = axum::body::to_bytes(body, state.config.max_body_bytes).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body exceeds {} bytes", state.config.max_body_bytes),
-        )
-        .field("body")
-    })?;
+    let bytes: Bytes = axum::body::to_bytes(body, state.config.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {} bytes", state.config.max_body_bytes),
+            )
+            .field("body")
+        })?;
     let req = request::parse(&bytes, state.config.max_samples)?;
     let models = state.registry.snapshot();
     let scored = score_request(&models, &req)?;
@@ -186,10 +213,14 @@ pub async fn score(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
     for (model, s) in scored {
         m.scored.with_label_values(&[model.name.as_str()]).inc();
         if s.verdict.anomaly {
-            m.anomalies.with_label_values(&[model.name.as_str(), s.verdict.severity.as_str()]).inc();
+            m.anomalies
+                .with_label_values(&[model.name.as_str(), s.verdict.severity.as_str()])
+                .inc();
         }
         let host = m.host_label(s.host.as_deref().unwrap_or(""));
-        m.last_energy.with_label_values(&[model.name.as_str(), host.as_str()]).set(s.verdict.energy);
+        m.last_energy
+            .with_label_values(&[model.name.as_str(), host.as_str()])
+            .set(s.verdict.energy);
         results.push(s);
     }
     Ok(axum::Json(ScoreResponse { results }).into_response())
@@ -205,7 +236,11 @@ pub async fn healthz() -> &'static str {
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready"), (status = 503, description = "No model loaded", body = ErrorBody)))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
     if state.registry.snapshot().is_empty() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no model is loaded"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no model is loaded",
+        ));
     }
     Ok("ready")
 }
@@ -262,8 +297,14 @@ pub async fn reload(State(state): State<Arc<AppState>>) -> axum::Json<ReloadRepo
 /// Reload on a blocking thread (bundle parsing is CPU and disk work) and count the outcome.
 pub async fn reload_now(state: &Arc<AppState>) -> ReloadReport {
     let s = state.clone();
-    let report = tokio::task::spawn_blocking(move || s.registry.reload()).await.unwrap_or_default();
-    let outcome = if report.failed.is_empty() { "ok" } else { "partial" };
+    let report = tokio::task::spawn_blocking(move || s.registry.reload())
+        .await
+        .unwrap_or_default();
+    let outcome = if report.failed.is_empty() {
+        "ok"
+    } else {
+        "partial"
+    };
     state.metrics.reloads.with_label_values(&[outcome]).inc();
     report
 }
@@ -277,14 +318,28 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "dagmm-serve", description = "Score server-metric samples with DAGMM models"),
+    info(
+        title = "dagmm-serve",
+        description = "Score server-metric samples with DAGMM models"
+    ),
     paths(score, healthz, readyz, list_models, reload, metrics),
-    components(schemas(ScoreResponse, ScoredSample, ModelRef, ModelInfo, ErrorBody, ReloadReport))
+    components(schemas(
+        ScoreResponse,
+        ScoredSample,
+        ModelRef,
+        ModelInfo,
+        ErrorBody,
+        ReloadReport
+    ))
 )]
 pub struct ApiDoc;
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], ApiDoc::openapi().to_json().unwrap_or_default()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_json().unwrap_or_default(),
+    )
+        .into_response()
 }
 
 /// Routes that answer without a token.
@@ -304,8 +359,18 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "the bearer token is not valid").into_response(),
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing_token", "send Authorization: Bearer <token>").into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "the bearer token is not valid",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send Authorization: Bearer <token>",
+        )
+        .into_response(),
     }
 }
 
@@ -324,7 +389,11 @@ async fn record_metrics(State(state): State<Arc<AppState>>, req: Request, next: 
     let status = response.status().as_u16().to_string();
     let labels = [route.as_str(), status.as_str()];
     state.metrics.requests.with_label_values(&labels).inc();
-    state.metrics.latency.with_label_values(&labels).observe(start.elapsed().as_secs_f64());
+    state
+        .metrics
+        .latency
+        .with_label_values(&labels)
+        .observe(start.elapsed().as_secs_f64());
     response
 }
 
@@ -346,7 +415,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
-        .route_layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .with_state(state)
 }

@@ -5,15 +5,17 @@
 //! written through a batched writer); CSV and long-shape input are read whole. Rows that cannot
 //! be scored are kept with null scores and a `reason`.
 
-use std::collections::{BTreeMap, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use dagmm_datasets::read::{FileFormat, ReadOptions, ShapeOption, format_time, frame_to_table, read_file, resolve_inputs};
+use dagmm_datasets::read::{
+    FileFormat, ReadOptions, ShapeOption, format_time, frame_to_table, read_file, resolve_inputs,
+};
 use dagmm_model::eval::{Detection, detection};
 use polars::prelude::*;
 use rayon::prelude::*;
@@ -64,9 +66,15 @@ pub struct BatchSummary {
 /// Number of highest-energy rows kept for the summary.
 const TOP_ROWS: usize = 20;
 
-#[derive(PartialEq, PartialOrd)]
+/// (energy, row) ordered by energy, for the top-rows heap.
+#[derive(PartialEq)]
 struct ByEnergy(f64, usize);
 impl Eq for ByEnergy {}
+impl PartialOrd for ByEnergy {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 impl Ord for ByEnergy {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
@@ -86,76 +94,117 @@ struct RowScore {
     reason: Option<String>,
 }
 
-fn route<'a>(models: &'a ModelMap, host: &str, default_model: Option<&'a LoadedModel>) -> Option<&'a LoadedModel> {
+fn route<'a>(
+    models: &'a ModelMap,
+    host: &str,
+    default_model: Option<&'a LoadedModel>,
+) -> Option<&'a LoadedModel> {
     if models.len() == 1 {
         return models.values().next().map(|m| m.as_ref());
     }
     models.get(host).map(|m| m.as_ref()).or(default_model)
 }
 
-fn score_rows(models: &ModelMap, default_model: Option<&LoadedModel>, hosts: &[String], values: &[[f64; 4]], metric_names: &[String]) -> Vec<RowScore> {
+fn score_rows(
+    models: &ModelMap,
+    default_model: Option<&LoadedModel>,
+    hosts: &[String],
+    values: &[[f64; 4]],
+    metric_names: &[String],
+) -> Vec<RowScore> {
     const PAR_CHUNK: usize = 4096;
     let mut out = vec![RowScore::default(); values.len()];
-    out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, chunk)| {
-        let mut scratch = None;
-        for (i, slot) in chunk.iter_mut().enumerate() {
-            let row = c * PAR_CHUNK + i;
-            let Some(model) = route(models, &hosts[row], default_model) else {
-                slot.reason = Some(format!("no model for host `{}`", hosts[row]));
-                continue;
-            };
-            let explainer = &model.explainer;
-            let raw = &values[row];
-            if let Err(e) = explainer.validate(raw) {
-                slot.reason = Some(match e {
-                    dagmm_model::ModelError::InvalidSample { field, why } if why.contains("finite") => format!("missing {field}"),
-                    dagmm_model::ModelError::InvalidSample { field, why } => format!("invalid {field}: {why}"),
-                    other => other.to_string(),
-                });
-                continue;
+    out.par_chunks_mut(PAR_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut scratch = None;
+            for (i, slot) in chunk.iter_mut().enumerate() {
+                let row = c * PAR_CHUNK + i;
+                let Some(model) = route(models, &hosts[row], default_model) else {
+                    slot.reason = Some(format!("no model for host `{}`", hosts[row]));
+                    continue;
+                };
+                let explainer = &model.explainer;
+                let raw = &values[row];
+                if let Err(e) = explainer.validate(raw) {
+                    slot.reason = Some(match e {
+                        dagmm_model::ModelError::InvalidSample { field, why }
+                            if why.contains("finite") =>
+                        {
+                            format!("missing {field}")
+                        }
+                        dagmm_model::ModelError::InvalidSample { field, why } => {
+                            format!("invalid {field}: {why}")
+                        }
+                        other => other.to_string(),
+                    });
+                    continue;
+                }
+                let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
+                let v = explainer.verdict(raw, s);
+                slot.energy = Some(v.energy);
+                slot.anomaly = Some(v.anomaly);
+                slot.severity = Some(v.severity);
+                slot.percentile = Some(v.percentile);
+                slot.top_metric = Some(v.top_metric);
+                slot.contributions = metric_names
+                    .iter()
+                    .map(|name| {
+                        v.explanation
+                            .iter()
+                            .find(|e| &e.metric == name)
+                            .map(|e| e.contribution)
+                    })
+                    .collect();
+                slot.model = Some(model.name.clone());
             }
-            let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
-            let v = explainer.verdict(raw, s);
-            slot.energy = Some(v.energy);
-            slot.anomaly = Some(v.anomaly);
-            slot.severity = Some(v.severity);
-            slot.percentile = Some(v.percentile);
-            slot.top_metric = Some(v.top_metric);
-            slot.contributions = metric_names
-                .iter()
-                .map(|name| v.explanation.iter().find(|e| &e.metric == name).map(|e| e.contribution))
-                .collect();
-            slot.model = Some(model.name.clone());
-        }
-    });
+        });
     out
 }
 
 /// Append the score columns to a chunk of the input.
-fn with_scores(mut df: DataFrame, scores: &[RowScore], metric_names: &[String]) -> Result<DataFrame> {
-    let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>());
-    let col_str = |name: &str, f: &dyn Fn(&RowScore) -> Option<String>| Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>());
+fn with_scores(
+    mut df: DataFrame,
+    scores: &[RowScore],
+    metric_names: &[String],
+) -> Result<DataFrame> {
+    let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
+        Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>())
+    };
+    let col_str = |name: &str, f: &dyn Fn(&RowScore) -> Option<String>| {
+        Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>())
+    };
     let mut columns = vec![
         col_f64("energy", &|s| s.energy),
-        Column::new("anomaly".into(), scores.iter().map(|s| s.anomaly).collect::<Vec<_>>()),
+        Column::new(
+            "anomaly".into(),
+            scores.iter().map(|s| s.anomaly).collect::<Vec<_>>(),
+        ),
         col_str("severity", &|s| s.severity.clone()),
         col_f64("percentile", &|s| s.percentile),
         col_str("top_metric", &|s| s.top_metric.clone()),
     ];
     for (j, name) in metric_names.iter().enumerate() {
-        columns.push(col_f64(&format!("contribution_{name}"), &|s| s.contributions.get(j).copied().flatten()));
+        columns.push(col_f64(&format!("contribution_{name}"), &|s| {
+            s.contributions.get(j).copied().flatten()
+        }));
     }
     columns.push(col_str("model", &|s| s.model.clone()));
     columns.push(col_str("reason", &|s| s.reason.clone()));
     for c in columns {
         if df.schema().contains(c.name()) {
-            bail!("input already has a column named `{}`; rename it before scoring", c.name());
+            bail!(
+                "input already has a column named `{}`; rename it before scoring",
+                c.name()
+            );
         }
         df.with_column(c)?;
     }
     Ok(df)
 }
 
+/// Output writer; one per run, so the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Writer {
     Parquet(polars::io::parquet::write::BatchedWriter<BufWriter<File>>),
     Csv(polars::io::csv::write::BatchedWriter<BufWriter<File>>),
@@ -166,7 +215,9 @@ impl Writer {
         let w = BufWriter::with_capacity(1 << 20, file);
         Ok(match format {
             FileFormat::Parquet => Writer::Parquet(
-                ParquetWriter::new(w).with_compression(ParquetCompression::Zstd(None)).batched(schema)?,
+                ParquetWriter::new(w)
+                    .with_compression(ParquetCompression::Zstd(None))
+                    .batched(schema)?,
             ),
             FileFormat::Csv => Writer::Csv(CsvWriter::new(w).include_header(true).batched(schema)?),
         })
@@ -188,11 +239,16 @@ impl Writer {
 }
 
 /// Chunks of an input file: row slices of Parquet files; whole CSV files.
-fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Box<dyn Iterator<Item = Result<DataFrame>>>)> {
+fn chunks_of(
+    path: &Path,
+    chunk_rows: usize,
+) -> Result<(usize, Box<dyn Iterator<Item = Result<DataFrame>>>)> {
     match FileFormat::of(path) {
         Some(FileFormat::Parquet) => {
             let file = File::open(path).with_context(|| path.display().to_string())?;
-            let total = ParquetReader::new(file).num_rows().map_err(|e| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display()))?;
+            let total = ParquetReader::new(file)
+                .num_rows()
+                .map_err(|e| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display()))?;
             if total == 0 {
                 bail!("{}: no rows", path.display());
             }
@@ -216,15 +272,38 @@ fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Box<dyn Iterator<
 /// Score the input into the output file; the output appears only if everything succeeded.
 pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     let start = Instant::now();
-    let out_format = FileFormat::of(&opts.output).with_context(|| format!("{}: output must end in .parquet or .csv", opts.output.display()))?;
+    let out_format = FileFormat::of(&opts.output).with_context(|| {
+        format!(
+            "{}: output must end in .parquet or .csv",
+            opts.output.display()
+        )
+    })?;
     let default_model = match &opts.default_model {
-        Some(name) => Some(models.get(name).with_context(|| format!("--default-model: no model named `{name}` is loaded"))?.as_ref()),
+        Some(name) => Some(
+            models
+                .get(name)
+                .with_context(|| format!("--default-model: no model named `{name}` is loaded"))?
+                .as_ref(),
+        ),
         None => None,
     };
-    let metric_names: Vec<String> =
-        models.values().next().context("no model loaded")?.explainer.model().preprocessor.features.iter().map(|f| f.name.clone()).collect();
+    let metric_names: Vec<String> = models
+        .values()
+        .next()
+        .context("no model loaded")?
+        .explainer
+        .model()
+        .preprocessor
+        .features
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
     let files = resolve_inputs(&opts.input)?;
-    let dir = opts.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = opts
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new()
         .prefix(".dagmm-score-")
         .suffix(".tmp")
@@ -252,10 +331,15 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
             let in_schema = df.schema().as_ref().clone();
             match &first_schema {
                 None => first_schema = Some(in_schema),
-                Some(s) if s != &in_schema => bail!("{source}: columns differ from the first input file"),
+                Some(s) if s != &in_schema => {
+                    bail!("{source}: columns differ from the first input file")
+                }
                 Some(_) => {}
             }
-            let read = ReadOptions { shape: opts.read.shape, ..opts.read.clone() };
+            let read = ReadOptions {
+                shape: opts.read.shape,
+                ..opts.read.clone()
+            };
             let table = frame_to_table(df.clone(), &read, &source)?;
             let scoring_frame = if read.shape == ShapeOption::Long || table.len() != df.height() {
                 // Long input was pivoted: write the wide rows we scored instead of the raw ones.
@@ -267,23 +351,38 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                 Some(c) => Some(label_values(&scoring_frame, c, &source)?),
                 None => None,
             };
-            let scores = score_rows(models, default_model, &table.host, &table.values, &metric_names);
+            let scores = score_rows(
+                models,
+                default_model,
+                &table.host,
+                &table.values,
+                &metric_names,
+            );
             summary.rows_in += scores.len();
             for (i, s) in scores.iter().enumerate() {
                 match (&s.energy, &s.reason) {
                     (Some(e), _) => {
                         summary.rows_scored += 1;
                         if s.anomaly == Some(true) {
-                            *summary.anomalies_by_severity.entry(s.severity.clone().unwrap_or_default()).or_default() += 1;
-                            *summary.anomalies_by_host.entry(table.host[i].clone()).or_default() += 1;
+                            *summary
+                                .anomalies_by_severity
+                                .entry(s.severity.clone().unwrap_or_default())
+                                .or_default() += 1;
+                            *summary
+                                .anomalies_by_host
+                                .entry(table.host[i].clone())
+                                .or_default() += 1;
                         }
-                        if let (Some(l), Some(m)) = (&labels, route(models, &table.host[i], default_model)) {
+                        if let (Some(l), Some(m)) =
+                            (&labels, route(models, &table.host[i], default_model))
+                        {
                             // Energy above the row's own model cutoff: comparable across models,
                             // and > 0 exactly when the row was flagged.
                             labelled.push((*e - m.explainer.model().thresholds.cutoff, l[i]));
                         }
                         let key = ByEnergy(*e, top_rows.len());
-                        if top.len() < TOP_ROWS || top.peek().is_some_and(|Reverse(m)| key.0 > m.0) {
+                        if top.len() < TOP_ROWS || top.peek().is_some_and(|Reverse(m)| key.0 > m.0)
+                        {
                             top_rows.push(TopRow {
                                 energy: *e,
                                 timestamp: table.time_ms[i],
@@ -309,7 +408,8 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                         .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?,
                 ),
             };
-            w.write(&mut out).map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?;
+            w.write(&mut out)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?;
             if let Some(p) = &opts.progress {
                 p(summary.rows_in, rows_total);
             }
@@ -317,7 +417,12 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     }
     writer.context("no rows to score")?.finish()?;
     let keep: std::collections::HashSet<usize> = top.into_iter().map(|Reverse(k)| k.1).collect();
-    let mut best: Vec<TopRow> = top_rows.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, r)| r).collect();
+    let mut best: Vec<TopRow> = top_rows
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, r)| r)
+        .collect();
     best.sort_by(|a, b| b.energy.total_cmp(&a.energy));
     summary.top = best;
     if opts.label_column.is_some() {
@@ -327,19 +432,26 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     }
-    tmp.persist(&opts.output).map_err(|e| anyhow::anyhow!("{}: {}", opts.output.display(), e.error))?;
+    tmp.persist(&opts.output)
+        .map_err(|e| anyhow::anyhow!("{}: {}", opts.output.display(), e.error))?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
 fn label_values(df: &DataFrame, column: &str, source: &str) -> Result<Vec<bool>> {
-    let c = df.column(column).map_err(|_| anyhow::anyhow!("{source}: missing label column `{column}`"))?;
+    let c = df
+        .column(column)
+        .map_err(|_| anyhow::anyhow!("{source}: missing label column `{column}`"))?;
     let values = if c.dtype().is_bool() {
         c.bool()?.iter().map(|v| v.unwrap_or(false)).collect()
     } else {
-        dagmm_datasets::read::numeric_column(c, source)?.into_iter().map(|v| v.is_some_and(|v| v != 0.0)).collect()
+        dagmm_datasets::read::numeric_column(c, source)?
+            .into_iter()
+            .map(|v| v.is_some_and(|v| v != 0.0))
+            .collect()
     };
     Ok(values)
 }
@@ -351,7 +463,10 @@ fn table_frame(table: &dagmm_datasets::MetricTable, names: &[String]) -> Result<
         Column::new("host".into(), table.host.clone()),
     ];
     for (j, n) in names.iter().enumerate() {
-        cols.push(Column::new(n.as_str().into(), table.values.iter().map(|v| v[j]).collect::<Vec<f64>>()));
+        cols.push(Column::new(
+            n.as_str().into(),
+            table.values.iter().map(|v| v[j]).collect::<Vec<f64>>(),
+        ));
     }
     Ok(DataFrame::new_infer_height(cols)?)
 }
@@ -387,10 +502,16 @@ impl BatchSummary {
         }
         if !self.top.is_empty() {
             s += &format!("top {} rows by energy:\n", self.top.len());
-            s += &format!("  {:<22} {:<12} {:>12} {:<10} {}\n", "timestamp", "host", "energy", "severity", "top metric");
+            s += &format!(
+                "  {:<22} {:<12} {:>12} {:<10} {}\n",
+                "timestamp", "host", "energy", "severity", "top metric"
+            );
             for r in &self.top {
                 let t = r.timestamp.map_or("-".to_string(), format_time);
-                s += &format!("  {:<22} {:<12} {:>12.3} {:<10} {}\n", t, r.host, r.energy, r.severity, r.top_metric);
+                s += &format!(
+                    "  {:<22} {:<12} {:>12.3} {:<10} {}\n",
+                    t, r.host, r.energy, r.severity, r.top_metric
+                );
             }
         }
         if let Some(d) = &self.labels {

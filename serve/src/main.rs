@@ -12,7 +12,11 @@ use dagmm_serve::registry::Registry;
 use dagmm_serve::server;
 
 #[derive(Parser)]
-#[command(name = "dagmm-serve", version, about = "Score server metrics with DAGMM models")]
+#[command(
+    name = "dagmm-serve",
+    version,
+    about = "Score server metrics with DAGMM models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,7 +93,8 @@ struct ServeArgs {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DAGMM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("DAGMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -107,9 +112,14 @@ fn main() {
 fn run_server(args: ServeArgs) -> Result<()> {
     let auth_token = match &args.auth_token_file {
         Some(path) => {
-            let token = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+            let token =
+                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
             let token = token.trim().to_string();
-            anyhow::ensure!(!token.is_empty(), "{}: the token file is empty", path.display());
+            anyhow::ensure!(
+                !token.is_empty(),
+                "{}: the token file is empty",
+                path.display()
+            );
             Some(token)
         }
         None => None,
@@ -132,7 +142,9 @@ fn run_server(args: ServeArgs) -> Result<()> {
         runtime.worker_threads(w.max(1));
     }
     runtime.build()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
+        let listener = tokio::net::TcpListener::bind(&args.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.addr))?;
         server::spawn_sighup_reloader(state.clone());
         server::serve(listener, state, server::shutdown_signal()).await?;
         Ok(())
@@ -148,7 +160,11 @@ fn run_batch(args: ScoreArgs) -> Result<()> {
     let registry = Registry::open(&args.models).map_err(|e| anyhow::anyhow!(e))?;
     let bar = ProgressBar::with_draw_target(
         Some(0),
-        if args.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
+        if args.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
     );
     bar.set_style(
         ProgressStyle::with_template("[{bar:30}] {human_pos}/{human_len} rows {per_sec} ETA {eta}")
@@ -165,7 +181,11 @@ fn run_batch(args: ScoreArgs) -> Result<()> {
                 host: args.host_column.clone(),
                 ..ColumnMap::default().with_metric_overrides(&args.columns)?
             },
-            shape: if args.long { ShapeOption::Long } else { ShapeOption::Auto },
+            shape: if args.long {
+                ShapeOption::Long
+            } else {
+                ShapeOption::Auto
+            },
             group_by: None,
         },
         default_model: args.default_model.clone(),

@@ -3,7 +3,9 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 use crate::registry::ModelMap;
 
@@ -27,41 +29,72 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("dagmm_http_requests_total", "HTTP requests by route and status"),
+            Opts::new(
+                "dagmm_http_requests_total",
+                "HTTP requests by route and status",
+            ),
             &["route", "status"],
         )
         .expect("valid metric");
         let latency = HistogramVec::new(
-            HistogramOpts::new("dagmm_http_request_duration_seconds", "HTTP request latency by route and status")
-                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            HistogramOpts::new(
+                "dagmm_http_request_duration_seconds",
+                "HTTP request latency by route and status",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
             &["route", "status"],
         )
         .expect("valid metric");
         let anomalies = IntCounterVec::new(
-            Opts::new("dagmm_anomalies_total", "Anomalous samples by model and severity"),
+            Opts::new(
+                "dagmm_anomalies_total",
+                "Anomalous samples by model and severity",
+            ),
             &["model", "severity"],
         )
         .expect("valid metric");
-        let scored =
-            IntCounterVec::new(Opts::new("dagmm_samples_scored_total", "Samples scored by model"), &["model"]).expect("valid metric");
+        let scored = IntCounterVec::new(
+            Opts::new("dagmm_samples_scored_total", "Samples scored by model"),
+            &["model"],
+        )
+        .expect("valid metric");
         let last_energy = GaugeVec::new(
-            Opts::new("dagmm_last_energy", "Energy of the last sample scored, by model and host"),
+            Opts::new(
+                "dagmm_last_energy",
+                "Energy of the last sample scored, by model and host",
+            ),
             &["model", "host"],
         )
         .expect("valid metric");
         let model_age = GaugeVec::new(
-            Opts::new("dagmm_model_age_seconds", "Seconds since each serving model was trained"),
+            Opts::new(
+                "dagmm_model_age_seconds",
+                "Seconds since each serving model was trained",
+            ),
             &["model"],
         )
         .expect("valid metric");
-        let reloads =
-            IntCounterVec::new(Opts::new("dagmm_reloads_total", "Model reloads by outcome"), &["outcome"]).expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new("dagmm_reloads_total", "Model reloads by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [&requests, &anomalies, &scored, &reloads] {
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
         }
-        registry.register(Box::new(latency.clone())).expect("unique metric");
-        registry.register(Box::new(last_energy.clone())).expect("unique metric");
-        registry.register(Box::new(model_age.clone())).expect("unique metric");
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(last_energy.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(model_age.clone()))
+            .expect("unique metric");
         Self {
             registry,
             requests,
@@ -95,11 +128,15 @@ impl Metrics {
         for m in models.values() {
             if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&m.trained_at) {
                 let age = (now - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0;
-                self.model_age.with_label_values(&[m.name.as_str()]).set(age);
+                self.model_age
+                    .with_label_values(&[m.name.as_str()])
+                    .set(age);
             }
         }
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails");
         String::from_utf8(out).expect("prometheus text is UTF-8")
     }
 }

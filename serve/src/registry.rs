@@ -65,14 +65,20 @@ fn bundle_paths(source: &Path) -> std::io::Result<Vec<PathBuf>> {
     } else if source.is_file() {
         Ok(vec![source.to_path_buf()])
     } else {
-        Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{}: no such file or directory", source.display())))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{}: no such file or directory", source.display()),
+        ))
     }
 }
 
 /// Load one bundle; its name is the file stem.
 pub fn load_model(path: &Path) -> Result<LoadedModel, String> {
     let loaded = Bundle::load(path).map_err(|e| e.to_string())?;
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok(LoadedModel {
         name,
         path: path.to_path_buf(),
@@ -110,26 +116,45 @@ impl Registry {
         match bundle_paths(&self.source) {
             Err(e) => {
                 // The whole source vanished: keep serving what we have.
-                report.failed.push(FailedBundle { path: self.source.display().to_string(), error: e.to_string() });
+                report.failed.push(FailedBundle {
+                    path: self.source.display().to_string(),
+                    error: e.to_string(),
+                });
                 next = (*current).clone();
             }
             Ok(paths) => {
                 for path in paths {
                     match load_model(&path) {
                         Ok(model) => {
-                            let keep = current.get(&model.name).filter(|m| m.sha256 == model.sha256).cloned();
-                            next.insert(model.name.clone(), keep.unwrap_or_else(|| Arc::new(model)));
+                            let keep = current
+                                .get(&model.name)
+                                .filter(|m| m.sha256 == model.sha256)
+                                .cloned();
+                            next.insert(
+                                model.name.clone(),
+                                keep.unwrap_or_else(|| Arc::new(model)),
+                            );
                         }
                         Err(error) => {
-                            report.failed.push(FailedBundle { path: path.display().to_string(), error });
-                            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                            report.failed.push(FailedBundle {
+                                path: path.display().to_string(),
+                                error,
+                            });
+                            let stem = path
+                                .file_stem()
+                                .map(|s| s.to_string_lossy().into_owned())
+                                .unwrap_or_default();
                             if let Some(old) = current.get(&stem) {
                                 next.insert(stem, old.clone());
                             }
                         }
                     }
                 }
-                report.removed = current.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
+                report.removed = current
+                    .keys()
+                    .filter(|k| !next.contains_key(*k))
+                    .cloned()
+                    .collect();
             }
         }
         report.loaded = next.keys().cloned().collect();

@@ -16,9 +16,14 @@ fn main() {
     };
     let seeds: u64 = get("--seeds", "10").parse().unwrap();
     let mut net = NetworkConfig::metrics4();
-    net.latent_dim = get("--latent-dim", &net.latent_dim.to_string()).parse().unwrap();
+    net.latent_dim = get("--latent-dim", &net.latent_dim.to_string())
+        .parse()
+        .unwrap();
     net.gmm_k = get("--gmm-k", &net.gmm_k.to_string()).parse().unwrap();
-    net.hidden = get("--hidden", "16,8").split(',').map(|s| s.parse().unwrap()).collect();
+    net.hidden = get("--hidden", "16,8")
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
     let base = TrainConfig {
         epochs: get("--epochs", "1000").parse().unwrap(),
         learning_rate: get("--lr", "0.001").parse().unwrap(),
@@ -30,7 +35,10 @@ fn main() {
         let (normal, anomalies) = reference_scenario(seed);
         let rows: Vec<f64> = normal.iter().chain(&anomalies).flatten().copied().collect();
         let pre = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
-        let cfg = TrainConfig { seed, ..base.clone() };
+        let cfg = TrainConfig {
+            seed,
+            ..base.clone()
+        };
         let start = Instant::now();
         let out = fit(&net, &cfg, pre, &rows, &mut |_| {}).unwrap();
         let cutoff = out.model.thresholds.cutoff;

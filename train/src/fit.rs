@@ -7,11 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use dagmm_datasets::clean::{CleanOptions, GroupData, MissingPolicy, SkippedGroup, Window, prepare_groups};
+use dagmm_datasets::clean::{
+    CleanOptions, GroupData, MissingPolicy, SkippedGroup, Window, prepare_groups,
+};
 use dagmm_datasets::read::{ReadOptions, ShapeOption, format_time, parse_time_text, read_metrics};
 use dagmm_datasets::{ColumnMap, METRICS};
 use dagmm_model::bundle::EXTENSION;
-use dagmm_model::{Bundle, EpochLosses, FeatureSpec, NetworkConfig, Preprocessor, TrainConfig, TrainingSummary, fit};
+use dagmm_model::{
+    Bundle, EpochLosses, FeatureSpec, NetworkConfig, Preprocessor, TrainConfig, TrainingSummary,
+    fit,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
@@ -124,7 +129,10 @@ pub fn parse_sizes(option: &str, text: &str) -> Result<Vec<usize>> {
     text.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse().with_context(|| format!("{option}: `{s}` is not a layer size")))
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("{option}: `{s}` is not a layer size"))
+        })
         .collect()
 }
 
@@ -133,15 +141,24 @@ fn parse_severities(text: &str) -> Result<Vec<(String, f64)>> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|pair| {
-            let (name, p) = pair.split_once('=').with_context(|| format!("--severity: `{pair}` is not NAME=PERCENTILE"))?;
-            Ok((name.trim().to_string(), p.trim().parse().with_context(|| format!("--severity: `{p}` is not a number"))?))
+            let (name, p) = pair
+                .split_once('=')
+                .with_context(|| format!("--severity: `{pair}` is not NAME=PERCENTILE"))?;
+            Ok((
+                name.trim().to_string(),
+                p.trim()
+                    .parse()
+                    .with_context(|| format!("--severity: `{p}` is not a number"))?,
+            ))
         })
         .collect()
 }
 
 fn parse_time_arg(option: &str, text: &Option<String>) -> Result<Option<i64>> {
     text.as_deref()
-        .map(|t| parse_time_text(t).with_context(|| format!("{option}: `{t}` is not an RFC 3339 time")))
+        .map(|t| {
+            parse_time_text(t).with_context(|| format!("{option}: `{t}` is not an RFC 3339 time"))
+        })
         .transpose()
 }
 
@@ -149,10 +166,20 @@ fn parse_time_arg(option: &str, text: &Option<String>) -> Result<Option<i64>> {
 pub fn model_file_name(name: &str) -> String {
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let safe = safe.trim_start_matches('.');
-    if safe.is_empty() { "unnamed".into() } else { safe.to_string() }
+    if safe.is_empty() {
+        "unnamed".into()
+    } else {
+        safe.to_string()
+    }
 }
 
 struct Trained {
@@ -194,7 +221,10 @@ pub fn run(args: FitArgs) -> Result<()> {
         bail!("--max-gap must not be negative");
     }
     let window = if args.from.is_some() || args.to.is_some() {
-        let (from, to) = (parse_time_arg("--from", &args.from)?, parse_time_arg("--to", &args.to)?);
+        let (from, to) = (
+            parse_time_arg("--from", &args.from)?,
+            parse_time_arg("--to", &args.to)?,
+        );
         if let (Some(f), Some(t)) = (from, to)
             && f >= t
         {
@@ -224,7 +254,9 @@ pub fn run(args: FitArgs) -> Result<()> {
     let clean = CleanOptions {
         missing: match args.missing {
             MissingArg::Drop => MissingPolicy::Drop,
-            MissingArg::Ffill => MissingPolicy::ForwardFill { max_gap_ms: args.max_gap * 1000 },
+            MissingArg::Ffill => MissingPolicy::ForwardFill {
+                max_gap_ms: args.max_gap * 1000,
+            },
         },
         window,
         bounds: std::array::from_fn(|j| (features[j].min_valid, features[j].max_valid)),
@@ -245,14 +277,26 @@ pub fn run(args: FitArgs) -> Result<()> {
             args.input,
             table.len(),
             args.min_rows,
-            if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") }
+            if dropped.is_empty() {
+                "none".to_string()
+            } else {
+                dropped.join(", ")
+            }
         );
     }
     for s in &skipped {
-        eprintln!("skipped {}: {}", s.name.as_deref().unwrap_or(&args.name), s.why);
+        eprintln!(
+            "skipped {}: {}",
+            s.name.as_deref().unwrap_or(&args.name),
+            s.why
+        );
     }
 
-    let bars = MultiProgress::with_draw_target(if args.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    let bars = MultiProgress::with_draw_target(if args.quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
     let results: Vec<Result<Trained>> = groups
         .par_iter()
         .map(|group| {
@@ -321,7 +365,9 @@ fn fit_group(
         training: summary,
         history: out.history,
     };
-    let path = args.out.join(format!("{}.{EXTENSION}", model_file_name(name)));
+    let path = args
+        .out
+        .join(format!("{}.{EXTENSION}", model_file_name(name)));
     bundle.save(&path)?;
     Ok(Trained {
         name: name.to_string(),

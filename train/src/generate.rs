@@ -26,7 +26,10 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    anyhow::ensure!(args.hosts > 0 && args.days > 0.0 && args.step > 0, "--hosts, --days and --step must be positive");
+    anyhow::ensure!(
+        args.hosts > 0 && args.days > 0.0 && args.step > 0,
+        "--hosts, --days and --step must be positive"
+    );
     let spec = SampleSpec {
         hosts: args.hosts,
         days: args.days,

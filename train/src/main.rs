@@ -9,7 +9,11 @@ mod generate;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dagmm-train", version, about = "Train DAGMM anomaly-detection models on server metrics")]
+#[command(
+    name = "dagmm-train",
+    version,
+    about = "Train DAGMM anomaly-detection models on server metrics"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dagmm-train")).args(args).output().expect("binary runs")
+    Command::new(env!("CARGO_BIN_EXE_dagmm-train"))
+        .args(args)
+        .output()
+        .expect("binary runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -42,17 +45,37 @@ fn export(hosts: &[&str], n: usize) -> String {
 fn fits_one_model_per_host_and_skips_small_hosts() {
     let dir = tempfile::tempdir().unwrap();
     let mut text = export(&["web-01", "db-01"], 120);
-    text += &export(&["tiny"], 10).lines().skip(1).map(|l| format!("{l}\n")).collect::<String>();
+    text += &export(&["tiny"], 10)
+        .lines()
+        .skip(1)
+        .map(|l| format!("{l}\n"))
+        .collect::<String>();
     let input = write(dir.path(), "history.csv", &text);
     let out = dir.path().join("models");
-    let o = train(&["fit", "--input", &input, "--out", out.to_str().unwrap(), "--group-by", "host", "--epochs", "3", "-q"]);
+    let o = train(&[
+        "fit",
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+        "--group-by",
+        "host",
+        "--epochs",
+        "3",
+        "-q",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("web-01.dagmm").is_file() && out.join("db-01.dagmm").is_file());
     assert!(!out.join("tiny.dagmm").exists());
     assert!(stderr(&o).contains("skipped tiny"), "{}", stderr(&o));
     let summary = String::from_utf8_lossy(&o.stdout);
-    assert!(summary.contains("trained 2 model(s)") && summary.contains("web-01.dagmm"), "{summary}");
-    let bundle = dagmm_model::Bundle::load(&out.join("web-01.dagmm")).unwrap().bundle;
+    assert!(
+        summary.contains("trained 2 model(s)") && summary.contains("web-01.dagmm"),
+        "{summary}"
+    );
+    let bundle = dagmm_model::Bundle::load(&out.join("web-01.dagmm"))
+        .unwrap()
+        .bundle;
     assert_eq!(bundle.training.rows_dropped["alert raised"], 3);
     assert_eq!(bundle.training.rows_used, 117);
     assert_eq!(bundle.history.len(), 3);
@@ -62,8 +85,16 @@ fn fits_one_model_per_host_and_skips_small_hosts() {
 fn bad_input_gives_a_one_line_error_and_no_panic() {
     let dir = tempfile::tempdir().unwrap();
     let ok = write(dir.path(), "ok.csv", &export(&["a"], 80));
-    let no_disk = write(dir.path(), "nodisk.csv", "timestamp,host,cpu_usage,mem_usage,net_in_bps\n1,a,1,2,3\n");
-    let text_cpu = write(dir.path(), "text.csv", "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n1,a,x,2,3,4\n");
+    let no_disk = write(
+        dir.path(),
+        "nodisk.csv",
+        "timestamp,host,cpu_usage,mem_usage,net_in_bps\n1,a,1,2,3\n",
+    );
+    let text_cpu = write(
+        dir.path(),
+        "text.csv",
+        "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n1,a,x,2,3,4\n",
+    );
     let empty = write(dir.path(), "empty.csv", "");
     let all_alerts = write(
         dir.path(),
@@ -73,25 +104,71 @@ fn bad_input_gives_a_one_line_error_and_no_panic() {
     let out = dir.path().join("m");
     let out = out.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["fit", "--input", &no_disk, "--out", out], "`disk_busy`"),
-        (vec!["fit", "--input", &text_cpu, "--out", out], "`cpu_usage`"),
-        (vec!["fit", "--input", &empty, "--out", out], "empty.csv: no rows"),
-        (vec!["fit", "--input", "/nonexistent/history.parquet", "--out", out], "/nonexistent/history.parquet"),
-        (vec!["fit", "--input", &all_alerts, "--out", out], "no group has enough rows"),
-        (vec!["fit", "--input", &ok, "--out", out, "--gmm-k", "0"], "gmm_k"),
-        (vec!["fit", "--input", &ok, "--out", out, "--hidden", ""], "hidden"),
-        (vec!["fit", "--input", &ok, "--out", out, "--lr", "0"], "learning_rate"),
-        (vec!["fit", "--input", &ok, "--out", out, "--epochs", "0"], "epochs"),
-        (vec!["fit", "--input", &ok, "--out", out, "--from", "yesterday"], "--from"),
-        (vec!["fit", "--input", &ok, "--out", out, "--columns", "gpu=x"], "gpu"),
+        (
+            vec!["fit", "--input", &no_disk, "--out", out],
+            "`disk_busy`",
+        ),
+        (
+            vec!["fit", "--input", &text_cpu, "--out", out],
+            "`cpu_usage`",
+        ),
+        (
+            vec!["fit", "--input", &empty, "--out", out],
+            "empty.csv: no rows",
+        ),
+        (
+            vec![
+                "fit",
+                "--input",
+                "/nonexistent/history.parquet",
+                "--out",
+                out,
+            ],
+            "/nonexistent/history.parquet",
+        ),
+        (
+            vec!["fit", "--input", &all_alerts, "--out", out],
+            "no group has enough rows",
+        ),
+        (
+            vec!["fit", "--input", &ok, "--out", out, "--gmm-k", "0"],
+            "gmm_k",
+        ),
+        (
+            vec!["fit", "--input", &ok, "--out", out, "--hidden", ""],
+            "hidden",
+        ),
+        (
+            vec!["fit", "--input", &ok, "--out", out, "--lr", "0"],
+            "learning_rate",
+        ),
+        (
+            vec!["fit", "--input", &ok, "--out", out, "--epochs", "0"],
+            "epochs",
+        ),
+        (
+            vec!["fit", "--input", &ok, "--out", out, "--from", "yesterday"],
+            "--from",
+        ),
+        (
+            vec!["fit", "--input", &ok, "--out", out, "--columns", "gpu=x"],
+            "gpu",
+        ),
     ];
     for (args, needle) in cases {
         let o = train(&args);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
     }
 }
 
@@ -99,8 +176,17 @@ fn bad_input_gives_a_one_line_error_and_no_panic() {
 fn generate_writes_the_sample_export() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s.parquet");
-    let o = train(&["generate", "--out", out.to_str().unwrap(), "--hosts", "2", "--days", "0.5"]);
+    let o = train(&[
+        "generate",
+        "--out",
+        out.to_str().unwrap(),
+        "--hosts",
+        "2",
+        "--days",
+        "0.5",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let table = dagmm_datasets::read::read_metrics(out.to_str().unwrap(), &Default::default()).unwrap();
+    let table =
+        dagmm_datasets::read::read_metrics(out.to_str().unwrap(), &Default::default()).unwrap();
     assert!(table.len() > 1000);
 }
