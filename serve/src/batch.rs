@@ -238,11 +238,11 @@ impl Writer {
     }
 }
 
+/// Frames of one input file, read lazily.
+type Chunks = Box<dyn Iterator<Item = Result<DataFrame>>>;
+
 /// Chunks of an input file: row slices of Parquet files; whole CSV files.
-fn chunks_of(
-    path: &Path,
-    chunk_rows: usize,
-) -> Result<(usize, Box<dyn Iterator<Item = Result<DataFrame>>>)> {
+fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
     match FileFormat::of(path) {
         Some(FileFormat::Parquet) => {
             let file = File::open(path).with_context(|| path.display().to_string())?;
