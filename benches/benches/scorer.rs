@@ -1,0 +1,38 @@
+//! Samples per second of the plain-Rust scorer, energy alone and full verdicts (energy plus
+//! per-metric explanation), at batch sizes 1, 64 and 4096. `cargo bench -p dagmm-benches`.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dagmm_datasets::synthetic::reference_scenario;
+use dagmm_model::{Explainer, FeatureSpec, NetworkConfig, Preprocessor, TrainConfig, fit};
+
+fn model() -> (Explainer, Vec<[f64; 4]>) {
+    let (normal, _) = reference_scenario(0);
+    let rows: Vec<f64> = normal.iter().flatten().copied().collect();
+    let pre = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
+    let cfg = TrainConfig { epochs: 50, ..TrainConfig::default() };
+    let out = fit(&NetworkConfig::metrics4(), &cfg, pre, &rows, &mut |_| {}).unwrap();
+    (Explainer::new(out.model), normal)
+}
+
+fn bench(c: &mut Criterion) {
+    let (explainer, samples) = model();
+    let mut group = c.benchmark_group("scorer");
+    for batch in [1usize, 64, 4096] {
+        let rows: Vec<[f64; 4]> = samples.iter().cycle().take(batch).copied().collect();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::new("energy", batch), &rows, |b, rows| {
+            let mut s = explainer.scorer().new_scratch();
+            b.iter(|| rows.iter().map(|r| explainer.energy(black_box(r), &mut s)).sum::<f64>())
+        });
+        group.bench_with_input(BenchmarkId::new("verdict", batch), &rows, |b, rows| {
+            let mut s = explainer.scorer().new_scratch();
+            b.iter(|| rows.iter().map(|r| explainer.verdict(black_box(r), &mut s).energy).sum::<f64>())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
