@@ -111,32 +111,37 @@ impl Explainer {
 
     /// Energy of one raw sample (no explanation).
     pub fn energy(&self, raw: &[f64], s: &mut Scratch) -> f64 {
-        let x = self.scale(raw);
-        self.scorer.energy_scaled(&x, s)
+        let mut x = std::mem::take(&mut s.x);
+        self.scale_into(raw, &mut x);
+        let e = self.scorer.energy_scaled(&x, s);
+        s.x = x;
+        e
     }
 
-    fn scale(&self, raw: &[f64]) -> Vec<f32> {
+    fn scale_into(&self, raw: &[f64], x: &mut Vec<f32>) {
         let p = &self.model.preprocessor;
-        raw.iter()
-            .enumerate()
-            .map(|(j, &v)| p.scale(j, v) as f32)
-            .collect()
+        x.clear();
+        x.extend(raw.iter().enumerate().map(|(j, &v)| p.scale(j, v) as f32));
     }
 
     /// Full verdict on one raw sample (call [`Explainer::validate`] first).
     pub fn verdict(&self, raw: &[f64], s: &mut Scratch) -> Verdict {
         let p = &self.model.preprocessor;
         let t = &self.model.thresholds;
-        let x = self.scale(raw);
+        let mut x = std::mem::take(&mut s.x);
+        self.scale_into(raw, &mut x);
         let energy = self.scorer.energy_scaled(&x, s);
         let x_hat: Vec<f32> = self.scorer.reconstruction(s).to_vec();
+        let mut counterfactual = std::mem::take(&mut s.counterfactual);
         let mut drops: Vec<f64> = (0..x.len())
             .map(|j| {
-                let mut counterfactual = x.clone();
+                counterfactual.clear();
+                counterfactual.extend_from_slice(&x);
                 counterfactual[j] = x_hat[j];
                 (energy - self.scorer.energy_scaled(&counterfactual, s)).max(0.0)
             })
             .collect();
+        s.counterfactual = counterfactual;
         if drops.iter().sum::<f64>() <= MIN_DROP {
             drops = x
                 .iter()
@@ -171,6 +176,7 @@ impl Explainer {
                 }
             })
             .collect();
+        s.x = x;
         let top = shares
             .iter()
             .enumerate()

@@ -232,37 +232,47 @@ impl GmmParams {
 
     /// Energy of one code vector `z` (length `d`).
     pub fn energy(&self, z: &[f64]) -> f64 {
+        self.energy_with(z, &self.log_norms())
+    }
+
+    /// Per-component constant of the log density: log φ_k − log|L_k| − d/2·log 2π. Scorers
+    /// compute it once per model instead of once per sample.
+    pub fn log_norms(&self) -> Vec<f64> {
+        let d = self.d;
+        (0..self.k)
+            .map(|c| {
+                let half_log_det: f64 = (0..d).map(|j| self.chol[c][j * d + j].ln()).sum();
+                self.phi[c].max(MIN_WEIGHT).ln() - half_log_det - 0.5 * d as f64 * LN_2PI
+            })
+            .collect()
+    }
+
+    /// Energy of `z` given the constants from [`GmmParams::log_norms`].
+    pub fn energy_with(&self, z: &[f64], log_norms: &[f64]) -> f64 {
         let d = self.d;
         let mut log_components = [0f64; MAX_GMM_K];
         let mut best = f64::NEG_INFINITY;
         let mut y = [0f64; MAX_Z_DIM];
         for c in 0..self.k {
             let l = &self.chol[c];
+            let mu = &self.mu[c];
             let mut maha = 0.0;
-            let mut half_log_det = 0.0;
             for j in 0..d {
-                let mut rhs = z[j] - self.mu[c][j];
+                let mut rhs = z[j] - mu[j];
                 for p in 0..j {
                     rhs -= l[j * d + p] * y[p];
                 }
                 y[j] = rhs / l[j * d + j];
                 maha += y[j] * y[j];
-                half_log_det += l[j * d + j].ln();
             }
-            let lc = self.phi[c].max(MIN_WEIGHT).ln()
-                - 0.5 * maha
-                - half_log_det
-                - 0.5 * d as f64 * LN_2PI;
+            let lc = log_norms[c] - 0.5 * maha;
             log_components[c] = lc;
             best = best.max(lc);
         }
         if !best.is_finite() {
             return f64::MAX;
         }
-        let sum: f64 = log_components[..self.k]
-            .iter()
-            .map(|lc| (lc - best).exp())
-            .sum();
+        let sum: f64 = log_components[..self.k].iter().map(|lc| (lc - best).exp()).sum();
         -(best + sum.ln())
     }
 }

@@ -13,6 +13,7 @@ pub struct Scorer {
     encoder: Vec<LayerWeights>,
     decoder: Vec<LayerWeights>,
     gmm: GmmParams,
+    log_norms: Vec<f64>,
     input_dim: usize,
     latent_dim: usize,
     widest: usize,
@@ -24,6 +25,9 @@ pub struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     x_hat: Vec<f32>,
+    /// Scaled input and counterfactual buffers for callers that build inputs per sample.
+    pub x: Vec<f32>,
+    pub counterfactual: Vec<f32>,
 }
 
 /// y = x W + b for a `[d_input, d_output]` row-major W, accumulated like burn's matmul
@@ -71,6 +75,7 @@ impl Scorer {
             encoder: model.weights.encoder.clone(),
             decoder: model.weights.decoder.clone(),
             gmm: model.gmm.clone(),
+            log_norms: model.gmm.log_norms(),
             input_dim: model.network.input_dim,
             latent_dim: model.network.latent_dim,
             widest,
@@ -86,6 +91,8 @@ impl Scorer {
             a: Vec::with_capacity(self.widest),
             b: Vec::with_capacity(self.widest),
             x_hat: Vec::with_capacity(self.input_dim),
+            x: Vec::with_capacity(self.input_dim),
+            counterfactual: Vec::with_capacity(self.input_dim),
         }
     }
 
@@ -122,7 +129,7 @@ impl Scorer {
     /// Energy of one scaled sample.
     pub fn energy_scaled(&self, x: &[f32], s: &mut Scratch) -> f64 {
         let z = self.code(x, s);
-        self.gmm.energy(&z[..self.latent_dim + 2])
+        self.gmm.energy_with(&z[..self.latent_dim + 2], &self.log_norms)
     }
 
     /// Energies of row-major scaled samples.
