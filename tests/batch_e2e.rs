@@ -254,3 +254,35 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
         .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }
+
+#[test]
+fn chunks_that_cut_across_row_groups_score_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    train_sample_model("web-01", &models, 2, None);
+    let registry = Registry::open(&models).unwrap();
+    // Row groups of 700 rows read in slices of 1000: every slice spans two row groups.
+    let spec = dagmm_datasets::synthetic::SampleSpec {
+        hosts: 1,
+        days: 3.0,
+        ..Default::default()
+    };
+    let mut df = dagmm_datasets::synthetic::generate(&spec)
+        .to_dataframe()
+        .unwrap();
+    let input = dir.path().join("groups.parquet");
+    ParquetWriter::new(std::fs::File::create(&input).unwrap())
+        .with_row_group_size(Some(700))
+        .finish(&mut df)
+        .unwrap();
+    let output = dir.path().join("out.parquet");
+    let opts = BatchOptions {
+        chunk_rows: 1000,
+        label_column: None,
+        ..options(input.to_str().unwrap(), &output)
+    };
+    let summary = run(&registry.snapshot(), &opts).unwrap();
+    assert_eq!(summary.rows_in, df.height());
+    assert_eq!(read_file(&output).unwrap().height(), df.height());
+}

@@ -11,7 +11,10 @@ fn model() -> (Explainer, Vec<[f64; 4]>) {
     let (normal, _) = reference_scenario(0);
     let rows: Vec<f64> = normal.iter().flatten().copied().collect();
     let pre = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
-    let cfg = TrainConfig { epochs: 50, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        epochs: 50,
+        ..TrainConfig::default()
+    };
     let out = fit(&NetworkConfig::metrics4(), &cfg, pre, &rows, &mut |_| {}).unwrap();
     (Explainer::new(out.model), normal)
 }
@@ -24,11 +27,19 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::new("energy", batch), &rows, |b, rows| {
             let mut s = explainer.scorer().new_scratch();
-            b.iter(|| rows.iter().map(|r| explainer.energy(black_box(r), &mut s)).sum::<f64>())
+            b.iter(|| {
+                rows.iter()
+                    .map(|r| explainer.energy(black_box(r), &mut s))
+                    .sum::<f64>()
+            })
         });
         group.bench_with_input(BenchmarkId::new("verdict", batch), &rows, |b, rows| {
             let mut s = explainer.scorer().new_scratch();
-            b.iter(|| rows.iter().map(|r| explainer.verdict(black_box(r), &mut s).energy).sum::<f64>())
+            b.iter(|| {
+                rows.iter()
+                    .map(|r| explainer.verdict(black_box(r), &mut s).energy)
+                    .sum::<f64>()
+            })
         });
     }
     group.finish();

@@ -272,7 +272,10 @@ impl GmmParams {
         if !best.is_finite() {
             return f64::MAX;
         }
-        let sum: f64 = log_components[..self.k].iter().map(|lc| (lc - best).exp()).sum();
+        let sum: f64 = log_components[..self.k]
+            .iter()
+            .map(|lc| (lc - best).exp())
+            .sum();
         -(best + sum.ln())
     }
 }

@@ -129,7 +129,8 @@ impl Scorer {
     /// Energy of one scaled sample.
     pub fn energy_scaled(&self, x: &[f32], s: &mut Scratch) -> f64 {
         let z = self.code(x, s);
-        self.gmm.energy_with(&z[..self.latent_dim + 2], &self.log_norms)
+        self.gmm
+            .energy_with(&z[..self.latent_dim + 2], &self.log_norms)
     }
 
     /// Energies of row-major scaled samples.

@@ -224,6 +224,9 @@ impl Writer {
     }
 
     fn write(&mut self, df: &mut DataFrame) -> PolarsResult<()> {
+        // Input slices keep their own chunk layout per column; the batched writers expect
+        // every column chunked alike.
+        df.rechunk_mut_par();
         match self {
             Writer::Parquet(w) => w.write_batch(df),
             Writer::Csv(w) => w.write_batch(df),

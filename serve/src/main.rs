@@ -99,10 +99,19 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    // A library panic must still end as one error line, not a backtrace.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.command {
         Command::Serve(args) => run_server(args),
         Command::Score(args) => run_batch(args),
-    };
+    }))
+    .unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown cause");
+        Err(anyhow::anyhow!("internal error: {why}"))
+    });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
