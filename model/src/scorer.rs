@@ -12,6 +12,7 @@ use crate::network::{LayerWeights, NORM_EPS};
 pub struct Scorer {
     encoder: Vec<LayerWeights>,
     decoder: Vec<LayerWeights>,
+    estimation: Vec<LayerWeights>,
     gmm: GmmParams,
     log_norms: Vec<f64>,
     input_dim: usize,
@@ -74,6 +75,7 @@ impl Scorer {
         Self {
             encoder: model.weights.encoder.clone(),
             decoder: model.weights.decoder.clone(),
+            estimation: model.weights.estimation.clone(),
             gmm: model.gmm.clone(),
             log_norms: model.gmm.log_norms(),
             input_dim: model.network.input_dim,
@@ -131,6 +133,16 @@ impl Scorer {
         let z = self.code(x, s);
         self.gmm
             .energy_with(&z[..self.latent_dim + 2], &self.log_norms)
+    }
+
+    /// Soft mixture memberships γ of a code z (estimation network without dropout, softmax).
+    pub fn memberships(&self, z: &[f64], s: &mut Scratch) -> Vec<f64> {
+        let input: Vec<f32> = z[..self.latent_dim + 2].iter().map(|&v| v as f32).collect();
+        mlp(&self.estimation, &input, &mut s.a, &mut s.b);
+        let max = s.a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f64> = s.a.iter().map(|&v| f64::from(v - max).exp()).collect();
+        let total: f64 = exps.iter().sum();
+        exps.into_iter().map(|e| e / total).collect()
     }
 
     /// Energies of row-major scaled samples.

@@ -1,10 +1,11 @@
 //! `dagmm-train`: fit DAGMM models from exported metric history.
 //!
 //! Subcommands, one module each: `fit` (train and save bundles), `generate` (write the seeded
-//! sample export).
+//! sample export), `report` (figures and a model card).
 
 mod fit;
 mod generate;
+mod report;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,8 @@ enum Command {
     Fit(Box<fit::FitArgs>),
     /// Write the seeded synthetic sample export (what datasets/sample/ holds).
     Generate(generate::GenerateArgs),
+    /// Figures, a model card and an HTML page for one model (PNG and SVG).
+    Report(report::ReportArgs),
 }
 
 fn main() {
@@ -32,6 +35,7 @@ fn main() {
     let result = match cli.command {
         Command::Fit(args) => fit::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Report(args) => report::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

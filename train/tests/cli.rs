@@ -190,3 +190,88 @@ fn generate_writes_the_sample_export() {
         dagmm_datasets::read::read_metrics(out.to_str().unwrap(), &Default::default()).unwrap();
     assert!(table.len() > 1000);
 }
+
+#[test]
+fn report_writes_every_figure_as_a_non_blank_image_and_the_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(dir.path(), "history.csv", &export(&["web-01"], 300));
+    let models = dir.path().join("models");
+    let o = train(&[
+        "fit",
+        "--input",
+        &input,
+        "--out",
+        models.to_str().unwrap(),
+        "--group-by",
+        "host",
+        "--epochs",
+        "20",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("report");
+    let model = models.join("web-01.dagmm");
+    let o = train(&[
+        "report",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        &input,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let figures = [
+        ("scatter_cpu_mem_disk", (1200, 800)),
+        ("scatter_cpu_mem_net", (1200, 800)),
+        ("energy_distribution", (1200, 800)),
+        ("energy_over_time_web-01", (1400, 1200)),
+        ("training_curves", (1200, 800)),
+        ("latent_space", (1200, 800)),
+        ("contributions", (1200, 800)),
+    ];
+    let index = std::fs::read_to_string(out.join("index.html")).unwrap();
+    let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for (name, size) in figures {
+        let img = image::open(out.join(format!("{name}.png")))
+            .unwrap_or_else(|e| panic!("{name}.png: {e}"))
+            .to_luma8();
+        assert_eq!(img.dimensions(), size, "{name}");
+        let pixels: Vec<f64> = img.pixels().map(|p| f64::from(p.0[0])).collect();
+        let mean = pixels.iter().sum::<f64>() / pixels.len() as f64;
+        let variance = pixels.iter().map(|p| (p - mean).powi(2)).sum::<f64>() / pixels.len() as f64;
+        assert!(
+            variance > 50.0,
+            "{name}.png looks blank (variance {variance:.1})"
+        );
+        let svg = std::fs::read_to_string(out.join(format!("{name}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.len() > 2000, "{name}.svg");
+        assert!(
+            index.contains(&format!("{name}.png")) && readme.contains(&format!("{name}.png")),
+            "{name} not linked"
+        );
+    }
+    assert!(index.contains("Model card") && index.contains("rows dropped"));
+    assert!(
+        !index.contains("http://") && !index.contains("https://"),
+        "the page needs no network"
+    );
+}
+
+#[test]
+fn report_on_a_corrupt_bundle_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(dir.path(), "h.csv", &export(&["a"], 60));
+    let bundle = write(dir.path(), "bad.dagmm", "DAGMM-BUNDLE 1 sha256:00\n{}");
+    let o = train(&[
+        "report",
+        "--model",
+        &bundle,
+        "--input",
+        &input,
+        "--out",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
+}
