@@ -1,8 +1,10 @@
 //! `dagmm-train`: fit DAGMM models from exported metric history.
 //!
 //! Subcommands, one module each: `fit` (train and save bundles), `generate` (write the seeded
-//! sample export), `report` (figures and a model card).
+//! sample export), `report` (figures and a model card), `evaluate` (detection quality on
+//! labelled data).
 
+mod evaluate;
 mod fit;
 mod generate;
 mod report;
@@ -28,6 +30,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Figures, a model card and an HTML page for one model (PNG and SVG).
     Report(report::ReportArgs),
+    /// Detection quality on labelled data over several seeds (precision, recall, F1, ROC-AUC, PR-AUC).
+    Evaluate(Box<evaluate::EvaluateArgs>),
 }
 
 fn main() {
@@ -36,6 +40,7 @@ fn main() {
         Command::Fit(args) => fit::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Report(args) => report::run(args),
+        Command::Evaluate(args) => evaluate::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -275,3 +275,57 @@ fn report_on_a_corrupt_bundle_is_a_one_line_error() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
 }
+
+#[test]
+fn evaluate_smoke_run_writes_the_json_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("f0,f1,f2,label\n");
+    for i in 0..200 {
+        let anomaly = i % 10 == 0;
+        let base = if anomaly {
+            0.9
+        } else {
+            0.1 + (i % 7) as f64 / 100.0
+        };
+        text += &format!(
+            "{base},{},{},{}\n",
+            base * 0.5,
+            1.0 - base,
+            u8::from(anomaly)
+        );
+    }
+    let input = write(dir.path(), "labelled.csv", &text);
+    let json = dir.path().join("eval.json");
+    let o = train(&[
+        "evaluate",
+        "--input",
+        &input,
+        "--label-column",
+        "label",
+        "--features",
+        "f*",
+        "--train-filter",
+        "label == 0",
+        "--split",
+        "0.5",
+        "--seeds",
+        "2",
+        "--threshold",
+        "top-ratio:0.1",
+        "--epochs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("top 10.0 % of test energies flagged"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in ["precision", "recall", "f1", "roc_auc", "pr_auc"] {
+        assert!(report["mean"][key].as_f64().is_some(), "mean.{key}");
+        assert!(report["std"][key].as_f64().is_some(), "std.{key}");
+    }
+    assert_eq!(report["runs"].as_array().unwrap().len(), 2);
+    let bad = train(&["evaluate", "--input", &input, "--label-column", "nope"]);
+    assert!(stderr(&bad).contains("missing label column `nope`"));
+}

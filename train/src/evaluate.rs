@@ -1,0 +1,602 @@
+//! `dagmm-train evaluate`: fit and score labelled data over several seeds and report detection
+//! quality (precision, recall, F1, ROC-AUC, PR-AUC) under a stated threshold rule.
+//!
+//! Protocol (the DAGMM paper's): each seed shuffles the rows and splits them; the model trains
+//! on the training part's rows that pass `--train-filter` (normally the normal class) and is
+//! judged on the whole test part.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use dagmm_datasets::read::{numeric_column, read_input};
+use dagmm_model::eval::{Detection, detection};
+use dagmm_model::thresholds::percentile_of_sorted;
+use dagmm_model::{FeatureSpec, NetworkConfig, Preprocessor, Scorer, TrainConfig, fit};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// Network and training settings per dataset, after the paper's Section 4.3.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq)]
+pub enum Preset {
+    /// 120-60-30-10-1 compression, 3-10-4 estimation, lr 1e-4, 200 epochs, batch 1024.
+    Kddcup,
+    /// 6-12-4-1 compression, 3-10-2 estimation.
+    Thyroid,
+    /// 274-10-2 compression, 4-10-2 estimation.
+    Arrhythmia,
+    /// The server-metrics defaults.
+    Metrics4,
+}
+
+impl Preset {
+    fn settings(self, input_dim: usize) -> (NetworkConfig, TrainConfig) {
+        let base = TrainConfig::default();
+        let net = |hidden: Vec<usize>, latent_dim, gmm_k| NetworkConfig {
+            input_dim,
+            hidden,
+            latent_dim,
+            estimation_hidden: vec![10],
+            gmm_k,
+            dropout: 0.5,
+        };
+        match self {
+            Preset::Kddcup => (
+                net(vec![60, 30, 10], 1, 4),
+                TrainConfig {
+                    epochs: 200,
+                    batch_size: 1024,
+                    learning_rate: 1e-4,
+                    ..base
+                },
+            ),
+            Preset::Thyroid => (
+                net(vec![12, 4], 1, 2),
+                TrainConfig {
+                    epochs: 1000,
+                    batch_size: 1024,
+                    learning_rate: 1e-3,
+                    ..base
+                },
+            ),
+            Preset::Arrhythmia => (
+                net(vec![10], 2, 2),
+                TrainConfig {
+                    epochs: 1000,
+                    batch_size: 128,
+                    learning_rate: 1e-3,
+                    ..base
+                },
+            ),
+            Preset::Metrics4 => (
+                NetworkConfig {
+                    input_dim,
+                    ..NetworkConfig::metrics4()
+                },
+                base,
+            ),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct EvaluateArgs {
+    /// Labelled data: Parquet/CSV file, directory or glob.
+    #[arg(long)]
+    input: String,
+    /// 0/1 (or boolean) label column; 1 = anomaly.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// Feature columns: comma-separated names or globs (`f*`). Default: every numeric column but the label.
+    #[arg(long)]
+    features: Option<String>,
+    /// Which training rows to fit on: `LABEL == VALUE` (default `label == 0`: normal rows only), or `all`.
+    #[arg(long)]
+    train_filter: Option<String>,
+    /// Share of rows in the training part.
+    #[arg(long, default_value_t = 0.5)]
+    split: f64,
+    /// Number of seeds (0, 1, …).
+    #[arg(long, default_value_t = 10)]
+    seeds: u64,
+    /// `top-ratio:R` (flag the top R of test energies, the paper's rule) or `percentile:P`
+    /// (flag test energies above the P-th percentile of training energies, the serving rule).
+    #[arg(long, default_value = "percentile:99")]
+    threshold: String,
+    #[arg(long, value_enum, default_value = "metrics4")]
+    preset: Preset,
+    /// Encoder hidden sizes (overrides the preset).
+    #[arg(long)]
+    hidden: Option<String>,
+    #[arg(long)]
+    latent_dim: Option<usize>,
+    #[arg(long)]
+    gmm_k: Option<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Write per-seed runs, mean and std as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// How test samples are flagged.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "rule", rename_all = "kebab-case")]
+pub enum Threshold {
+    /// Flag the top `ratio` of test energies.
+    TopRatio { ratio: f64 },
+    /// Flag energies above this percentile of the training energies.
+    Percentile { percentile: f64 },
+}
+
+impl Threshold {
+    pub fn parse(text: &str) -> Result<Self> {
+        let (kind, value) = text
+            .split_once(':')
+            .with_context(|| format!("--threshold: `{text}` is not RULE:VALUE"))?;
+        let value: f64 = value
+            .trim()
+            .parse()
+            .with_context(|| format!("--threshold: `{value}` is not a number"))?;
+        match kind.trim() {
+            "top-ratio" if value > 0.0 && value < 1.0 => Ok(Threshold::TopRatio { ratio: value }),
+            "percentile" if value > 0.0 && value < 100.0 => {
+                Ok(Threshold::Percentile { percentile: value })
+            }
+            "top-ratio" | "percentile" => bail!("--threshold: {value} is out of range for {kind}"),
+            other => bail!("--threshold: unknown rule `{other}` (top-ratio or percentile)"),
+        }
+    }
+
+    /// The energy above which test samples are flagged.
+    pub fn cutoff(&self, train: &[f64], test: &[f64]) -> f64 {
+        let sorted = |v: &[f64]| {
+            let mut s = v.to_vec();
+            s.sort_by(f64::total_cmp);
+            s
+        };
+        match *self {
+            Threshold::TopRatio { ratio } => {
+                percentile_of_sorted(&sorted(test), 100.0 * (1.0 - ratio))
+            }
+            Threshold::Percentile { percentile } => {
+                percentile_of_sorted(&sorted(train), percentile)
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Threshold::TopRatio { ratio } => format!(
+                "top {:.1} % of test energies flagged (paper's rule)",
+                100.0 * ratio
+            ),
+            Threshold::Percentile { percentile } => format!(
+                "test energies above p{percentile} of training energies flagged (serving rule)"
+            ),
+        }
+    }
+}
+
+/// One seed's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub seed: u64,
+    #[serde(flatten)]
+    pub detection: Detection,
+    pub train_seconds: f64,
+    pub train_rows: usize,
+    pub test_rows: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub roc_auc: f64,
+    pub pr_auc: f64,
+    pub train_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub input: String,
+    pub threshold: Threshold,
+    pub threshold_rule: String,
+    pub network: NetworkConfig,
+    pub train: TrainConfig,
+    pub mean: Summary,
+    pub std: Summary,
+    pub runs: Vec<Run>,
+}
+
+/// Labelled rows: features row-major, labels, and feature names.
+pub struct Labelled {
+    pub names: Vec<String>,
+    pub rows: Vec<f64>,
+    pub labels: Vec<bool>,
+}
+
+fn matches(pattern: &str, name: &str) -> bool {
+    glob::Pattern::new(pattern)
+        .map(|p| p.matches(name))
+        .unwrap_or(pattern == name)
+}
+
+/// Read labelled data; rows with a missing or non-finite value are dropped (and counted).
+pub fn read_labelled(
+    input: &str,
+    label: &str,
+    features: Option<&str>,
+) -> Result<(Labelled, usize)> {
+    let df = read_input(input)?;
+    let label_col = df
+        .column(label)
+        .map_err(|_| anyhow::anyhow!("{input}: missing label column `{label}`"))?;
+    let labels: Vec<Option<f64>> = if label_col.dtype().is_bool() {
+        label_col
+            .bool()?
+            .iter()
+            .map(|v| v.map(|b| f64::from(u8::from(b))))
+            .collect()
+    } else {
+        numeric_column(label_col, input)?
+    };
+    let names: Vec<String> = match features {
+        Some(spec) => {
+            let patterns: Vec<&str> = spec
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let picked: Vec<String> = df
+                .get_column_names()
+                .iter()
+                .map(|n| n.to_string())
+                .filter(|n| n != label && patterns.iter().any(|p| matches(p, n)))
+                .collect();
+            if let Some(p) = patterns
+                .iter()
+                .find(|p| !df.get_column_names().iter().any(|n| matches(p, n)))
+            {
+                bail!("{input}: no column matches `{p}`");
+            }
+            picked
+        }
+        None => df
+            .columns()
+            .iter()
+            .filter(|c| c.name().as_str() != label && c.dtype().is_primitive_numeric())
+            .map(|c| c.name().to_string())
+            .collect(),
+    };
+    anyhow::ensure!(!names.is_empty(), "{input}: no feature columns selected");
+    let columns: Vec<Vec<Option<f64>>> = names
+        .iter()
+        .map(|n| numeric_column(df.column(n).expect("column exists"), input))
+        .collect::<Result<_, _>>()?;
+    let mut rows = Vec::with_capacity(df.height() * names.len());
+    let mut kept_labels = Vec::with_capacity(df.height());
+    let mut dropped = 0;
+    for i in 0..df.height() {
+        let values: Option<Vec<f64>> = columns
+            .iter()
+            .map(|c| c[i].filter(|v| v.is_finite()))
+            .collect();
+        match (values, labels[i]) {
+            (Some(v), Some(l)) => {
+                rows.extend(v);
+                kept_labels.push(l != 0.0);
+            }
+            _ => dropped += 1,
+        }
+    }
+    anyhow::ensure!(!kept_labels.is_empty(), "{input}: no complete rows");
+    Ok((
+        Labelled {
+            names,
+            rows,
+            labels: kept_labels,
+        },
+        dropped,
+    ))
+}
+
+/// Energies and labels of one seed's split.
+pub struct Scored {
+    pub train_energies: Vec<f64>,
+    pub test_energies: Vec<f64>,
+    pub test_labels: Vec<bool>,
+    pub train_rows: usize,
+    pub train_seconds: f64,
+}
+
+/// Train on one seed's split and score the test part.
+pub fn run_seed(
+    data: &Labelled,
+    net: &NetworkConfig,
+    cfg: &TrainConfig,
+    split: f64,
+    normal_only: bool,
+    threshold: Threshold,
+    seed: u64,
+) -> Result<Run> {
+    let s = score_split(data, net, cfg, split, normal_only, seed)?;
+    let cutoff = threshold.cutoff(&s.train_energies, &s.test_energies);
+    Ok(Run {
+        seed,
+        detection: detection(&s.test_energies, &s.test_labels, cutoff),
+        train_seconds: s.train_seconds,
+        train_rows: s.train_rows,
+        test_rows: s.test_labels.len(),
+    })
+}
+
+/// Shuffle with the seed, split, fit on the (filtered) training part, score the test part.
+pub fn score_split(
+    data: &Labelled,
+    net: &NetworkConfig,
+    cfg: &TrainConfig,
+    split: f64,
+    normal_only: bool,
+    seed: u64,
+) -> Result<Scored> {
+    let d = data.names.len();
+    let n = data.labels.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let cut = ((n as f64) * split).round() as usize;
+    let (train_part, test_part) = order.split_at(cut.clamp(1, n - 1));
+    let train_rows: Vec<usize> = train_part
+        .iter()
+        .copied()
+        .filter(|&i| !normal_only || !data.labels[i])
+        .collect();
+    anyhow::ensure!(
+        train_rows.len() >= 2,
+        "seed {seed}: fewer than 2 training rows"
+    );
+    let gather = |idx: &[usize]| {
+        idx.iter()
+            .flat_map(|&i| data.rows[i * d..(i + 1) * d].iter().copied())
+            .collect::<Vec<f64>>()
+    };
+    let train_x = gather(&train_rows);
+    let test_x = gather(test_part);
+    let pre = Preprocessor::fit(FeatureSpec::plain(&data.names), &train_x)?;
+    let start = Instant::now();
+    let out = fit(
+        net,
+        &TrainConfig {
+            seed,
+            ..cfg.clone()
+        },
+        pre,
+        &train_x,
+        &mut |_| {},
+    )?;
+    let train_seconds = start.elapsed().as_secs_f64();
+    let scorer = Scorer::new(&out.model);
+    let test_energies = scorer.energies_scaled(&out.model.preprocessor.scale_rows(&test_x));
+    let test_labels: Vec<bool> = test_part.iter().map(|&i| data.labels[i]).collect();
+    Ok(Scored {
+        train_energies: out.train_energies,
+        test_energies,
+        test_labels,
+        train_rows: train_rows.len(),
+        train_seconds,
+    })
+}
+
+fn summarise(runs: &[Run], f: impl Fn(&Run) -> [f64; 6]) -> (Summary, Summary) {
+    let n = runs.len() as f64;
+    let values: Vec<[f64; 6]> = runs.iter().map(f).collect();
+    let mean: Vec<f64> = (0..6)
+        .map(|j| values.iter().map(|v| v[j]).sum::<f64>() / n)
+        .collect();
+    let std: Vec<f64> = (0..6)
+        .map(|j| (values.iter().map(|v| (v[j] - mean[j]).powi(2)).sum::<f64>() / n).sqrt())
+        .collect();
+    let to = |v: &[f64]| Summary {
+        precision: v[0],
+        recall: v[1],
+        f1: v[2],
+        roc_auc: v[3],
+        pr_auc: v[4],
+        train_seconds: v[5],
+    };
+    (to(&mean), to(&std))
+}
+
+pub fn run(args: EvaluateArgs) -> Result<()> {
+    let threshold = Threshold::parse(&args.threshold)?;
+    anyhow::ensure!(
+        args.split > 0.0 && args.split < 1.0,
+        "--split must be in (0, 1)"
+    );
+    anyhow::ensure!(args.seeds > 0, "--seeds must be at least 1");
+    let normal_only = match args.train_filter.as_deref().map(str::trim) {
+        None => true,
+        Some("all") => false,
+        Some(f) => {
+            let (col, value) = f
+                .split_once("==")
+                .with_context(|| format!("--train-filter: `{f}` is not `LABEL == 0` or `all`"))?;
+            anyhow::ensure!(
+                col.trim() == args.label_column,
+                "--train-filter may only test the label column `{}`",
+                args.label_column
+            );
+            match value.trim() {
+                "0" | "false" => true,
+                other => bail!(
+                    "--train-filter: training on `{other}` rows is not supported (use 0 or all)"
+                ),
+            }
+        }
+    };
+    let (data, dropped) = read_labelled(&args.input, &args.label_column, args.features.as_deref())?;
+    let (mut net, mut cfg) = args.preset.settings(data.names.len());
+    if let Some(h) = &args.hidden {
+        net.hidden = crate::fit::parse_sizes("--hidden", h)?;
+    }
+    if let Some(v) = args.latent_dim {
+        net.latent_dim = v;
+    }
+    if let Some(v) = args.gmm_k {
+        net.gmm_k = v;
+    }
+    if let Some(v) = args.epochs {
+        cfg.epochs = v;
+    }
+    if let Some(v) = args.batch_size {
+        cfg.batch_size = v;
+    }
+    if let Some(v) = args.lr {
+        cfg.learning_rate = v;
+    }
+    net.validate()?;
+    cfg.validate()?;
+    let anomalies = data.labels.iter().filter(|&&l| l).count();
+    println!(
+        "{}: {} rows ({anomalies} anomalies, {dropped} incomplete rows dropped), {} features; threshold: {}",
+        args.input,
+        data.labels.len(),
+        data.names.len(),
+        threshold.describe()
+    );
+    println!(
+        "{:>4} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "seed", "precision", "recall", "F1", "ROC-AUC", "PR-AUC", "train s"
+    );
+    let mut runs = Vec::new();
+    for seed in 0..args.seeds {
+        let r = run_seed(&data, &net, &cfg, args.split, normal_only, threshold, seed)?;
+        let m = &r.detection;
+        println!(
+            "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}",
+            m.precision, m.recall, m.f1, m.roc_auc, m.pr_auc, r.train_seconds
+        );
+        runs.push(r);
+    }
+    let (mean, std) = summarise(&runs, |r| {
+        let m = &r.detection;
+        [
+            m.precision,
+            m.recall,
+            m.f1,
+            m.roc_auc,
+            m.pr_auc,
+            r.train_seconds,
+        ]
+    });
+    println!(
+        "mean ± std over {} seeds ({}): precision {:.4} ± {:.4}, recall {:.4} ± {:.4}, F1 {:.4} ± {:.4}, ROC-AUC {:.4} ± {:.4}, PR-AUC {:.4} ± {:.4}, {:.1} s per fit",
+        runs.len(),
+        threshold.describe(),
+        mean.precision,
+        std.precision,
+        mean.recall,
+        std.recall,
+        mean.f1,
+        std.f1,
+        mean.roc_auc,
+        std.roc_auc,
+        mean.pr_auc,
+        std.pr_auc,
+        mean.train_seconds
+    );
+    if let Some(path) = &args.json {
+        let report = Report {
+            input: args.input.clone(),
+            threshold,
+            threshold_rule: threshold.describe(),
+            network: net,
+            train: cfg,
+            mean,
+            std,
+            runs,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| path.display().to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two well-separated blobs: normal around 0.2, anomalies around 0.9, in 3 features.
+    fn separable(n_normal: usize, n_anomalies: usize) -> Labelled {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n_normal + n_anomalies {
+            let anomaly = i >= n_normal;
+            let centre = if anomaly { 0.9 } else { 0.2 };
+            for _ in 0..3 {
+                rows.push(centre + rand::Rng::random_range(&mut rng, -0.02..0.02));
+            }
+            labels.push(anomaly);
+        }
+        Labelled {
+            names: vec!["f0".into(), "f1".into(), "f2".into()],
+            rows,
+            labels,
+        }
+    }
+
+    #[test]
+    fn perfectly_separable_anomalies_give_f1_one_at_the_right_threshold() {
+        let data = separable(400, 100);
+        let (net, cfg) = Preset::Metrics4.settings(3);
+        let cfg = TrainConfig {
+            epochs: 60,
+            batch_size: 256,
+            ..cfg
+        };
+        let s = score_split(&data, &net, &cfg, 0.5, true, 0).unwrap();
+        // The right threshold flags exactly the test part's share of anomalies.
+        let ratio =
+            s.test_labels.iter().filter(|&&l| l).count() as f64 / s.test_labels.len() as f64;
+        let cutoff = Threshold::TopRatio { ratio }.cutoff(&s.train_energies, &s.test_energies);
+        let d = detection(&s.test_energies, &s.test_labels, cutoff);
+        assert_eq!(
+            (d.precision, d.recall, d.f1, d.roc_auc),
+            (1.0, 1.0, 1.0, 1.0),
+            "{d:?}"
+        );
+        assert!(s.train_rows < 250, "only normal training rows are used");
+    }
+
+    #[test]
+    fn threshold_rules_parse_and_place_the_cutoff() {
+        let test: Vec<f64> = (0..100).map(f64::from).collect();
+        let train: Vec<f64> = (0..1000).map(|i| f64::from(i) / 10.0).collect();
+        assert_eq!(
+            Threshold::parse("top-ratio:0.2")
+                .unwrap()
+                .cutoff(&train, &test),
+            79.2
+        );
+        assert!(
+            (Threshold::parse("percentile:99")
+                .unwrap()
+                .cutoff(&train, &test)
+                - 98.901)
+                .abs()
+                < 1e-9
+        );
+        assert!(Threshold::parse("top-ratio:2").is_err());
+        assert!(Threshold::parse("median").is_err());
+    }
+}
