@@ -4,6 +4,8 @@
 //! Nothing here knows about DAGMM; the output is plain rows of the four metrics.
 
 pub mod clean;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod columns;
 mod error;
 pub mod read;

@@ -47,13 +47,8 @@ struct ScoreArgs {
     /// Ground-truth column (0/1 or boolean): also print precision, recall, F1, ROC-AUC, PR-AUC.
     #[arg(long)]
     label_column: Option<String>,
-    /// Metric column names: `cpu=…,mem=…,disk=…,net_in=…` (any subset).
-    #[arg(long, default_value = "")]
-    columns: String,
-    #[arg(long, default_value = "timestamp")]
-    time_column: String,
-    #[arg(long, default_value = "host")]
-    host_column: String,
+    #[command(flatten)]
+    columns: dagmm_datasets::cli::ColumnArgs,
     /// Treat the input as the long shape (`timestamp, host, metric, value`); detected otherwise.
     #[arg(long)]
     long: bool,
@@ -161,7 +156,6 @@ fn run_server(args: ServeArgs) -> Result<()> {
 }
 
 fn run_batch(args: ScoreArgs) -> Result<()> {
-    use dagmm_datasets::ColumnMap;
     use dagmm_datasets::read::{ReadOptions, ShapeOption};
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -185,11 +179,7 @@ fn run_batch(args: ScoreArgs) -> Result<()> {
         input: args.input.clone(),
         output: args.output.clone(),
         read: ReadOptions {
-            columns: ColumnMap {
-                time: args.time_column.clone(),
-                host: args.host_column.clone(),
-                ..ColumnMap::default().with_metric_overrides(&args.columns)?
-            },
+            columns: args.columns.column_map()?,
             shape: if args.long {
                 ShapeOption::Long
             } else {

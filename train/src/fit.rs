@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use dagmm_datasets::METRICS;
 use dagmm_datasets::clean::{
     CleanOptions, GroupData, MissingPolicy, SkippedGroup, Window, prepare_groups,
 };
+use dagmm_datasets::cli::ColumnArgs;
 use dagmm_datasets::read::{ReadOptions, ShapeOption, format_time, parse_time_text, read_metrics};
-use dagmm_datasets::{ColumnMap, METRICS};
 use dagmm_model::bundle::EXTENSION;
 use dagmm_model::{
     Bundle, EpochLosses, FeatureSpec, NetworkConfig, Preprocessor, TrainConfig, TrainingSummary,
@@ -50,16 +51,8 @@ pub struct FitArgs {
     #[arg(long)]
     group_by: Option<String>,
 
-    /// Metric column names: `cpu=…,mem=…,disk=…,net_in=…` (any subset).
-    #[arg(long, default_value = "")]
-    columns: String,
-    #[arg(long, default_value = "timestamp")]
-    time_column: String,
-    #[arg(long, default_value = "host")]
-    host_column: String,
-    /// Boolean column marking samples that already raised an alert (dropped before training).
-    #[arg(long, default_value = "alert")]
-    alert_column: String,
+    #[command(flatten)]
+    columns: ColumnArgs,
     #[arg(long, value_enum, default_value = "auto")]
     shape: ShapeArg,
 
@@ -237,12 +230,7 @@ pub fn run(args: FitArgs) -> Result<()> {
 
     let features = FeatureSpec::server_metrics();
     let read = ReadOptions {
-        columns: ColumnMap {
-            time: args.time_column.clone(),
-            host: args.host_column.clone(),
-            alert: args.alert_column.clone(),
-            ..ColumnMap::default().with_metric_overrides(&args.columns)?
-        },
+        columns: args.columns.column_map()?,
         shape: match args.shape {
             ShapeArg::Auto => ShapeOption::Auto,
             ShapeArg::Wide => ShapeOption::Wide,

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use dagmm_datasets::METRICS;
+use dagmm_datasets::cli::ColumnArgs;
 use dagmm_datasets::read::{ReadOptions, format_time, read_metrics};
-use dagmm_datasets::{ColumnMap, METRICS};
 use dagmm_model::{Bundle, Explainer, Verdict};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -61,13 +62,8 @@ pub struct ReportArgs {
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
-    /// Metric column names: `cpu=…,mem=…,disk=…,net_in=…` (any subset).
-    #[arg(long, default_value = "")]
-    columns: String,
-    #[arg(long, default_value = "timestamp")]
-    time_column: String,
-    #[arg(long, default_value = "host")]
-    host_column: String,
+    #[command(flatten)]
+    columns: ColumnArgs,
     /// Plot every host in the input, not only the model's own.
     #[arg(long)]
     all_hosts: bool,
@@ -185,11 +181,7 @@ fn load(args: &ReportArgs) -> Result<ReportData> {
         |s| s.to_string_lossy().into_owned(),
     );
     let read = ReadOptions {
-        columns: ColumnMap {
-            time: args.time_column.clone(),
-            host: args.host_column.clone(),
-            ..ColumnMap::default().with_metric_overrides(&args.columns)?
-        },
+        columns: args.columns.column_map()?,
         ..Default::default()
     };
     let table = read_metrics(&args.input, &read)?;
