@@ -1,8 +1,7 @@
 //! `dagmm-train fit`: read an export, clean it, take the training windows, fit one DAGMM per
 //! group in parallel, and save one bundle per model.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -322,15 +321,19 @@ fn fit_group(
 ) -> Result<Trained> {
     let rows: Vec<f64> = group.rows.iter().flatten().copied().collect();
     let preprocessor = Preprocessor::fit(features.to_vec(), &rows)?;
-    let last_loss = Mutex::new(None::<EpochLosses>);
-    let out = fit(network, train, preprocessor, &rows, &mut |l| {
-        bar.set_position(l.epoch as u64);
-        bar.set_message(format!(
-            "loss {:.4} (recon {:.4}, energy {:.3}, cov {:.3})",
-            l.total, l.reconstruction, l.energy, l.cov_penalty
-        ));
-        *last_loss.lock().expect("not poisoned") = Some(*l);
-    })?;
+    let out = fit(
+        network,
+        train,
+        preprocessor,
+        &rows,
+        &mut |l: &EpochLosses| {
+            bar.set_position(l.epoch as u64);
+            bar.set_message(format!(
+                "loss {:.4} (recon {:.4}, energy {:.3}, cov {:.3})",
+                l.total, l.reconstruction, l.energy, l.cov_penalty
+            ));
+        },
+    )?;
     let report = &group.report;
     let summary = TrainingSummary {
         group: group.name.clone(),
@@ -342,7 +345,7 @@ fn fit_group(
             (Some(&a), Some(&b)) => Some((format_time(a), format_time(b))),
             _ => None,
         },
-        final_losses: *last_loss.lock().expect("not poisoned"),
+        final_losses: out.history.last().copied(),
         train_config: Some(train.clone()),
         seconds: out.seconds,
     };
@@ -396,7 +399,7 @@ fn print_summary(
             t.cutoff,
             t.final_loss,
             t.seconds,
-            display_path(&t.path)
+            t.path.display()
         );
     }
     println!(
@@ -416,8 +419,4 @@ fn print_summary(
         bail!("{} model(s) failed to train", failures.len());
     }
     Ok(())
-}
-
-fn display_path(p: &Path) -> String {
-    p.display().to_string()
 }
