@@ -339,11 +339,8 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                 }
                 Some(_) => {}
             }
-            let read = ReadOptions {
-                shape: opts.read.shape,
-                ..opts.read.clone()
-            };
-            let table = frame_to_table(df.clone(), &read, &source)?;
+            let read = &opts.read;
+            let table = frame_to_table(df.clone(), read, &source)?;
             let scoring_frame = if read.shape == ShapeOption::Long || table.len() != df.height() {
                 // Long input was pivoted: write the wide rows we scored instead of the raw ones.
                 table_frame(&table, &metric_names)?
