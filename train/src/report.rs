@@ -964,10 +964,14 @@ fn card(d: &ReportData) -> Vec<(String, String)> {
     rows.push((
         "scored rows".into(),
         format!(
-            "{} ({} anomalies: {:?}; {} rows skipped as invalid)",
+            "{} ({} anomalies: {}; {} rows skipped as invalid)",
             d.rows.len(),
             by_severity.values().sum::<usize>(),
-            by_severity,
+            by_severity
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             d.skipped
         ),
     ));
