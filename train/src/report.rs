@@ -289,6 +289,22 @@ macro_rules! on_area {
     };
 }
 
+/// The legend box every figure uses.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    font_size: u32,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .label_font(font(font_size))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(err)
+}
+
 fn font(size: u32) -> TextStyle<'static> {
     (FONT_NAME, size).into_font().into()
 }
@@ -370,14 +386,7 @@ fn scatter3d(
                 d.rows.iter().filter(|r| r.verdict.anomaly).count()
             ))
             .legend(|(x, y)| Circle::new((x + 8, y), 4, ANOMALY.filled()));
-        chart
-            .configure_series_labels()
-            .label_font(font(18))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, 18, SeriesLabelPosition::UpperRight)?;
         root.draw(&Text::new(
             format!("vertical: {third_label} · depth: memory (%) · across: CPU (%)"),
             (20, FIGURE_SIZE.1 as i32 - 30),
@@ -496,14 +505,7 @@ fn energy_distribution(area: DrawArea, d: &ReportData) -> Result<()> {
                 )))
                 .map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .label_font(font(16))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, 16, SeriesLabelPosition::UpperLeft)?;
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -584,13 +586,7 @@ fn timeline(area: DrawArea, d: &ReportData, host: &str) -> Result<()> {
                 .map_err(err)?
                 .label("anomaly")
                 .legend(|(x, y)| Circle::new((x + 8, y), 4, ANOMALY.filled()));
-            chart
-                .configure_series_labels()
-                .label_font(font(14))
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
+            legend(&mut chart, 14, SeriesLabelPosition::MiddleRight)?;
         }
         for (p, (label, j, log)) in panels.iter().enumerate() {
             let value = |r: &Row| {
@@ -771,13 +767,7 @@ fn latent(area: DrawArea, d: &ReportData) -> Result<()> {
                 .map_err(err)?
                 .label("anomaly (ring)")
                 .legend(|(x, y)| Circle::new((x + 8, y), 5, ANOMALY.stroke_width(2)));
-            chart
-                .configure_series_labels()
-                .label_font(font(13))
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
+            legend(&mut chart, 13, SeriesLabelPosition::MiddleRight)?;
         }
         Ok::<(), anyhow::Error>(())
     })
@@ -875,14 +865,7 @@ fn contributions(area: DrawArea, d: &ReportData) -> Result<()> {
                 )))
                 .map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .label_font(font(14))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, 14, SeriesLabelPosition::LowerRight)?;
         Ok::<(), anyhow::Error>(())
     })
 }
