@@ -117,43 +117,68 @@ pub fn resolve_model(
     })
 }
 
-/// Score a parsed request against a model snapshot; the same path the batch scorer uses.
+/// Score one parsed sample: pick its model (the sample's own, else the request's `model`, else
+/// by host), check its values and explain the verdict. Shared by HTTP, stream and batch paths.
+pub fn score_sample(
+    models: &ModelMap,
+    request_model: Option<&str>,
+    sample: &request::Sample,
+    scratch: &mut Option<dagmm_model::scorer::Scratch>,
+) -> Result<(Arc<LoadedModel>, ScoredSample), ApiError> {
+    let explicit = sample.model.as_deref().or(request_model);
+    let model_field = if sample.model.is_some() {
+        format!("{}.model", sample.path)
+    } else {
+        "model".to_string()
+    };
+    let model = resolve_model(
+        models,
+        explicit,
+        sample.host.as_deref(),
+        model_field.trim_start_matches('.'),
+    )?;
+    let values = request::metric_values(sample, &model.explainer)?;
+    let s = scratch.get_or_insert_with(|| model.explainer.scorer().new_scratch());
+    let verdict = model.explainer.verdict(&values, s);
+    let scored = ScoredSample {
+        id: sample.id.clone(),
+        timestamp: sample.timestamp.clone(),
+        host: sample.host.clone(),
+        model: ModelRef {
+            name: model.name.clone(),
+            sha256: model.sha256.clone(),
+            trained_at: model.trained_at.clone(),
+        },
+        verdict,
+    };
+    Ok((model, scored))
+}
+
+/// Score a parsed request against a model snapshot; the first bad sample fails the whole
+/// request, as HTTP callers expect.
 pub fn score_request(
     models: &ModelMap,
     req: &ScoreRequest,
 ) -> Result<Vec<(Arc<LoadedModel>, ScoredSample)>, ApiError> {
-    let mut out = Vec::with_capacity(req.samples.len());
     let mut scratch = None;
-    for sample in &req.samples {
-        let explicit = sample.model.as_deref().or(req.model.as_deref());
-        let model_field = if sample.model.is_some() {
-            format!("{}.model", sample.path)
-        } else {
-            "model".to_string()
-        };
-        let model = resolve_model(
-            models,
-            explicit,
-            sample.host.as_deref(),
-            model_field.trim_start_matches('.'),
-        )?;
-        let values = request::metric_values(sample, &model.explainer)?;
-        let s = scratch.get_or_insert_with(|| model.explainer.scorer().new_scratch());
-        let verdict = model.explainer.verdict(&values, s);
-        let scored = ScoredSample {
-            id: sample.id.clone(),
-            timestamp: sample.timestamp.clone(),
-            host: sample.host.clone(),
-            model: ModelRef {
-                name: model.name.clone(),
-                sha256: model.sha256.clone(),
-                trained_at: model.trained_at.clone(),
-            },
-            verdict,
-        };
-        out.push((model, scored));
+    req.samples
+        .iter()
+        .map(|sample| score_sample(models, req.model.as_deref(), sample, &mut scratch))
+        .collect()
+}
+
+/// Count one verdict in the Prometheus metrics.
+pub fn record_verdict(m: &Metrics, model: &LoadedModel, s: &ScoredSample) {
+    m.scored.with_label_values(&[model.name.as_str()]).inc();
+    if s.verdict.anomaly {
+        m.anomalies
+            .with_label_values(&[model.name.as_str(), s.verdict.severity.as_str()])
+            .inc();
     }
-    Ok(out)
+    let host = m.host_label(s.host.as_deref().unwrap_or(""));
+    m.last_energy
+        .with_label_values(&[model.name.as_str(), host.as_str()])
+        .set(s.verdict.energy);
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -208,19 +233,9 @@ pub async fn score(
     let req = request::parse(&bytes, state.config.max_samples)?;
     let models = state.registry.snapshot();
     let scored = score_request(&models, &req)?;
-    let m = &state.metrics;
     let mut results = Vec::with_capacity(scored.len());
     for (model, s) in scored {
-        m.scored.with_label_values(&[model.name.as_str()]).inc();
-        if s.verdict.anomaly {
-            m.anomalies
-                .with_label_values(&[model.name.as_str(), s.verdict.severity.as_str()])
-                .inc();
-        }
-        let host = m.host_label(s.host.as_deref().unwrap_or(""));
-        m.last_energy
-            .with_label_values(&[model.name.as_str(), host.as_str()])
-            .set(s.verdict.energy);
+        record_verdict(&state.metrics, &model, &s);
         results.push(s);
     }
     Ok(axum::Json(ScoreResponse { results }).into_response())
@@ -399,6 +414,17 @@ async fn record_metrics(State(state): State<Arc<AppState>>, req: Request, next: 
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Metrics, health, readiness and reload only: the HTTP face of a stream-only replica.
+pub fn ops_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/admin/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
 }
 
 /// The router with every route and layer.

@@ -3,7 +3,7 @@
 //!
 //! Reading order: `registry` (loading and hot-reloading bundles), `request` (parsing and checking
 //! bodies), `app` (routes, auth, limits), `metrics` (Prometheus), `error` (the one JSON error
-//! shape), `server` (listening and graceful shutdown).
+//! shape), `server` (listening and graceful shutdown), `stream` (the NATS JetStream consumer).
 
 pub mod app;
 pub mod batch;
@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod registry;
 pub mod request;
 pub mod server;
+pub mod stream;

@@ -28,6 +28,116 @@ enum Command {
     Serve(ServeArgs),
     /// Score a whole export (Parquet/CSV) into a Parquet or CSV file.
     Score(ScoreArgs),
+    /// Score samples from a NATS JetStream stream and publish the verdicts (no HTTP scoring).
+    Stream(StreamArgs),
+}
+
+/// JetStream settings shared by `stream` and `serve --nats`.
+#[derive(clap::Args)]
+struct StreamFlags {
+    /// Input stream (created with --subjects if missing).
+    #[arg(long = "stream", env = "DAGMM_NATS_STREAM", default_value = "METRICS")]
+    stream_name: String,
+    /// Input subjects, comma-separated; `metrics.<host>` names the host of samples without one.
+    #[arg(
+        long,
+        env = "DAGMM_NATS_SUBJECTS",
+        default_value = "metrics.>",
+        value_delimiter = ','
+    )]
+    subjects: Vec<String>,
+    /// Durable pull consumer shared by every replica.
+    #[arg(long, env = "DAGMM_NATS_CONSUMER", default_value = "dagmm-scorers")]
+    consumer: String,
+    /// Verdicts are published to `<results>.<host>`.
+    #[arg(long, env = "DAGMM_NATS_RESULTS", default_value = "scores")]
+    results: String,
+    /// Stream storing (and de-duplicating) the verdicts, created if missing.
+    #[arg(long, env = "DAGMM_NATS_RESULTS_STREAM", default_value = "SCORES")]
+    results_stream: String,
+    /// Subject for messages that cannot be scored, with the reason.
+    #[arg(
+        long,
+        env = "DAGMM_NATS_DEAD_LETTER",
+        default_value = "dagmm.dead-letter"
+    )]
+    dead_letter: String,
+    /// Stream storing the dead letters, created if missing.
+    #[arg(
+        long,
+        env = "DAGMM_NATS_DEAD_LETTER_STREAM",
+        default_value = "DAGMM_DEAD_LETTER"
+    )]
+    dead_letter_stream: String,
+    /// Messages asked for in one pull.
+    #[arg(long, env = "DAGMM_NATS_PULL_BATCH", default_value_t = 256)]
+    pull_batch: usize,
+    /// Concurrent pull loops in this replica.
+    #[arg(long, env = "DAGMM_NATS_CONCURRENCY", default_value_t = 4)]
+    concurrency: usize,
+    /// Unacked messages the consumer allows across all replicas.
+    #[arg(long, env = "DAGMM_NATS_MAX_ACK_PENDING", default_value_t = 8192)]
+    max_ack_pending: i64,
+    /// Milliseconds before a message a replica did not ack is redelivered.
+    #[arg(long, env = "DAGMM_NATS_ACK_WAIT_MS", default_value_t = 30_000)]
+    ack_wait_ms: u64,
+    /// Seconds during which the results stream drops republished verdicts (must exceed ack wait).
+    #[arg(long, env = "DAGMM_NATS_DUPLICATE_WINDOW_S", default_value_t = 300)]
+    duplicate_window_s: u64,
+    /// File holding the NATS token, for servers that require one.
+    #[arg(long, env = "DAGMM_NATS_TOKEN_FILE")]
+    nats_token_file: Option<PathBuf>,
+}
+
+impl StreamFlags {
+    fn config(
+        &self,
+        nats_url: &str,
+        max_samples: usize,
+    ) -> Result<dagmm_serve::stream::StreamConfig> {
+        Ok(dagmm_serve::stream::StreamConfig {
+            nats_url: nats_url.to_string(),
+            nats_token: self
+                .nats_token_file
+                .as_deref()
+                .map(|p| read_secret(p, "NATS token"))
+                .transpose()?,
+            stream: self.stream_name.clone(),
+            subjects: self.subjects.clone(),
+            consumer: self.consumer.clone(),
+            results: self.results.clone(),
+            results_stream: self.results_stream.clone(),
+            dead_letter: self.dead_letter.clone(),
+            dead_letter_stream: self.dead_letter_stream.clone(),
+            pull_batch: self.pull_batch,
+            concurrency: self.concurrency,
+            max_ack_pending: self.max_ack_pending,
+            ack_wait: Duration::from_millis(self.ack_wait_ms),
+            duplicate_window: Duration::from_secs(self.duplicate_window_s),
+            max_samples,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// A bundle file, or a directory of bundles (model name = file stem).
+    #[arg(long, env = "DAGMM_MODELS")]
+    models: PathBuf,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "DAGMM_NATS_URL")]
+    nats: String,
+    #[command(flatten)]
+    stream: StreamFlags,
+    /// Most samples in one message.
+    #[arg(long, env = "DAGMM_MAX_SAMPLES", default_value_t = ServerConfig::default().max_samples)]
+    max_samples: usize,
+    /// Also serve /metrics, /healthz and /readyz on this address.
+    #[arg(long, env = "DAGMM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Worker threads (default: one per core).
+    #[arg(long, env = "DAGMM_WORKERS")]
+    workers: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -83,6 +193,11 @@ struct ServeArgs {
     /// Worker threads (default: one per core).
     #[arg(long, env = "DAGMM_WORKERS")]
     workers: Option<usize>,
+    /// Also consume samples from NATS JetStream at this URL (see the `stream` command).
+    #[arg(long, env = "DAGMM_NATS_URL")]
+    nats: Option<String>,
+    #[command(flatten)]
+    stream: StreamFlags,
 }
 
 fn main() {
@@ -98,6 +213,7 @@ fn main() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.command {
         Command::Serve(args) => run_server(args),
         Command::Score(args) => run_batch(args),
+        Command::Stream(args) => run_stream(args),
     }))
     .unwrap_or_else(|panic| {
         let why = panic
@@ -113,22 +229,55 @@ fn main() {
     }
 }
 
+fn read_secret(path: &std::path::Path, what: &str) -> Result<String> {
+    let secret = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let secret = secret.trim().to_string();
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "{}: the {what} file is empty",
+        path.display()
+    );
+    Ok(secret)
+}
+
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(w) = workers {
+        runtime.worker_threads(w.max(1));
+    }
+    Ok(runtime.build()?)
+}
+
+/// One stop signal for every part of the process (HTTP and stream).
+fn stop_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
 fn run_server(args: ServeArgs) -> Result<()> {
-    let auth_token = match &args.auth_token_file {
-        Some(path) => {
-            let token =
-                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-            let token = token.trim().to_string();
-            anyhow::ensure!(
-                !token.is_empty(),
-                "{}: the token file is empty",
-                path.display()
-            );
-            Some(token)
+    let auth_token = args
+        .auth_token_file
+        .as_deref()
+        .map(|p| read_secret(p, "token"))
+        .transpose()?;
+    anyhow::ensure!(args.max_samples > 0, "--max-samples must be at least 1");
+    let stream_config = match &args.nats {
+        Some(url) => {
+            let cfg = args.stream.config(url, args.max_samples)?;
+            cfg.validate()?;
+            Some(cfg)
         }
         None => None,
     };
-    anyhow::ensure!(args.max_samples > 0, "--max-samples must be at least 1");
     let registry = Registry::open(&args.models).map_err(|e| anyhow::anyhow!(e))?;
     let state = Arc::new(AppState {
         registry,
@@ -140,17 +289,55 @@ fn run_server(args: ServeArgs) -> Result<()> {
             auth_token,
         },
     });
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(w) = args.workers {
-        runtime.worker_threads(w.max(1));
-    }
-    runtime.build()?.block_on(async move {
+    runtime(args.workers)?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.addr)
             .await
             .with_context(|| format!("cannot listen on {}", args.addr))?;
         server::spawn_sighup_reloader(state.clone());
-        server::serve(listener, state, server::shutdown_signal()).await?;
+        let stop = stop_on_signal();
+        let http = server::serve(listener, state.clone(), stopped(stop.clone()));
+        match stream_config {
+            Some(cfg) => {
+                let consume = dagmm_serve::stream::run(state, cfg, stop);
+                let (http, consume) = tokio::join!(http, consume);
+                http?;
+                consume?;
+            }
+            None => http.await?,
+        }
+        Ok(())
+    })
+}
+
+fn run_stream(args: StreamArgs) -> Result<()> {
+    let cfg = args.stream.config(&args.nats, args.max_samples)?;
+    cfg.validate()?;
+    let registry = Registry::open(&args.models).map_err(|e| anyhow::anyhow!(e))?;
+    let state = Arc::new(AppState {
+        registry,
+        metrics: Metrics::new(),
+        config: ServerConfig::default(),
+    });
+    runtime(args.workers)?.block_on(async move {
+        server::spawn_sighup_reloader(state.clone());
+        let stop = stop_on_signal();
+        let ops = match &args.metrics_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                Some(tokio::spawn(server::serve_ops(
+                    listener,
+                    state.clone(),
+                    stopped(stop.clone()),
+                )))
+            }
+            None => None,
+        };
+        dagmm_serve::stream::run(state, cfg, stop).await?;
+        if let Some(ops) = ops {
+            ops.await??;
+        }
         Ok(())
     })
 }

@@ -4,7 +4,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::registry::ModelMap;
@@ -22,6 +23,7 @@ pub struct Metrics {
     pub last_energy: GaugeVec,
     model_age: GaugeVec,
     pub reloads: IntCounterVec,
+    pub stream: StreamMetrics,
     hosts_seen: Mutex<HashSet<String>>,
 }
 
@@ -95,8 +97,10 @@ impl Metrics {
         registry
             .register(Box::new(model_age.clone()))
             .expect("unique metric");
+        let stream = StreamMetrics::register(&registry);
         Self {
             registry,
+            stream,
             requests,
             latency,
             anomalies,
@@ -138,6 +142,84 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding never fails");
         String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+/// Counters of the JetStream consumer (`dagmm-serve stream` or `serve --nats`).
+pub struct StreamMetrics {
+    /// Input messages taken from the stream.
+    pub consumed: IntCounter,
+    /// Verdicts published (and acknowledged by JetStream).
+    pub scored: IntCounter,
+    /// Messages or samples sent to the dead-letter subject, by error code.
+    pub dead_lettered: IntCounterVec,
+    /// Input messages seen more than once (a replica died or timed out before acking).
+    pub redelivered: IntCounter,
+    /// Messages left un-acked for redelivery because publishing their results failed.
+    pub publish_failures: IntCounter,
+    /// Republished verdicts the results stream already held (dropped by `Nats-Msg-Id`).
+    pub duplicates_dropped: IntCounter,
+    /// Messages the server still holds for the consumer, as of the last message received.
+    pub lag: IntGauge,
+}
+
+impl StreamMetrics {
+    fn register(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let consumed = counter(
+            "dagmm_stream_messages_consumed_total",
+            "Messages taken from the input stream",
+        );
+        let scored = counter(
+            "dagmm_stream_verdicts_published_total",
+            "Verdicts published to the results subject",
+        );
+        let redelivered = counter(
+            "dagmm_stream_redelivered_total",
+            "Input messages delivered more than once",
+        );
+        let publish_failures = counter(
+            "dagmm_stream_publish_failures_total",
+            "Input messages left for redelivery because a result could not be published",
+        );
+        let duplicates_dropped = counter(
+            "dagmm_stream_duplicates_dropped_total",
+            "Republished verdicts or dead letters JetStream already stored, dropped by Nats-Msg-Id",
+        );
+        let dead_lettered = IntCounterVec::new(
+            Opts::new(
+                "dagmm_stream_dead_lettered_total",
+                "Messages or samples sent to the dead-letter subject, by error code",
+            ),
+            &["code"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(dead_lettered.clone()))
+            .expect("unique metric");
+        let lag = IntGauge::new(
+            "dagmm_stream_lag_messages",
+            "Messages pending for the consumer, as of the last delivery",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(lag.clone()))
+            .expect("unique metric");
+        Self {
+            consumed,
+            scored,
+            dead_lettered,
+            redelivered,
+            publish_failures,
+            duplicates_dropped,
+            lag,
+        }
     }
 }
 
