@@ -83,6 +83,11 @@ impl StreamConfig {
         }
     }
 
+    /// Verdicts one pull loop may have awaiting JetStream's ack: at least one whole message.
+    pub fn ack_window(&self) -> usize {
+        self.max_samples.max(1024)
+    }
+
     /// Refuse settings that would loop, lose results or never progress.
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(
@@ -359,7 +364,7 @@ async fn connect(
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
         .backpressure_on_inflight(true)
-        .max_ack_inflight(cfg.pull_batch * cfg.concurrency * 4)
+        .max_ack_inflight(cfg.ack_window() * cfg.concurrency)
         .build(client.clone());
     let input = ensure_stream(&js, &cfg.stream, &cfg.subjects, None).await?;
     ensure_stream(
@@ -408,7 +413,7 @@ pub async fn run(
     let (client, js, consumer) = connect(&cfg).await?;
     tracing::info!(
         nats = %cfg.nats_url,
-        stream = %cfg.stream,
+        stream = %consumer.cached_info().stream_name,
         consumer = %cfg.consumer,
         results = %cfg.results,
         "consuming"
@@ -545,9 +550,33 @@ async fn handle_messages(
             return;
         }
     };
-    // Send everything first so the acks come back in parallel, then wait per message.
+    // Publish in groups of at most `ack_window` verdicts: an un-awaited ack holds one of the
+    // context's permits, so a group must fit in this loop's share of them.
+    let window = cfg.ack_window();
+    let mut group_start = 0;
+    let mut in_group = 0;
+    for (i, plan) in plans.iter().enumerate() {
+        if in_group > 0 && in_group + plan.publishes.len() > window {
+            publish_and_ack(state, js, &messages[group_start..i], &plans[group_start..i]).await;
+            group_start = i;
+            in_group = 0;
+        }
+        in_group += plan.publishes.len();
+    }
+    publish_and_ack(state, js, &messages[group_start..], &plans[group_start..]).await;
+}
+
+/// Send every publish of the group first so their acks come back in parallel, then settle
+/// each message: ack when all its publishes are stored, nak otherwise.
+async fn publish_and_ack(
+    state: &Arc<AppState>,
+    js: &jetstream::Context,
+    messages: &[jetstream::Message],
+    plans: &[Plan],
+) {
+    let m = &state.metrics.stream;
     let mut pending = Vec::with_capacity(plans.len());
-    for plan in &plans {
+    for plan in plans {
         let mut acks = Vec::with_capacity(plan.publishes.len());
         let mut failed = false;
         for out in &plan.publishes {
@@ -565,7 +594,7 @@ async fn handle_messages(
         }
         pending.push((acks, failed));
     }
-    for ((msg, plan), (acks, mut failed)) in messages.iter().zip(&plans).zip(pending) {
+    for ((msg, plan), (acks, mut failed)) in messages.iter().zip(plans).zip(pending) {
         for ack in acks {
             match ack.await {
                 Ok(stored) if stored.duplicate => m.duplicates_dropped.inc(),

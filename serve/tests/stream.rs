@@ -547,3 +547,50 @@ fn scoring_resumes_after_the_nats_server_restarts() {
     assert!(replica.terminate().success());
     drop(own);
 }
+
+#[test]
+fn batches_larger_than_the_ack_window_are_all_scored() {
+    let Some((url, _own)) = nats() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let model = model(dir.path());
+    let names = Names::new("batches");
+    // One loop with 1024 ack permits receives 12 000 verdicts' worth of messages at once.
+    let replica = Replica::start(&url, &model, &names, &["--concurrency", "1"]);
+    let rt = runtime();
+    let js = rt.block_on(connect(&url));
+    rt.block_on(wait_for_consumer(&js, &names));
+    const MESSAGES: u64 = 40;
+    const PER_MESSAGE: u64 = 300;
+    rt.block_on(async {
+        for m in 0..MESSAGES {
+            let samples: Vec<Value> = (0..PER_MESSAGE)
+                .map(|i| sample_json(m * PER_MESSAGE + i, 15.0 + i as f64 / 10.0))
+                .collect();
+            let body = json!({"samples": samples}).to_string();
+            js.publish(names.subject("web-01"), body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while replica.metric("dagmm_stream_verdicts_published_total") < (MESSAGES * PER_MESSAGE) as f64
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} verdicts",
+            replica.metric("dagmm_stream_verdicts_published_total"),
+            MESSAGES * PER_MESSAGE
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let results = rt.block_on(read_all(&js, &names.results_stream()));
+    let mut ids: Vec<u64> = results
+        .iter()
+        .map(|(_, b)| b["id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..MESSAGES * PER_MESSAGE).collect::<Vec<_>>());
+    assert!(replica.terminate().success());
+}
