@@ -52,6 +52,16 @@ pub struct Verdict {
     pub explanation: Vec<MetricExplanation>,
 }
 
+/// The numbers of a verdict, without names or explanation objects.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assessment {
+    pub energy: f64,
+    pub anomaly: bool,
+    pub percentile: f64,
+    /// Index (in the model's feature order) of the metric with the largest contribution.
+    pub top: usize,
+}
+
 /// A scorer bound to its model's preprocessing and thresholds: raw values in, verdicts out.
 #[derive(Debug, Clone)]
 pub struct Explainer {
@@ -124,43 +134,64 @@ impl Explainer {
         x.extend(raw.iter().enumerate().map(|(j, &v)| p.scale(j, v) as f32));
     }
 
-    /// Full verdict on one raw sample (call [`Explainer::validate`] first).
-    pub fn verdict(&self, raw: &[f64], s: &mut Scratch) -> Verdict {
-        let p = &self.model.preprocessor;
+    /// The numbers of a verdict without its names (call [`Explainer::validate`] first): what
+    /// batch scoring writes per row. The scaled sample, its reconstruction and the per-metric
+    /// shares are left in `s.x`, `s.expected` and `s.shares`.
+    pub fn assess(&self, raw: &[f64], s: &mut Scratch) -> Assessment {
         let t = &self.model.thresholds;
         let mut x = std::mem::take(&mut s.x);
         self.scale_into(raw, &mut x);
         let energy = self.scorer.energy_scaled(&x, s);
-        let x_hat: Vec<f32> = self.scorer.reconstruction(s).to_vec();
+        let mut x_hat = std::mem::take(&mut s.expected);
+        x_hat.clear();
+        x_hat.extend_from_slice(self.scorer.reconstruction(s));
         let mut counterfactual = std::mem::take(&mut s.counterfactual);
-        let mut drops: Vec<f64> = (0..x.len())
-            .map(|j| {
-                counterfactual.clear();
-                counterfactual.extend_from_slice(&x);
-                counterfactual[j] = x_hat[j];
-                (energy - self.scorer.energy_scaled(&counterfactual, s)).max(0.0)
-            })
-            .collect();
-        s.counterfactual = counterfactual;
-        if drops.iter().sum::<f64>() <= MIN_DROP {
-            drops = x
-                .iter()
-                .zip(&x_hat)
-                .map(|(a, b)| f64::from(a - b).powi(2))
-                .collect();
+        let mut shares = std::mem::take(&mut s.shares);
+        shares.clear();
+        for j in 0..x.len() {
+            counterfactual.clear();
+            counterfactual.extend_from_slice(&x);
+            counterfactual[j] = x_hat[j];
+            shares.push((energy - self.scorer.energy_scaled(&counterfactual, s)).max(0.0));
         }
-        let total: f64 = drops.iter().sum();
-        let shares: Vec<f64> = if total > MIN_DROP {
-            drops.iter().map(|d| d / total).collect()
+        if shares.iter().sum::<f64>() <= MIN_DROP {
+            shares.clear();
+            shares.extend(x.iter().zip(&x_hat).map(|(a, b)| f64::from(a - b).powi(2)));
+        }
+        let total: f64 = shares.iter().sum();
+        if total > MIN_DROP {
+            shares.iter_mut().for_each(|d| *d /= total);
         } else {
-            vec![1.0 / x.len() as f64; x.len()]
-        };
+            shares.fill(1.0 / x.len() as f64);
+        }
+        let top = shares
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(j, _)| j);
+        s.x = x;
+        s.expected = x_hat;
+        s.counterfactual = counterfactual;
+        s.shares = shares;
+        Assessment {
+            energy,
+            anomaly: t.is_anomaly(energy),
+            percentile: t.percentile_rank(energy),
+            top,
+        }
+    }
+
+    /// Full verdict on one raw sample (call [`Explainer::validate`] first).
+    pub fn verdict(&self, raw: &[f64], s: &mut Scratch) -> Verdict {
+        let p = &self.model.preprocessor;
+        let t = &self.model.thresholds;
+        let a = self.assess(raw, s);
         let explanation: Vec<MetricExplanation> = p
             .features
             .iter()
             .enumerate()
             .map(|(j, spec)| {
-                let expected = p.unscale(j, f64::from(x_hat[j]));
+                let expected = p.unscale(j, f64::from(s.expected[j]));
                 MetricExplanation {
                     metric: spec.name.clone(),
                     unit: spec.unit.clone(),
@@ -171,25 +202,19 @@ impl Explainer {
                     } else {
                         Direction::Below
                     },
-                    contribution: shares[j],
+                    contribution: s.shares[j],
                     out_of_range: p.out_of_range(j, raw[j]),
                 }
             })
             .collect();
-        s.x = x;
-        let top = shares
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(j, _)| j);
         Verdict {
-            energy,
+            energy: a.energy,
             cutoff: t.cutoff,
-            anomaly: t.is_anomaly(energy),
-            severity: t.severity(energy).to_string(),
-            percentile: t.percentile_rank(energy),
+            anomaly: a.anomaly,
+            severity: t.severity(a.energy).to_string(),
+            percentile: a.percentile,
             out_of_range: explanation.iter().any(|e| e.out_of_range),
-            top_metric: p.features[top].name.clone(),
+            top_metric: p.features[a.top].name.clone(),
             explanation,
         }
     }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use bundle::{Bundle, LoadedBundle, TrainingSummary};
 pub use config::{NetworkConfig, TrainConfig};
 pub use error::ModelError;
-pub use explain::{Direction, Explainer, MetricExplanation, Verdict};
+pub use explain::{Assessment, Direction, Explainer, MetricExplanation, Verdict};
 pub use gmm::GmmParams;
 pub use network::NetworkWeights;
 pub use preprocess::{FeatureSpec, Preprocessor, Transform};

@@ -29,6 +29,9 @@ pub struct Scratch {
     /// Scaled input and counterfactual buffers for callers that build inputs per sample.
     pub x: Vec<f32>,
     pub counterfactual: Vec<f32>,
+    /// The sample's reconstruction and per-metric shares, as left by `Explainer::assess`.
+    pub expected: Vec<f32>,
+    pub shares: Vec<f64>,
 }
 
 /// y = x W + b for a `[d_input, d_output]` row-major W, accumulated like burn's matmul
@@ -167,6 +170,8 @@ impl Scorer {
             x_hat: Vec::with_capacity(self.input_dim),
             x: Vec::with_capacity(self.input_dim),
             counterfactual: Vec::with_capacity(self.input_dim),
+            expected: Vec::with_capacity(self.input_dim),
+            shares: Vec::with_capacity(self.input_dim),
         }
     }
 

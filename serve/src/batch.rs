@@ -81,16 +81,18 @@ impl Ord for ByEnergy {
     }
 }
 
-/// Scores of one row (all `None` when it could not be scored).
+/// Scores of one row (all `None` when it could not be scored). Names borrow from the models,
+/// so scoring a row allocates nothing.
 #[derive(Default, Clone)]
-struct RowScore {
+struct RowScore<'a> {
     energy: Option<f64>,
     anomaly: Option<bool>,
-    severity: Option<String>,
+    severity: Option<&'a str>,
     percentile: Option<f64>,
-    top_metric: Option<String>,
-    contributions: Vec<Option<f64>>,
-    model: Option<String>,
+    top_metric: Option<&'a str>,
+    /// In the order of the output's metric columns.
+    contributions: [Option<f64>; 4],
+    model: Option<&'a str>,
     reason: Option<String>,
 }
 
@@ -105,13 +107,13 @@ fn route<'a>(
     models.get(host).map(|m| m.as_ref()).or(default_model)
 }
 
-fn score_rows(
-    models: &ModelMap,
-    default_model: Option<&LoadedModel>,
+fn score_rows<'a>(
+    models: &'a ModelMap,
+    default_model: Option<&'a LoadedModel>,
     hosts: &[String],
     values: &[[f64; 4]],
     metric_names: &[String],
-) -> Vec<RowScore> {
+) -> Vec<RowScore<'a>> {
     const PAR_CHUNK: usize = 4096;
     let mut out = vec![RowScore::default(); values.len()];
     out.par_chunks_mut(PAR_CHUNK)
@@ -141,22 +143,21 @@ fn score_rows(
                     continue;
                 }
                 let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
-                let v = explainer.verdict(raw, s);
-                slot.energy = Some(v.energy);
-                slot.anomaly = Some(v.anomaly);
-                slot.severity = Some(v.severity);
-                slot.percentile = Some(v.percentile);
-                slot.top_metric = Some(v.top_metric);
-                slot.contributions = metric_names
-                    .iter()
-                    .map(|name| {
-                        v.explanation
-                            .iter()
-                            .find(|e| &e.metric == name)
-                            .map(|e| e.contribution)
-                    })
-                    .collect();
-                slot.model = Some(model.name.clone());
+                let a = explainer.assess(raw, s);
+                let model_def = explainer.model();
+                let features = &model_def.preprocessor.features;
+                slot.energy = Some(a.energy);
+                slot.anomaly = Some(a.anomaly);
+                slot.severity = Some(model_def.thresholds.severity(a.energy));
+                slot.percentile = Some(a.percentile);
+                slot.top_metric = Some(features[a.top].name.as_str());
+                for (c, name) in slot.contributions.iter_mut().zip(metric_names) {
+                    *c = features
+                        .iter()
+                        .position(|f| &f.name == name)
+                        .map(|j| s.shares[j]);
+                }
+                slot.model = Some(model.name.as_str());
             }
         });
     out
@@ -165,13 +166,13 @@ fn score_rows(
 /// Append the score columns to a chunk of the input.
 fn with_scores(
     mut df: DataFrame,
-    scores: &[RowScore],
+    scores: &[RowScore<'_>],
     metric_names: &[String],
 ) -> Result<DataFrame> {
     let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
         Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>())
     };
-    let col_str = |name: &str, f: &dyn Fn(&RowScore) -> Option<String>| {
+    let col_str = |name: &str, f: &dyn for<'r> Fn(&'r RowScore<'r>) -> Option<&'r str>| {
         Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>())
     };
     let mut columns = vec![
@@ -180,17 +181,17 @@ fn with_scores(
             "anomaly".into(),
             scores.iter().map(|s| s.anomaly).collect::<Vec<_>>(),
         ),
-        col_str("severity", &|s| s.severity.clone()),
+        col_str("severity", &|s| s.severity),
         col_f64("percentile", &|s| s.percentile),
-        col_str("top_metric", &|s| s.top_metric.clone()),
+        col_str("top_metric", &|s| s.top_metric),
     ];
     for (j, name) in metric_names.iter().enumerate() {
         columns.push(col_f64(&format!("contribution_{name}"), &|s| {
             s.contributions.get(j).copied().flatten()
         }));
     }
-    columns.push(col_str("model", &|s| s.model.clone()));
-    columns.push(col_str("reason", &|s| s.reason.clone()));
+    columns.push(col_str("model", &|s| s.model));
+    columns.push(col_str("reason", &|s| s.reason.as_deref()));
     for c in columns {
         if df.schema().contains(c.name()) {
             bail!(
@@ -366,7 +367,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                         if s.anomaly == Some(true) {
                             *summary
                                 .anomalies_by_severity
-                                .entry(s.severity.clone().unwrap_or_default())
+                                .entry(s.severity.unwrap_or_default().to_string())
                                 .or_default() += 1;
                             *summary
                                 .anomalies_by_host
@@ -387,8 +388,8 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                                 energy: *e,
                                 timestamp: table.time_ms[i],
                                 host: table.host[i].clone(),
-                                top_metric: s.top_metric.clone().unwrap_or_default(),
-                                severity: s.severity.clone().unwrap_or_default(),
+                                top_metric: s.top_metric.unwrap_or_default().to_string(),
+                                severity: s.severity.unwrap_or_default().to_string(),
                             });
                             top.push(Reverse(key));
                             if top.len() > TOP_ROWS {
