@@ -61,6 +61,20 @@ pub struct LoadedBundle {
 }
 
 /// Temp files are created owner-only; a saved model should read like any other file.
+/// A model or host name with everything but ASCII letters, digits, `-`, `_` and `.` replaced by
+/// `_`: safe in file names and in NATS subjects alike.
+pub fn plain_name_chars(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 pub fn make_readable(file: &std::fs::File) -> std::io::Result<()> {
     #[cfg(unix)]
     {

@@ -180,17 +180,7 @@ pub fn host_from_subject(subject: &str, patterns: &[String]) -> Option<String> {
 /// A host name made safe as the last tokens of a subject: NATS forbids spaces and wildcards,
 /// and empty tokens.
 pub fn subject_tokens(host: Option<&str>) -> String {
-    let cleaned: String = host
-        .unwrap_or("")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let cleaned = dagmm_model::bundle::plain_name_chars(host.unwrap_or(""));
     let tokens: Vec<&str> = cleaned
         .split('.')
         .map(|t| if t.is_empty() { "_" } else { t })

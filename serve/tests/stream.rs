@@ -271,6 +271,34 @@ async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<(String, Value)>
     out
 }
 
+/// A trained model, a replica with `extra` flags, and a client, for one test.
+struct Setup {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    names: Names,
+    replica: Replica,
+    rt: tokio::runtime::Runtime,
+    js: jetstream::Context,
+}
+
+fn setup(url: &str, test: &str, extra: &[&str]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model(dir.path());
+    let names = Names::new(test);
+    let replica = Replica::start(url, &model, &names, extra);
+    let rt = runtime();
+    let js = rt.block_on(connect(url));
+    rt.block_on(wait_for_consumer(&js, &names));
+    Setup {
+        _dir: dir,
+        model,
+        names,
+        replica,
+        rt,
+        js,
+    }
+}
+
 fn sample_json(id: u64, cpu: f64) -> Value {
     json!({"id": id, "cpu_usage": cpu, "mem_usage": 45.0, "disk_busy": 12.0, "net_in_bps": 2.0e6})
 }
@@ -397,14 +425,16 @@ fn fifty_thousand_samples_survive_a_replica_killed_mid_stream() {
 #[test]
 fn bad_messages_go_to_the_dead_letter_subject_with_a_reason() {
     let Some((url, _own)) = nats() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let model = model(dir.path());
-    let names = Names::new("deadletter");
     // One pull loop keeps dead letters in input order.
-    let replica = Replica::start(&url, &model, &names, &["--concurrency", "1"]);
-    let rt = runtime();
-    let js = rt.block_on(connect(&url));
-    rt.block_on(wait_for_consumer(&js, &names));
+    let Setup {
+        _dir,
+        model,
+        names,
+        replica,
+        rt,
+        js,
+        ..
+    } = setup(&url, "deadletter", &["--concurrency", "1"]);
 
     let good = json!({"cpu_usage": 30.0, "mem_usage": 45.0, "disk_busy": 12.0, "net_in_bps": 2.0e6, "id": "good"});
     let messages: Vec<(String, String)> = vec![
@@ -551,14 +581,15 @@ fn scoring_resumes_after_the_nats_server_restarts() {
 #[test]
 fn batches_larger_than_the_ack_window_are_all_scored() {
     let Some((url, _own)) = nats() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let model = model(dir.path());
-    let names = Names::new("batches");
     // One loop with 1024 ack permits receives 12 000 verdicts' worth of messages at once.
-    let replica = Replica::start(&url, &model, &names, &["--concurrency", "1"]);
-    let rt = runtime();
-    let js = rt.block_on(connect(&url));
-    rt.block_on(wait_for_consumer(&js, &names));
+    let Setup {
+        _dir,
+        names,
+        replica,
+        rt,
+        js,
+        ..
+    } = setup(&url, "batches", &["--concurrency", "1"]);
     const MESSAGES: u64 = 40;
     const PER_MESSAGE: u64 = 300;
     rt.block_on(async {

@@ -156,16 +156,7 @@ fn parse_time_arg(option: &str, text: &Option<String>) -> Result<Option<i64>> {
 
 /// File-system-safe model name.
 pub fn model_file_name(name: &str) -> String {
-    let safe: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let safe = dagmm_model::bundle::plain_name_chars(name);
     let safe = safe.trim_start_matches('.');
     if safe.is_empty() {
         "unnamed".into()
