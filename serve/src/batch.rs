@@ -120,6 +120,8 @@ fn score_rows<'a>(
         .enumerate()
         .for_each(|(c, chunk)| {
             let mut scratch = None;
+            // Output column → model feature index, looked up once per model, not per row.
+            let mut feature_of: Option<(*const LoadedModel, [Option<usize>; 4])> = None;
             for (i, slot) in chunk.iter_mut().enumerate() {
                 let row = c * PAR_CHUNK + i;
                 let Some(model) = route(models, &hosts[row], default_model) else {
@@ -151,11 +153,20 @@ fn score_rows<'a>(
                 slot.severity = Some(model_def.thresholds.severity(a.energy));
                 slot.percentile = Some(a.percentile);
                 slot.top_metric = Some(features[a.top].name.as_str());
-                for (c, name) in slot.contributions.iter_mut().zip(metric_names) {
-                    *c = features
-                        .iter()
-                        .position(|f| &f.name == name)
-                        .map(|j| s.shares[j]);
+                let key: *const LoadedModel = model;
+                let map = match feature_of {
+                    Some((k, map)) if k == key => map,
+                    _ => {
+                        let mut map = [None; 4];
+                        for (m, name) in map.iter_mut().zip(metric_names) {
+                            *m = features.iter().position(|f| &f.name == name);
+                        }
+                        feature_of = Some((key, map));
+                        map
+                    }
+                };
+                for (c, j) in slot.contributions.iter_mut().zip(map) {
+                    *c = j.map(|j| s.shares[j]);
                 }
                 slot.model = Some(model.name.as_str());
             }
