@@ -218,8 +218,21 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
         "nocpu.csv",
         b"timestamp,host,mem_usage,disk_busy,net_in_bps\n1,web-01,1,2,3\n",
     );
+    // A second file that fails after the first has been scored and partly written.
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(sample_path(), mixed.join("a.parquet")).unwrap();
+    std::fs::write(
+        mixed.join("b.csv"),
+        "timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps,extra\n1,web-01,1,2,3,4,5\n",
+    )
+    .unwrap();
     let cases: Vec<(BatchOptions, &str)> = vec![
         (options(&corrupt, &out), "corrupt.parquet"),
+        (
+            options(mixed.to_str().unwrap(), &out),
+            "b.csv: columns differ from the first input file",
+        ),
         (options(&empty, &out), "empty.csv: no rows"),
         (options(&no_cpu, &out), "`cpu_usage`"),
         (options("/nonexistent/*.parquet", &out), "no input files"),

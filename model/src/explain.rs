@@ -53,7 +53,7 @@ pub struct Verdict {
 }
 
 /// The numbers of a verdict, without names or explanation objects.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Assessment {
     pub energy: f64,
     pub anomaly: bool,
@@ -121,64 +121,98 @@ impl Explainer {
 
     /// Energy of one raw sample (no explanation).
     pub fn energy(&self, raw: &[f64], s: &mut Scratch) -> f64 {
-        let mut x = std::mem::take(&mut s.x);
-        self.scale_into(raw, &mut x);
+        let p = &self.model.preprocessor;
+        let mut x = std::mem::take(&mut s.lanes_x);
+        x.clear();
+        x.extend(raw.iter().enumerate().map(|(j, &v)| p.scale(j, v) as f32));
         let e = self.scorer.energy_scaled(&x, s);
-        s.x = x;
+        s.lanes_x = x;
         e
     }
 
-    fn scale_into(&self, raw: &[f64], x: &mut Vec<f32>) {
-        let p = &self.model.preprocessor;
-        x.clear();
-        x.extend(raw.iter().enumerate().map(|(j, &v)| p.scale(j, v) as f32));
+    /// The numbers of a verdict without its names (call [`Explainer::validate`] first). The
+    /// sample's reconstruction and per-metric shares are left in `s.expected` and `s.shares`.
+    pub fn assess(&self, raw: &[f64], s: &mut Scratch) -> Assessment {
+        self.assess_lanes::<1>(&[raw], s)[0]
     }
 
-    /// The numbers of a verdict without its names (call [`Explainer::validate`] first): what
-    /// batch scoring writes per row. The scaled sample, its reconstruction and the per-metric
-    /// shares are left in `s.x`, `s.expected` and `s.shares`.
-    pub fn assess(&self, raw: &[f64], s: &mut Scratch) -> Assessment {
+    /// [`Explainer::assess`] on up to L raw samples at once (L ≤ [`crate::scorer::LANES`] is
+    /// what batch scoring uses); lanes past `rows.len()` are padding. Each row's numbers are
+    /// exactly those of scoring it alone. Reconstructions and shares are left row-major in
+    /// `s.expected` and `s.shares` (`rows.len() × features`).
+    pub fn assess_lanes<const L: usize>(
+        &self,
+        rows: &[&[f64]],
+        s: &mut Scratch,
+    ) -> [Assessment; L] {
+        assert!(rows.len() <= L, "{} rows for {L} lanes", rows.len());
+        let p = &self.model.preprocessor;
         let t = &self.model.thresholds;
-        let mut x = std::mem::take(&mut s.x);
-        self.scale_into(raw, &mut x);
-        let energy = self.scorer.energy_scaled(&x, s);
-        let mut x_hat = std::mem::take(&mut s.expected);
+        let d = p.features.len();
+        let used = rows.len();
+        let mut x = std::mem::take(&mut s.lanes_x);
+        x.clear();
+        x.resize(d * L, 0.0);
+        for (r, raw) in rows.iter().enumerate() {
+            for (j, &v) in raw.iter().enumerate().take(d) {
+                x[j * L + r] = p.scale(j, v) as f32;
+            }
+        }
+        let energies = self.scorer.energies_lanes::<L>(&x, used, s);
+        let mut x_hat = std::mem::take(&mut s.lanes_expected);
         x_hat.clear();
-        x_hat.extend_from_slice(self.scorer.reconstruction(s));
-        let mut counterfactual = std::mem::take(&mut s.counterfactual);
+        x_hat.extend_from_slice(self.scorer.reconstruction_lanes(s));
+
+        // Energy drop when metric j takes its expected value, for every row at once.
+        let mut counterfactual = std::mem::take(&mut s.lanes_counterfactual);
         let mut shares = std::mem::take(&mut s.shares);
         shares.clear();
-        for j in 0..x.len() {
+        shares.resize(used * d, 0.0);
+        for j in 0..d {
             counterfactual.clear();
             counterfactual.extend_from_slice(&x);
-            counterfactual[j] = x_hat[j];
-            shares.push((energy - self.scorer.energy_scaled(&counterfactual, s)).max(0.0));
+            counterfactual[j * L..(j + 1) * L].copy_from_slice(&x_hat[j * L..(j + 1) * L]);
+            let without_j = self.scorer.energies_lanes::<L>(&counterfactual, used, s);
+            for r in 0..used {
+                shares[r * d + j] = (energies[r] - without_j[r]).max(0.0);
+            }
         }
-        if shares.iter().sum::<f64>() <= MIN_DROP {
-            shares.clear();
-            shares.extend(x.iter().zip(&x_hat).map(|(a, b)| f64::from(a - b).powi(2)));
+
+        let mut expected = std::mem::take(&mut s.expected);
+        expected.clear();
+        let mut out = [Assessment::default(); L];
+        for (r, (row_shares, a)) in shares.chunks_exact_mut(d).zip(&mut out).enumerate() {
+            expected.extend((0..d).map(|j| x_hat[j * L + r]));
+            if row_shares.iter().sum::<f64>() <= MIN_DROP {
+                for (j, share) in row_shares.iter_mut().enumerate() {
+                    *share = f64::from(x[j * L + r] - x_hat[j * L + r]).powi(2);
+                }
+            }
+            let total: f64 = row_shares.iter().sum();
+            if total > MIN_DROP {
+                row_shares.iter_mut().for_each(|v| *v /= total);
+            } else {
+                row_shares.fill(1.0 / d as f64);
+            }
+            let top = row_shares
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(j, _)| j);
+            let energy = energies[r];
+            *a = Assessment {
+                energy,
+                anomaly: t.is_anomaly(energy),
+                percentile: t.percentile_rank(energy),
+                top,
+            };
         }
-        let total: f64 = shares.iter().sum();
-        if total > MIN_DROP {
-            shares.iter_mut().for_each(|d| *d /= total);
-        } else {
-            shares.fill(1.0 / x.len() as f64);
-        }
-        let top = shares
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(j, _)| j);
-        s.x = x;
-        s.expected = x_hat;
-        s.counterfactual = counterfactual;
+        s.lanes_x = x;
+        s.lanes_expected = x_hat;
+        s.lanes_counterfactual = counterfactual;
+        s.expected = expected;
         s.shares = shares;
-        Assessment {
-            energy,
-            anomaly: t.is_anomaly(energy),
-            percentile: t.percentile_rank(energy),
-            top,
-        }
+        out
     }
 
     /// Full verdict on one raw sample (call [`Explainer::validate`] first).

@@ -1,11 +1,19 @@
 //! A plain-Rust forward pass and energy, with no burn in the loop: what serving and batch
 //! scoring use. It follows the burn graph operation by operation (f32 networks, f64 mixture),
 //! and a test holds it to burn's energies.
+//!
+//! Rows go through the networks side by side, one per SIMD lane (`[f32; L]` per feature):
+//! batch scoring runs `L = LANES` rows per pass, a single request runs `L = 1`. Lanes never
+//! mix, and each lane performs exactly the operations of a one-row pass in the same order, so a
+//! row's energy does not depend on which rows it was scored with.
 
 use crate::DagmmModel;
 use crate::config::MAX_Z_DIM;
 use crate::gmm::GmmParams;
 use crate::network::{LayerWeights, NORM_EPS};
+
+/// Rows scored together in a block (eight f32 lanes fill an AVX2 register).
+pub const LANES: usize = 8;
 
 /// Scores samples with a fitted model's weights. Cheap to share between threads.
 #[derive(Debug, Clone)]
@@ -17,60 +25,90 @@ pub struct Scorer {
     log_norms: Vec<f64>,
     input_dim: usize,
     latent_dim: usize,
-    widest: usize,
 }
 
-/// Reusable buffers for one thread's scoring, so the hot loop never allocates.
+/// Reusable buffers for one thread's scoring, so the hot loop never allocates. Lane buffers
+/// hold `[f32; L]` per feature, flattened.
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     x_hat: Vec<f32>,
-    /// Scaled input and counterfactual buffers for callers that build inputs per sample.
-    pub x: Vec<f32>,
-    pub counterfactual: Vec<f32>,
-    /// The sample's reconstruction and per-metric shares, as left by `Explainer::assess`.
+    z: Vec<f32>,
+    /// Scaled inputs and counterfactuals in lanes, for `Explainer::assess_lanes`.
+    pub(crate) lanes_x: Vec<f32>,
+    pub(crate) lanes_counterfactual: Vec<f32>,
+    pub(crate) lanes_expected: Vec<f32>,
+    /// Reconstructions and per-metric shares, row-major (`rows × features`), as left by
+    /// `Explainer::assess` and `Explainer::assess_lanes`.
     pub expected: Vec<f32>,
     pub shares: Vec<f64>,
 }
 
-/// y = x W + b for a `[d_input, d_output]` row-major W, accumulated like burn's matmul
-/// (fused multiply-adds from zero, bias added last) so both round the same way. Outputs are
-/// taken eight at a time in a local accumulator that stays in a register; accumulating in the
-/// output buffer made every step a store and a reload.
+/// View a flat lane buffer as one `[f32; L]` per feature.
 #[inline(always)]
-fn linear(layer: &LayerWeights, input: &[f32], output: &mut Vec<f32>) {
-    const LANES: usize = 8;
+fn lanes<const L: usize>(v: &[f32]) -> &[[f32; L]] {
+    v.as_chunks::<L>().0
+}
+
+#[inline(always)]
+fn lanes_mut<const L: usize>(v: &mut [f32]) -> &mut [[f32; L]] {
+    v.as_chunks_mut::<L>().0
+}
+
+/// Outputs `o0..o0 + G` of y = x W + b, accumulated like burn's matmul (fused multiply-adds from
+/// zero over the inputs in order, bias added last) so both round the same way. The G × L
+/// accumulators stay in registers; G independent chains hide the FMA latency.
+#[inline(always)]
+fn linear_group<const L: usize, const G: usize>(
+    layer: &LayerWeights,
+    input: &[[f32; L]],
+    output: &mut [[f32; L]],
+    o0: usize,
+) {
     let d_out = layer.d_output;
-    output.clear();
-    output.resize(d_out, 0.0);
-    let mut o0 = 0;
-    while o0 + LANES <= d_out {
-        let mut acc = [0f32; LANES];
-        for (i, &xi) in input.iter().enumerate() {
-            let start = i * d_out + o0;
-            let w: &[f32; LANES] = layer.weight[start..start + LANES]
-                .try_into()
-                .expect("eight weights");
-            for (a, &wk) in acc.iter_mut().zip(w) {
-                *a = xi.mul_add(wk, *a);
+    let mut acc = [[0f32; L]; G];
+    for (i, xi) in input.iter().enumerate() {
+        let w: &[f32; G] = layer.weight[i * d_out + o0..i * d_out + o0 + G]
+            .try_into()
+            .expect("G weights");
+        for (acc_g, &wg) in acc.iter_mut().zip(w) {
+            for (a, &x) in acc_g.iter_mut().zip(xi) {
+                *a = x.mul_add(wg, *a);
             }
         }
-        for (k, a) in acc.iter().enumerate() {
-            output[o0 + k] = a + layer.bias[o0 + k];
-        }
-        o0 += LANES;
     }
-    for (o, out) in output.iter_mut().enumerate().skip(o0) {
-        let mut acc = 0f32;
-        for (i, &xi) in input.iter().enumerate() {
-            acc = xi.mul_add(layer.weight[i * d_out + o], acc);
+    for (g, acc_g) in acc.iter().enumerate() {
+        let b = layer.bias[o0 + g];
+        for (y, &a) in output[o0 + g].iter_mut().zip(acc_g) {
+            *y = a + b;
         }
-        *out = acc + layer.bias[o];
     }
 }
 
-/// tanh of one value, branch-free so loops over slices vectorise (libm's `tanhf` is a call per
+/// y = x W + b for a `[d_input, d_output]` row-major W, on L rows at once.
+#[inline(always)]
+fn linear<const L: usize>(layer: &LayerWeights, input: &[[f32; L]], output: &mut Vec<f32>) {
+    let d_out = layer.d_output;
+    output.clear();
+    output.resize(d_out * L, 0.0);
+    let out = lanes_mut::<L>(output);
+    let mut o0 = 0;
+    while o0 + 8 <= d_out {
+        linear_group::<L, 8>(layer, input, out, o0);
+        o0 += 8;
+    }
+    if o0 + 4 <= d_out {
+        linear_group::<L, 4>(layer, input, out, o0);
+        o0 += 4;
+    }
+    while o0 < d_out {
+        linear_group::<L, 1>(layer, input, out, o0);
+        o0 += 1;
+    }
+}
+
+/// tanh of one value, branch-free so loops over lanes vectorise (libm's `tanhf` is a call per
 /// element and took over a third of batch-scoring time). Evaluated in f64 and rounded once, so
 /// the result is the correctly rounded f32 in all but rare ties, like libm's. Below |x| = 0.3 an
 /// odd Taylor series to x^13; above, 1 − 2/(e^{2|x|} + 1) with e^y from a range-reduced
@@ -105,14 +143,19 @@ fn tanh_f32(x: f32) -> f32 {
     (t as f32).copysign(x)
 }
 
-/// Run an MLP (tanh between layers, linear output); the result is left in `a`.
+/// Run an MLP (tanh between layers, linear output) on L rows; the result is left in `a`.
 #[inline(always)]
-fn mlp_body(layers: &[LayerWeights], input: &[f32], a: &mut Vec<f32>, b: &mut Vec<f32>) {
+fn mlp_body<const L: usize>(
+    layers: &[LayerWeights],
+    input: &[f32],
+    a: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+) {
     a.clear();
     a.extend_from_slice(input);
     let last = layers.len() - 1;
     for (i, layer) in layers.iter().enumerate() {
-        linear(layer, a, b);
+        linear::<L>(layer, lanes::<L>(a), b);
         if i < last {
             b.iter_mut().for_each(|v| *v = tanh_f32(*v));
         }
@@ -120,33 +163,68 @@ fn mlp_body(layers: &[LayerWeights], input: &[f32], a: &mut Vec<f32>, b: &mut Ve
     }
 }
 
-/// The same loop compiled with hardware FMA (without it `mul_add` is a library call per
-/// element) and AVX2 (eight tanh at once).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma,avx2")]
-fn mlp_fma(layers: &[LayerWeights], input: &[f32], a: &mut Vec<f32>, b: &mut Vec<f32>) {
-    mlp_body(layers, input, a, b)
+/// Encoder, decoder and the reconstruction features of L rows: z = [z_c, relative distance,
+/// cosine] into `z`, x' into `x_hat` (both in lanes).
+#[inline(always)]
+fn code_body<const L: usize>(scorer: &Scorer, x: &[f32], s: &mut Scratch) {
+    mlp_body::<L>(&scorer.encoder, x, &mut s.a, &mut s.b);
+    s.z.clear();
+    s.z.extend_from_slice(&s.a);
+    mlp_body::<L>(&scorer.decoder, &s.z, &mut s.a, &mut s.b);
+    s.x_hat.clear();
+    s.x_hat.extend_from_slice(&s.a);
+    let (mut xx, mut dd, mut hh, mut xh) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+    for (xi, hi) in lanes::<L>(x).iter().zip(lanes::<L>(&s.x_hat)) {
+        for r in 0..L {
+            let (xv, hv) = (xi[r], hi[r]);
+            xx[r] += xv * xv;
+            dd[r] += (xv - hv) * (xv - hv);
+            hh[r] += hv * hv;
+            xh[r] += xv * hv;
+        }
+    }
+    let (mut distance, mut cosine) = ([0f32; L], [0f32; L]);
+    for r in 0..L {
+        let x_norm = (xx[r] + NORM_EPS).sqrt();
+        distance[r] = (dd[r] + NORM_EPS).sqrt() / x_norm;
+        cosine[r] = xh[r] / (x_norm * (hh[r] + NORM_EPS).sqrt());
+    }
+    s.z.extend_from_slice(&distance);
+    s.z.extend_from_slice(&cosine);
 }
 
-fn mlp(layers: &[LayerWeights], input: &[f32], a: &mut Vec<f32>, b: &mut Vec<f32>) {
+/// The same code compiled with hardware FMA (without it `mul_add` is a library call per
+/// element) and AVX2 (eight lanes, or eight tanh, at once).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+fn code_fma<const L: usize>(scorer: &Scorer, x: &[f32], s: &mut Scratch) {
+    code_body::<L>(scorer, x, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+fn mlp_fma<const L: usize>(
+    layers: &[LayerWeights],
+    input: &[f32],
+    a: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+) {
+    mlp_body::<L>(layers, input, a, b)
+}
+
+fn has_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports FMA and AVX2, checked just above.
-        return unsafe { mlp_fma(layers, input, a, b) };
+    {
+        std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2")
     }
-    mlp_body(layers, input, a, b)
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl Scorer {
     pub fn new(model: &DagmmModel) -> Self {
-        let widest = model
-            .weights
-            .encoder
-            .iter()
-            .chain(&model.weights.decoder)
-            .map(|l| l.d_input.max(l.d_output))
-            .max()
-            .unwrap_or(0);
         Self {
             encoder: model.weights.encoder.clone(),
             decoder: model.weights.decoder.clone(),
@@ -155,7 +233,6 @@ impl Scorer {
             log_norms: model.gmm.log_norms(),
             input_dim: model.network.input_dim,
             latent_dim: model.network.latent_dim,
-            widest,
         }
     }
 
@@ -164,39 +241,54 @@ impl Scorer {
     }
 
     pub fn new_scratch(&self) -> Scratch {
-        Scratch {
-            a: Vec::with_capacity(self.widest),
-            b: Vec::with_capacity(self.widest),
-            x_hat: Vec::with_capacity(self.input_dim),
-            x: Vec::with_capacity(self.input_dim),
-            counterfactual: Vec::with_capacity(self.input_dim),
-            expected: Vec::with_capacity(self.input_dim),
-            shares: Vec::with_capacity(self.input_dim),
+        Scratch::default()
+    }
+
+    /// Codes and reconstructions of L scaled rows given in lanes (`input_dim × L`), left in the
+    /// scratch.
+    fn code_lanes<const L: usize>(&self, x: &[f32], s: &mut Scratch) {
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: the CPU supports FMA and AVX2, checked just above.
+            return unsafe { code_fma::<L>(self, x, s) };
         }
+        code_body::<L>(self, x, s)
+    }
+
+    /// Energies of the first `used` of L scaled rows given in lanes; the other lanes are
+    /// padding and get 0. Their reconstructions are left in the scratch.
+    pub(crate) fn energies_lanes<const L: usize>(
+        &self,
+        x: &[f32],
+        used: usize,
+        s: &mut Scratch,
+    ) -> [f64; L] {
+        self.code_lanes::<L>(x, s);
+        let z_dim = self.latent_dim + 2;
+        let z = lanes::<L>(&s.z);
+        let mut energies = [0f64; L];
+        for (r, e) in energies.iter_mut().enumerate().take(used) {
+            let mut code = [0f64; MAX_Z_DIM];
+            for (c, zj) in code.iter_mut().zip(z) {
+                *c = f64::from(zj[r]);
+            }
+            *e = self.gmm.energy_with(&code[..z_dim], &self.log_norms);
+        }
+        energies
+    }
+
+    /// Reconstructions of the last pass, in lanes.
+    pub(crate) fn reconstruction_lanes<'a>(&self, s: &'a Scratch) -> &'a [f32] {
+        &s.x_hat
     }
 
     /// Code z = [z_c, relative distance, cosine] of one scaled sample; x' is left in the scratch.
     pub fn code(&self, x: &[f32], s: &mut Scratch) -> [f64; MAX_Z_DIM] {
-        mlp(&self.encoder, x, &mut s.a, &mut s.b);
+        self.code_lanes::<1>(x, s);
         let mut z = [0f64; MAX_Z_DIM];
-        for (zi, &v) in z.iter_mut().zip(&s.a) {
+        for (zi, &v) in z.iter_mut().zip(&s.z) {
             *zi = f64::from(v);
         }
-        let z_c = std::mem::take(&mut s.a);
-        mlp(&self.decoder, &z_c, &mut s.a, &mut s.b);
-        s.x_hat.clear();
-        s.x_hat.extend_from_slice(&s.a);
-        s.a = z_c;
-        let (mut xx, mut dd, mut hh, mut xh) = (0f32, 0f32, 0f32, 0f32);
-        for (&xi, &hi) in x.iter().zip(&s.x_hat) {
-            xx += xi * xi;
-            dd += (xi - hi) * (xi - hi);
-            hh += hi * hi;
-            xh += xi * hi;
-        }
-        let x_norm = (xx + NORM_EPS).sqrt();
-        z[self.latent_dim] = f64::from((dd + NORM_EPS).sqrt() / x_norm);
-        z[self.latent_dim + 1] = f64::from(xh / (x_norm * (hh + NORM_EPS).sqrt()));
         z
     }
 
@@ -207,27 +299,45 @@ impl Scorer {
 
     /// Energy of one scaled sample.
     pub fn energy_scaled(&self, x: &[f32], s: &mut Scratch) -> f64 {
-        let z = self.code(x, s);
-        self.gmm
-            .energy_with(&z[..self.latent_dim + 2], &self.log_norms)
+        self.energies_lanes::<1>(x, 1, s)[0]
     }
 
     /// Soft mixture memberships γ of a code z (estimation network without dropout, softmax).
     pub fn memberships(&self, z: &[f64], s: &mut Scratch) -> Vec<f64> {
         let input: Vec<f32> = z[..self.latent_dim + 2].iter().map(|&v| v as f32).collect();
-        mlp(&self.estimation, &input, &mut s.a, &mut s.b);
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: the CPU supports FMA and AVX2, checked just above.
+            unsafe { mlp_fma::<1>(&self.estimation, &input, &mut s.a, &mut s.b) };
+        } else {
+            mlp_body::<1>(&self.estimation, &input, &mut s.a, &mut s.b);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        mlp_body::<1>(&self.estimation, &input, &mut s.a, &mut s.b);
         let max = s.a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exps: Vec<f64> = s.a.iter().map(|&v| f64::from(v - max).exp()).collect();
         let total: f64 = exps.iter().sum();
         exps.into_iter().map(|e| e / total).collect()
     }
 
-    /// Energies of row-major scaled samples.
+    /// Energies of row-major scaled samples, LANES rows per pass.
     pub fn energies_scaled(&self, x: &[f32]) -> Vec<f64> {
+        let d = self.input_dim;
         let mut s = self.new_scratch();
-        x.chunks_exact(self.input_dim)
-            .map(|row| self.energy_scaled(row, &mut s))
-            .collect()
+        let mut block = vec![0f32; d * LANES];
+        let mut energies = Vec::with_capacity(x.len() / d.max(1));
+        for rows in x.chunks(d * LANES) {
+            let used = rows.len() / d;
+            block.fill(0.0);
+            for (r, row) in rows.chunks_exact(d).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    block[j * LANES + r] = v;
+                }
+            }
+            let e = self.energies_lanes::<LANES>(&block, used, &mut s);
+            energies.extend_from_slice(&e[..used]);
+        }
+        energies
     }
 }
 

@@ -385,6 +385,62 @@ mod tests {
     }
 
     #[test]
+    fn rows_scored_in_lanes_get_exactly_their_one_row_numbers() {
+        use crate::explain::Explainer;
+        use crate::scorer::LANES;
+        let rows = blob_rows(300, 4);
+        let out = fit_rows(&rows, &quick(20, 5));
+        let explainer = Explainer::new(out.model.clone());
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        // Training rows, then 205 random ones (many far outside the training range), so the
+        // last block is partly padding.
+        let mut raws: Vec<Vec<f64>> = rows.chunks_exact(4).map(<[f64]>::to_vec).collect();
+        raws.extend((0..205).map(|_| {
+            vec![
+                rng.random_range(0.0..100.0),
+                rng.random_range(0.0..100.0),
+                rng.random_range(0.0..100.0),
+                rng.random_range(0.0..1e7),
+            ]
+        }));
+        let (mut one_s, mut many_s) = (
+            explainer.scorer().new_scratch(),
+            explainer.scorer().new_scratch(),
+        );
+        let mut flagged = 0;
+        for block in raws.chunks(LANES) {
+            let refs: Vec<&[f64]> = block.iter().map(Vec::as_slice).collect();
+            let many = explainer.assess_lanes::<LANES>(&refs, &mut many_s);
+            for (r, raw) in block.iter().enumerate() {
+                let one = explainer.assess(raw, &mut one_s);
+                assert_eq!(
+                    one.energy.to_bits(),
+                    many[r].energy.to_bits(),
+                    "row {raw:?}"
+                );
+                assert_eq!(one, many[r]);
+                assert_eq!(one_s.shares, many_s.shares[r * 4..(r + 1) * 4]);
+                assert_eq!(one_s.expected, many_s.expected[r * 4..(r + 1) * 4]);
+                assert_eq!(
+                    explainer.energy(raw, &mut one_s).to_bits(),
+                    one.energy.to_bits()
+                );
+                flagged += usize::from(one.anomaly);
+            }
+        }
+        // The random rows must reach the explanation's interesting cases, not only normal ones.
+        assert!(flagged > 50, "{flagged} rows flagged");
+        let x = out.model.preprocessor.scale_rows(&rows);
+        let blocked = explainer.scorer().energies_scaled(&x);
+        for (row, e) in x.chunks_exact(4).zip(&blocked) {
+            assert_eq!(
+                explainer.scorer().energy_scaled(row, &mut one_s).to_bits(),
+                e.to_bits()
+            );
+        }
+    }
+
+    #[test]
     fn mixture_energy_matches_burn_on_identical_codes() {
         let rows = blob_rows(300, 6);
         let out = fit_rows(&rows, &quick(20, 4));

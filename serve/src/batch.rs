@@ -17,13 +17,14 @@ use dagmm_datasets::read::{
     FileFormat, ReadOptions, ShapeOption, format_time, frame_to_table, read_file, resolve_inputs,
 };
 use dagmm_model::eval::{Detection, detection};
+use dagmm_model::scorer::LANES;
 use polars::prelude::*;
 use rayon::prelude::*;
 
 use crate::registry::{LoadedModel, ModelMap};
 
 /// Rows read and scored per step.
-pub const DEFAULT_CHUNK_ROWS: usize = 262_144;
+pub const DEFAULT_CHUNK_ROWS: usize = 65_536;
 
 /// What to score and where to write it.
 pub struct BatchOptions {
@@ -119,59 +120,70 @@ fn score_rows<'a>(
     out.par_chunks_mut(PAR_CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let mut scratch = None;
-            // Output column → model feature index, looked up once per model, not per row.
-            let mut feature_of: Option<(*const LoadedModel, [Option<usize>; 4])> = None;
+            let first = c * PAR_CHUNK;
+            // Valid rows with their model, grouped by model so they can be scored LANES at a
+            // time (per-host exports interleave hosts row by row).
+            let mut routed: Vec<(&LoadedModel, usize)> = Vec::with_capacity(chunk.len());
             for (i, slot) in chunk.iter_mut().enumerate() {
-                let row = c * PAR_CHUNK + i;
+                let row = first + i;
                 let Some(model) = route(models, &hosts[row], default_model) else {
                     slot.reason = Some(format!("no model for host `{}`", hosts[row]));
                     continue;
                 };
-                let explainer = &model.explainer;
-                let raw = &values[row];
-                if let Err(e) = explainer.validate(raw) {
-                    slot.reason = Some(match e {
-                        dagmm_model::ModelError::InvalidSample { field, why }
-                            if why.contains("finite") =>
-                        {
-                            format!("missing {field}")
-                        }
-                        dagmm_model::ModelError::InvalidSample { field, why } => {
-                            format!("invalid {field}: {why}")
-                        }
-                        other => other.to_string(),
-                    });
-                    continue;
+                match model.explainer.validate(&values[row]) {
+                    Ok(()) => routed.push((model, i)),
+                    Err(e) => slot.reason = Some(reason_of(e)),
                 }
-                let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
-                let a = explainer.assess(raw, s);
+            }
+            routed.sort_by_key(|(m, _)| std::ptr::from_ref::<LoadedModel>(m) as usize);
+            let mut scratch = None;
+            for group in routed.chunk_by(|a, b| std::ptr::eq(a.0, b.0)) {
+                let model = group[0].0;
+                let explainer = &model.explainer;
                 let model_def = explainer.model();
                 let features = &model_def.preprocessor.features;
-                slot.energy = Some(a.energy);
-                slot.anomaly = Some(a.anomaly);
-                slot.severity = Some(model_def.thresholds.severity(a.energy));
-                slot.percentile = Some(a.percentile);
-                slot.top_metric = Some(features[a.top].name.as_str());
-                let key: *const LoadedModel = model;
-                let map = match feature_of {
-                    Some((k, map)) if k == key => map,
-                    _ => {
-                        let mut map = [None; 4];
-                        for (m, name) in map.iter_mut().zip(metric_names) {
-                            *m = features.iter().position(|f| &f.name == name);
-                        }
-                        feature_of = Some((key, map));
-                        map
-                    }
-                };
-                for (c, j) in slot.contributions.iter_mut().zip(map) {
-                    *c = j.map(|j| s.shares[j]);
+                let d = features.len();
+                // Output column → model feature index.
+                let mut feature_of = [None; 4];
+                for (m, name) in feature_of.iter_mut().zip(metric_names) {
+                    *m = features.iter().position(|f| &f.name == name);
                 }
-                slot.model = Some(model.name.as_str());
+                let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
+                for block in group.chunks(LANES) {
+                    let mut rows: [&[f64]; LANES] = [&[]; LANES];
+                    for (r, &(_, i)) in rows.iter_mut().zip(block) {
+                        *r = &values[first + i];
+                    }
+                    let assessed = explainer.assess_lanes::<LANES>(&rows[..block.len()], s);
+                    for (r, (&(_, i), a)) in block.iter().zip(&assessed).enumerate() {
+                        let slot = &mut chunk[i];
+                        slot.energy = Some(a.energy);
+                        slot.anomaly = Some(a.anomaly);
+                        slot.severity = Some(model_def.thresholds.severity(a.energy));
+                        slot.percentile = Some(a.percentile);
+                        slot.top_metric = Some(features[a.top].name.as_str());
+                        for (c, j) in slot.contributions.iter_mut().zip(feature_of) {
+                            *c = j.map(|j| s.shares[r * d + j]);
+                        }
+                        slot.model = Some(model.name.as_str());
+                    }
+                }
             }
         });
     out
+}
+
+/// The `reason` written for a row that fails validation.
+fn reason_of(e: dagmm_model::ModelError) -> String {
+    match e {
+        dagmm_model::ModelError::InvalidSample { field, why } if why.contains("finite") => {
+            format!("missing {field}")
+        }
+        dagmm_model::ModelError::InvalidSample { field, why } => {
+            format!("invalid {field}: {why}")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Append the score columns to a chunk of the input.
@@ -254,7 +266,7 @@ impl Writer {
 }
 
 /// Frames of one input file, read lazily.
-type Chunks = Box<dyn Iterator<Item = Result<DataFrame>>>;
+type Chunks = Box<dyn Iterator<Item = Result<DataFrame>> + Send>;
 
 /// Chunks of an input file: row slices of Parquet files; whole CSV files.
 fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
@@ -282,6 +294,46 @@ fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
             Ok((df.height(), Box::new(std::iter::once(Ok(df)))))
         }
     }
+}
+
+/// A chunk ready to score: the frame to write the scores beside, its rows as a metric table,
+/// and the labels if asked for.
+struct ReadChunk {
+    frame: DataFrame,
+    table: dagmm_datasets::MetricTable,
+    labels: Option<Vec<bool>>,
+}
+
+fn read_chunk(
+    df: DataFrame,
+    source: &str,
+    first_schema: &mut Option<Schema>,
+    opts: &BatchOptions,
+    metric_names: &[String],
+) -> Result<ReadChunk> {
+    let in_schema = df.schema().as_ref().clone();
+    match first_schema {
+        None => *first_schema = Some(in_schema),
+        Some(s) if s != &in_schema => bail!("{source}: columns differ from the first input file"),
+        Some(_) => {}
+    }
+    let read = &opts.read;
+    let table = frame_to_table(df.clone(), read, source)?;
+    let frame = if read.shape == ShapeOption::Long || table.len() != df.height() {
+        // Long input was pivoted: write the wide rows we scored instead of the raw ones.
+        table_frame(&table, metric_names)?
+    } else {
+        df
+    };
+    let labels = match &opts.label_column {
+        Some(c) => Some(label_values(&frame, c, source)?),
+        None => None,
+    };
+    Ok(ReadChunk {
+        frame,
+        table,
+        labels,
+    })
 }
 
 /// Score the input into the output file; the output appears only if everything succeeded.
@@ -334,100 +386,123 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     }
     let rows_total: usize = totals.iter().sum();
     let mut summary = BatchSummary::default();
-    let mut writer: Option<Writer> = None;
     let mut top: BinaryHeap<Reverse<ByEnergy>> = BinaryHeap::new();
     let mut top_rows: Vec<TopRow> = Vec::new();
     let mut labelled: Vec<(f64, bool)> = Vec::new();
-    let mut first_schema: Option<Schema> = None;
-    for (path, chunks) in sources {
-        let source = path.display().to_string();
-        for chunk in chunks {
-            let df = chunk?;
-            let in_schema = df.schema().as_ref().clone();
-            match &first_schema {
-                None => first_schema = Some(in_schema),
-                Some(s) if s != &in_schema => {
-                    bail!("{source}: columns differ from the first input file")
+
+    // Three stages on their own threads, one chunk in hand each: reading and decoding the next
+    // chunk and encoding the previous one overlap with scoring this one. Rendezvous channels
+    // keep at most three chunks alive, so memory stays bounded by the chunk size.
+    std::thread::scope(|scope| -> Result<()> {
+        let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<ReadChunk>>(0);
+        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<DataFrame>(0);
+        let metric_names = &metric_names;
+        scope.spawn(move || {
+            let mut first_schema: Option<Schema> = None;
+            for (path, chunks) in sources {
+                let source = path.display().to_string();
+                for chunk in chunks {
+                    let item = chunk.and_then(|df| {
+                        read_chunk(df, &source, &mut first_schema, opts, metric_names)
+                    });
+                    let failed = item.is_err();
+                    // A closed channel means scoring stopped; its error is reported there.
+                    if read_tx.send(item).is_err() || failed {
+                        return;
+                    }
                 }
-                Some(_) => {}
             }
-            let read = &opts.read;
-            let table = frame_to_table(df.clone(), read, &source)?;
-            let scoring_frame = if read.shape == ShapeOption::Long || table.len() != df.height() {
-                // Long input was pivoted: write the wide rows we scored instead of the raw ones.
-                table_frame(&table, &metric_names)?
-            } else {
-                df
-            };
-            let labels = match &opts.label_column {
-                Some(c) => Some(label_values(&scoring_frame, c, &source)?),
-                None => None,
-            };
-            let scores = score_rows(
-                models,
-                default_model,
-                &table.host,
-                &table.values,
-                &metric_names,
-            );
-            summary.rows_in += scores.len();
-            for (i, s) in scores.iter().enumerate() {
-                match (&s.energy, &s.reason) {
-                    (Some(e), _) => {
-                        summary.rows_scored += 1;
-                        if s.anomaly == Some(true) {
-                            *summary
-                                .anomalies_by_severity
-                                .entry(s.severity.unwrap_or_default().to_string())
-                                .or_default() += 1;
-                            *summary
-                                .anomalies_by_host
-                                .entry(table.host[i].clone())
-                                .or_default() += 1;
-                        }
-                        if let (Some(l), Some(m)) =
-                            (&labels, route(models, &table.host[i], default_model))
-                        {
-                            // Energy above the row's own model cutoff: comparable across models,
-                            // and > 0 exactly when the row was flagged.
-                            labelled.push((*e - m.explainer.model().thresholds.cutoff, l[i]));
-                        }
-                        let key = ByEnergy(*e, top_rows.len());
-                        if top.len() < TOP_ROWS || top.peek().is_some_and(|Reverse(m)| key.0 > m.0)
-                        {
-                            top_rows.push(TopRow {
-                                energy: *e,
-                                timestamp: table.time_ms[i],
-                                host: table.host[i].clone(),
-                                top_metric: s.top_metric.unwrap_or_default().to_string(),
-                                severity: s.severity.unwrap_or_default().to_string(),
-                            });
-                            top.push(Reverse(key));
-                            if top.len() > TOP_ROWS {
-                                top.pop();
+        });
+        let tmp = &tmp;
+        let writer = scope.spawn(move || -> Result<()> {
+            let mut writer: Option<Writer> = None;
+            for mut out in write_rx {
+                let w = match &mut writer {
+                    Some(w) => w,
+                    None => writer.insert(
+                        Writer::open(tmp.reopen()?, out_format, out.schema())
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?,
+                    ),
+                };
+                w.write(&mut out)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?;
+            }
+            writer.context("no rows to score")?.finish()?;
+            Ok(())
+        });
+        let scored = (|| -> Result<()> {
+            for item in read_rx {
+                let ReadChunk {
+                    frame,
+                    table,
+                    labels,
+                } = item?;
+                let scores = score_rows(
+                    models,
+                    default_model,
+                    &table.host,
+                    &table.values,
+                    metric_names,
+                );
+                summary.rows_in += scores.len();
+                for (i, s) in scores.iter().enumerate() {
+                    match (&s.energy, &s.reason) {
+                        (Some(e), _) => {
+                            summary.rows_scored += 1;
+                            if s.anomaly == Some(true) {
+                                *summary
+                                    .anomalies_by_severity
+                                    .entry(s.severity.unwrap_or_default().to_string())
+                                    .or_default() += 1;
+                                *summary
+                                    .anomalies_by_host
+                                    .entry(table.host[i].clone())
+                                    .or_default() += 1;
+                            }
+                            if let (Some(l), Some(m)) =
+                                (&labels, route(models, &table.host[i], default_model))
+                            {
+                                // Energy above the row's own model cutoff: comparable across
+                                // models, and > 0 exactly when the row was flagged.
+                                labelled.push((*e - m.explainer.model().thresholds.cutoff, l[i]));
+                            }
+                            let key = ByEnergy(*e, top_rows.len());
+                            if top.len() < TOP_ROWS
+                                || top.peek().is_some_and(|Reverse(m)| key.0 > m.0)
+                            {
+                                top_rows.push(TopRow {
+                                    energy: *e,
+                                    timestamp: table.time_ms[i],
+                                    host: table.host[i].clone(),
+                                    top_metric: s.top_metric.unwrap_or_default().to_string(),
+                                    severity: s.severity.unwrap_or_default().to_string(),
+                                });
+                                top.push(Reverse(key));
+                                if top.len() > TOP_ROWS {
+                                    top.pop();
+                                }
                             }
                         }
+                        (None, Some(r)) => *summary.not_scored.entry(r.clone()).or_default() += 1,
+                        (None, None) => {}
                     }
-                    (None, Some(r)) => *summary.not_scored.entry(r.clone()).or_default() += 1,
-                    (None, None) => {}
+                }
+                let out = with_scores(frame, &scores, metric_names)?;
+                if write_tx.send(out).is_err() {
+                    // The writer failed; its error is the one to report.
+                    break;
+                }
+                if let Some(p) = &opts.progress {
+                    p(summary.rows_in, rows_total);
                 }
             }
-            let mut out = with_scores(scoring_frame, &scores, &metric_names)?;
-            let w = match &mut writer {
-                Some(w) => w,
-                None => writer.insert(
-                    Writer::open(tmp.reopen()?, out_format, out.schema())
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?,
-                ),
-            };
-            w.write(&mut out)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?;
-            if let Some(p) = &opts.progress {
-                p(summary.rows_in, rows_total);
-            }
-        }
-    }
-    writer.context("no rows to score")?.finish()?;
+            Ok(())
+        })();
+        drop(write_tx);
+        let written = writer.join().expect("writer thread panicked");
+        scored?;
+        written
+    })?;
     let keep: std::collections::HashSet<usize> = top.into_iter().map(|Reverse(k)| k.1).collect();
     let mut best: Vec<TopRow> = top_rows
         .into_iter()
