@@ -1,10 +1,13 @@
 //! Samples per second of the plain-Rust scorer, energy alone and full verdicts (energy plus
-//! per-metric explanation), at batch sizes 1, 64 and 4096. `cargo bench -p dagmm-benches`.
+//! per-metric explanation), at batch sizes 1, 64 and 4096: one row per pass (what a `/score`
+//! request does) and eight rows per pass in SIMD lanes (what batch scoring does).
+//! `cargo bench -p dagmm-benches`.
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dagmm_datasets::synthetic::reference_scenario;
+use dagmm_model::scorer::LANES;
 use dagmm_model::{Explainer, FeatureSpec, NetworkConfig, Preprocessor, TrainConfig, fit};
 
 fn model() -> (Explainer, Vec<[f64; 4]>) {
@@ -41,7 +44,31 @@ fn bench(c: &mut Criterion) {
                     .sum::<f64>()
             })
         });
+        group.bench_with_input(BenchmarkId::new("assess_lanes", batch), &rows, |b, rows| {
+            let mut s = explainer.scorer().new_scratch();
+            b.iter(|| {
+                rows.chunks(LANES)
+                    .map(|block| {
+                        let refs: Vec<&[f64]> = block.iter().map(|r| black_box(&r[..])).collect();
+                        explainer.assess_lanes::<LANES>(&refs, &mut s)[0].energy
+                    })
+                    .sum::<f64>()
+            })
+        });
     }
+    let x: Vec<f32> = samples
+        .iter()
+        .cycle()
+        .take(4096)
+        .flat_map(|r| {
+            let p = &explainer.model().preprocessor;
+            (0..4).map(move |j| p.scale(j, r[j]) as f32)
+        })
+        .collect();
+    group.throughput(Throughput::Elements(4096));
+    group.bench_function("energies_scaled_lanes/4096", |b| {
+        b.iter(|| explainer.scorer().energies_scaled(black_box(&x)).len())
+    });
     group.finish();
 }
 

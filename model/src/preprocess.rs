@@ -85,8 +85,12 @@ impl FeatureSpec {
 
 /// Smallest feature range the scaler divides by, so a constant column maps to a constant, not NaN.
 const MIN_RANGE: f64 = 1e-9;
-/// Scaled training values lie in [SCALE_OFFSET, SCALE_OFFSET + 1].
+/// Default lower end of the scaled training range: values lie in [offset, offset + 1].
 pub const SCALE_OFFSET: f64 = 1.0;
+
+fn default_offset() -> f64 {
+    SCALE_OFFSET
+}
 
 /// Transform-then-min-max scaling of the training window into [1, 2].
 ///
@@ -106,6 +110,9 @@ pub struct Preprocessor {
     pub raw_min: Vec<f64>,
     /// Per-feature raw maximum seen in training.
     pub raw_max: Vec<f64>,
+    /// Lower end of the scaled range (bundles from before it was recorded used 1).
+    #[serde(default = "default_offset")]
+    pub offset: f64,
 }
 
 impl Preprocessor {
@@ -143,6 +150,7 @@ impl Preprocessor {
             max,
             raw_min,
             raw_max,
+            offset: SCALE_OFFSET,
         })
     }
 
@@ -153,12 +161,12 @@ impl Preprocessor {
     /// Map one raw value of feature `j` to model space.
     pub fn scale(&self, j: usize, raw: f64) -> f64 {
         let t = self.features[j].transform.apply(raw);
-        SCALE_OFFSET + (t - self.min[j]) / (self.max[j] - self.min[j]).max(MIN_RANGE)
+        self.offset + (t - self.min[j]) / (self.max[j] - self.min[j]).max(MIN_RANGE)
     }
 
     /// Map a model-space value of feature `j` back to its raw unit.
     pub fn unscale(&self, j: usize, scaled: f64) -> f64 {
-        let t = (scaled - SCALE_OFFSET) * (self.max[j] - self.min[j]).max(MIN_RANGE) + self.min[j];
+        let t = (scaled - self.offset) * (self.max[j] - self.min[j]).max(MIN_RANGE) + self.min[j];
         self.features[j].transform.invert(t)
     }
 

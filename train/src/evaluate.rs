@@ -121,6 +121,21 @@ pub struct EvaluateArgs {
     batch_size: Option<usize>,
     #[arg(long)]
     lr: Option<f64>,
+    /// Weight of the mean energy in the loss (λ1).
+    #[arg(long)]
+    lambda_energy: Option<f64>,
+    /// Weight of the covariance penalty in the loss (λ2).
+    #[arg(long)]
+    lambda_cov: Option<f64>,
+    /// Added to every covariance diagonal.
+    #[arg(long)]
+    cov_reg: Option<f64>,
+    /// Share of the epochs spent on reconstruction alone before the joint loss.
+    #[arg(long)]
+    warmup_fraction: Option<f64>,
+    /// Lower end of the scaled feature range: features are min-max scaled into [o, o + 1].
+    #[arg(long, default_value_t = dagmm_model::preprocess::SCALE_OFFSET)]
+    scale_offset: f64,
     /// Write per-seed runs, mean and std as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -213,6 +228,8 @@ pub struct Report {
     pub threshold_rule: String,
     pub network: NetworkConfig,
     pub train: TrainConfig,
+    /// Features were min-max scaled into [scale_offset, scale_offset + 1].
+    pub scale_offset: f64,
     pub mean: Summary,
     pub std: Summary,
     pub runs: Vec<Run>,
@@ -328,8 +345,9 @@ pub fn run_seed(
     normal_only: bool,
     threshold: Threshold,
     seed: u64,
+    scale_offset: f64,
 ) -> Result<Run> {
-    let s = score_split(data, net, cfg, split, normal_only, seed)?;
+    let s = score_split(data, net, cfg, split, normal_only, seed, scale_offset)?;
     let cutoff = threshold.cutoff(&s.train_energies, &s.test_energies);
     Ok(Run {
         seed,
@@ -348,6 +366,7 @@ pub fn score_split(
     split: f64,
     normal_only: bool,
     seed: u64,
+    scale_offset: f64,
 ) -> Result<Scored> {
     let d = data.names.len();
     let n = data.labels.len();
@@ -371,7 +390,10 @@ pub fn score_split(
     };
     let train_x = gather(&train_rows);
     let test_x = gather(test_part);
-    let pre = Preprocessor::fit(FeatureSpec::plain(&data.names), &train_x)?;
+    let pre = Preprocessor {
+        offset: scale_offset,
+        ..Preprocessor::fit(FeatureSpec::plain(&data.names), &train_x)?
+    };
     let start = Instant::now();
     let out = fit(
         net,
@@ -463,6 +485,18 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(v) = args.lr {
         cfg.learning_rate = v;
     }
+    if let Some(v) = args.lambda_energy {
+        cfg.lambda_energy = v;
+    }
+    if let Some(v) = args.lambda_cov {
+        cfg.lambda_cov = v;
+    }
+    if let Some(v) = args.cov_reg {
+        cfg.cov_reg = v;
+    }
+    if let Some(v) = args.warmup_fraction {
+        cfg.warmup_fraction = v;
+    }
     net.validate()?;
     cfg.validate()?;
     let anomalies = data.labels.iter().filter(|&&l| l).count();
@@ -479,7 +513,16 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     );
     let mut runs = Vec::new();
     for seed in 0..args.seeds {
-        let r = run_seed(&data, &net, &cfg, args.split, normal_only, threshold, seed)?;
+        let r = run_seed(
+            &data,
+            &net,
+            &cfg,
+            args.split,
+            normal_only,
+            threshold,
+            seed,
+            args.scale_offset,
+        )?;
         let m = &r.detection;
         println!(
             "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}",
@@ -521,6 +564,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             threshold_rule: threshold.describe(),
             network: net,
             train: cfg,
+            scale_offset: args.scale_offset,
             mean,
             std,
             runs,
@@ -564,7 +608,16 @@ mod tests {
             batch_size: 256,
             ..cfg
         };
-        let s = score_split(&data, &net, &cfg, 0.5, true, 0).unwrap();
+        let s = score_split(
+            &data,
+            &net,
+            &cfg,
+            0.5,
+            true,
+            0,
+            dagmm_model::preprocess::SCALE_OFFSET,
+        )
+        .unwrap();
         // The right threshold flags exactly the test part's share of anomalies.
         let ratio =
             s.test_labels.iter().filter(|&&l| l).count() as f64 / s.test_labels.len() as f64;
