@@ -249,35 +249,122 @@ impl GmmParams {
 
     /// Energy of `z` given the constants from [`GmmParams::log_norms`].
     pub fn energy_with(&self, z: &[f64], log_norms: &[f64]) -> f64 {
+        let mut lanes = [[0f64; 1]; MAX_Z_DIM];
+        for (l, &v) in lanes.iter_mut().zip(z) {
+            l[0] = v;
+        }
+        self.energies_lanes::<1>(&lanes[..self.d], log_norms)[0]
+    }
+
+    /// Energies of L codes side by side (`z[j][r]` is dimension j of code r): the mixture's
+    /// negative log density by log-sum-exp, with branch-free `exp` and `ln` so the lanes
+    /// vectorise. A code far from every component gets `f64::MAX`, never infinity or NaN.
+    #[inline(always)]
+    pub fn energies_lanes<const L: usize>(&self, z: &[[f64; L]], log_norms: &[f64]) -> [f64; L] {
         let d = self.d;
-        let mut log_components = [0f64; MAX_GMM_K];
-        let mut best = f64::NEG_INFINITY;
-        let mut y = [0f64; MAX_Z_DIM];
+        let mut log_components = [[0f64; L]; MAX_GMM_K];
+        let mut best = [f64::NEG_INFINITY; L];
         for c in 0..self.k {
             let l = &self.chol[c];
             let mu = &self.mu[c];
-            let mut maha = 0.0;
+            // Forward substitution L y = z − μ_c; the Mahalanobis distance is |y|².
+            let mut y = [[0f64; L]; MAX_Z_DIM];
+            let mut maha = [0f64; L];
             for j in 0..d {
-                let mut rhs = z[j] - mu[j];
-                for p in 0..j {
-                    rhs -= l[j * d + p] * y[p];
+                let inverse_pivot = l[j * d + j].recip();
+                for r in 0..L {
+                    let mut rhs = z[j][r] - mu[j];
+                    for p in 0..j {
+                        rhs -= l[j * d + p] * y[p][r];
+                    }
+                    y[j][r] = rhs * inverse_pivot;
+                    maha[r] += y[j][r] * y[j][r];
                 }
-                y[j] = rhs / l[j * d + j];
-                maha += y[j] * y[j];
             }
-            let lc = log_norms[c] - 0.5 * maha;
-            log_components[c] = lc;
-            best = best.max(lc);
+            for r in 0..L {
+                let lc = log_norms[c] - 0.5 * maha[r];
+                log_components[c][r] = lc;
+                best[r] = best[r].max(lc);
+            }
         }
-        if !best.is_finite() {
-            return f64::MAX;
+        let mut sum = [0f64; L];
+        for lc in &log_components[..self.k] {
+            for r in 0..L {
+                sum[r] += exp_non_positive(lc[r] - best[r]);
+            }
         }
-        let sum: f64 = log_components[..self.k]
-            .iter()
-            .map(|lc| (lc - best).exp())
-            .sum();
-        -(best + sum.ln())
+        let mut energies = [0f64; L];
+        for r in 0..L {
+            // The best component contributes exactly 1, so the sum lies in [1, K].
+            let e = -(best[r] + ln_at_least_one(sum[r]));
+            energies[r] = if e.is_finite() { e } else { f64::MAX };
+        }
+        energies
     }
+}
+
+/// Adding 1.5 · 2^52 rounds an f64 to an integer held in its low mantissa bits.
+const SHIFTER: f64 = 6_755_399_441_055_744.0;
+
+/// e^t for t ≤ 0, branch-free (relative error about 1e-14). Below −708 the result is 0 in
+/// effect (e^−708 ≈ 3e−308), and t = −∞ or NaN gives 0 or NaN as `exp` would.
+#[inline(always)]
+fn exp_non_positive(t: f64) -> f64 {
+    let t = t.max(-708.0);
+    let shifted = t.mul_add(std::f64::consts::LOG2_E, SHIFTER);
+    let n = shifted - SHIFTER;
+    let r = (-n).mul_add(std::f64::consts::LN_2, t);
+    // e^r for |r| ≤ ln 2 / 2, Taylor to r^12.
+    let mut p: f64 = 1.0 / 479_001_600.0;
+    for c in [
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        1.0 / 2.0,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    // 2^n from n's bits (−1022 ≤ n ≤ 0 here).
+    p * f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52)
+}
+
+/// ln s for 1 ≤ s < 2^64, branch-free: s = m · 2^e with m in [√½, √2), ln m = 2 atanh(u) with
+/// u = (m − 1)/(m + 1), |u| ≤ 0.172, by its odd series to u^17 (error below 1e-15).
+#[inline(always)]
+fn ln_at_least_one(s: f64) -> f64 {
+    const MANTISSA: u64 = (1 << 52) - 1;
+    let bits = s.to_bits();
+    // The exponent as an f64 without a packed integer conversion: place it in 2^52's mantissa.
+    const TWO_52: f64 = 4_503_599_627_370_496.0;
+    let exponent = f64::from_bits((bits >> 52) | TWO_52.to_bits()) - TWO_52 - 1023.0;
+    let m = f64::from_bits((bits & MANTISSA) | 1f64.to_bits());
+    let big = m > std::f64::consts::SQRT_2;
+    let m = if big { 0.5 * m } else { m };
+    let e = if big { exponent + 1.0 } else { exponent };
+    let u = (m - 1.0) / (m + 1.0);
+    let u2 = u * u;
+    let mut p: f64 = 1.0 / 17.0;
+    for c in [
+        1.0 / 15.0,
+        1.0 / 13.0,
+        1.0 / 11.0,
+        1.0 / 9.0,
+        1.0 / 7.0,
+        1.0 / 5.0,
+        1.0 / 3.0,
+        1.0,
+    ] {
+        p = p.mul_add(u2, c);
+    }
+    e.mul_add(std::f64::consts::LN_2, 2.0 * u * p)
 }
 
 /// Lower Cholesky factor of `sigma + reg·I` (row-major `d × d`); `None` if not positive definite.
@@ -419,6 +506,31 @@ mod tests {
         let p = GmmParams::from_tensors(&t, 1e-6).unwrap();
         assert!((p.phi[0] + p.phi[1] - 1.0).abs() < 1e-4);
         assert!((p.mu[1][0] - 3.0).abs() < 0.1 && (p.mu[1][1] + 1.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn lane_exp_and_ln_match_libm() {
+        let mut t = -708.0;
+        while t <= 0.0 {
+            let (got, want) = (exp_non_positive(t), t.exp());
+            assert!(
+                (got - want).abs() <= 1e-13 * want + f64::MIN_POSITIVE,
+                "exp({t}) = {got}, libm {want}"
+            );
+            t += 0.0137;
+        }
+        assert_eq!(exp_non_positive(0.0), 1.0);
+        assert!(exp_non_positive(-750.0) < 1e-300 && exp_non_positive(f64::NEG_INFINITY) < 1e-300);
+        let mut s = 1.0;
+        while s < 70.0 {
+            let (got, want) = (ln_at_least_one(s), s.ln());
+            assert!(
+                (got - want).abs() <= 1e-14 * want.max(1.0),
+                "ln({s}) = {got}, libm {want}"
+            );
+            s += 0.000_731;
+        }
+        assert_eq!(ln_at_least_one(1.0), 0.0);
     }
 
     #[test]

@@ -217,6 +217,12 @@ fn mlp_fma<const L: usize>(
     mlp_body::<L>(layers, input, a, b)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+fn mixture_fma<const L: usize>(gmm: &GmmParams, code: &[[f64; L]], log_norms: &[f64]) -> [f64; L] {
+    gmm.energies_lanes::<L>(code, log_norms)
+}
+
 fn has_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -270,16 +276,25 @@ impl Scorer {
     ) -> [f64; L] {
         self.code_lanes::<L>(x, s);
         let z_dim = self.latent_dim + 2;
-        let z = lanes::<L>(&s.z);
-        let mut energies = [0f64; L];
-        for (r, e) in energies.iter_mut().enumerate().take(used) {
-            let mut code = [0f64; MAX_Z_DIM];
-            for (c, zj) in code.iter_mut().zip(z) {
-                *c = f64::from(zj[r]);
+        let mut code = [[0f64; L]; MAX_Z_DIM];
+        for (c, zj) in code.iter_mut().zip(lanes::<L>(&s.z)) {
+            for r in 0..L {
+                // Padding lanes get a copy of the first row, so they cannot produce NaN work.
+                c[r] = f64::from(zj[if r < used { r } else { 0 }]);
             }
-            *e = self.gmm.energy_with(&code[..z_dim], &self.log_norms);
         }
+        let mut energies = self.mixture_energies::<L>(&code[..z_dim]);
+        energies[used..].fill(0.0);
         energies
+    }
+
+    fn mixture_energies<const L: usize>(&self, code: &[[f64; L]]) -> [f64; L] {
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: the CPU supports FMA and AVX2, checked just above.
+            return unsafe { mixture_fma::<L>(&self.gmm, code, &self.log_norms) };
+        }
+        self.gmm.energies_lanes::<L>(code, &self.log_norms)
     }
 
     /// Reconstructions of the last pass, in lanes.

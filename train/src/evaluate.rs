@@ -13,7 +13,9 @@ use clap::{Args, ValueEnum};
 use dagmm_datasets::read::{numeric_column, read_input};
 use dagmm_model::eval::{Detection, detection};
 use dagmm_model::thresholds::percentile_of_sorted;
-use dagmm_model::{FeatureSpec, NetworkConfig, Preprocessor, Scorer, TrainConfig, fit};
+use dagmm_model::{
+    EpochLosses, FeatureSpec, NetworkConfig, Preprocessor, Scorer, TrainConfig, fit,
+};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -209,6 +211,8 @@ pub struct Run {
     pub train_seconds: f64,
     pub train_rows: usize,
     pub test_rows: usize,
+    /// Loss parts of the last training epoch.
+    pub last_epoch: Option<EpochLosses>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -334,6 +338,7 @@ pub struct Scored {
     pub test_labels: Vec<bool>,
     pub train_rows: usize,
     pub train_seconds: f64,
+    pub last_epoch: Option<EpochLosses>,
 }
 
 /// Train on one seed's split and score the test part.
@@ -355,6 +360,7 @@ pub fn run_seed(
         train_seconds: s.train_seconds,
         train_rows: s.train_rows,
         test_rows: s.test_labels.len(),
+        last_epoch: s.last_epoch,
     })
 }
 
@@ -415,6 +421,7 @@ pub fn score_split(
         test_labels,
         train_rows: train_rows.len(),
         train_seconds,
+        last_epoch: out.history.last().copied(),
     })
 }
 
@@ -511,6 +518,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         "{:>4} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "seed", "precision", "recall", "F1", "ROC-AUC", "PR-AUC", "train s"
     );
+    // Last-epoch loss parts follow on each row, to tell a bad fit from a bad split.
     let mut runs = Vec::new();
     for seed in 0..args.seeds {
         let r = run_seed(
@@ -525,8 +533,17 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         )?;
         let m = &r.detection;
         println!(
-            "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}",
-            m.precision, m.recall, m.f1, m.roc_auc, m.pr_auc, r.train_seconds
+            "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}  {}",
+            m.precision,
+            m.recall,
+            m.f1,
+            m.roc_auc,
+            m.pr_auc,
+            r.train_seconds,
+            r.last_epoch.map_or(String::new(), |l| format!(
+                "loss {:.5} = reconstruction {:.5} + energy {:.4} + penalty {:.3}",
+                l.total, l.reconstruction, l.energy, l.cov_penalty
+            ))
         );
         runs.push(r);
     }
