@@ -341,19 +341,30 @@ pub struct Scored {
     pub last_epoch: Option<EpochLosses>,
 }
 
+/// How each seed's data is split, scaled and judged.
+#[derive(Debug, Clone, Copy)]
+pub struct Protocol {
+    /// Share of rows in the training part.
+    pub split: f64,
+    /// Train on label-0 rows only.
+    pub normal_only: bool,
+    /// Features are min-max scaled into [scale_offset, scale_offset + 1].
+    pub scale_offset: f64,
+    pub threshold: Threshold,
+}
+
 /// Train on one seed's split and score the test part.
 pub fn run_seed(
     data: &Labelled,
     net: &NetworkConfig,
     cfg: &TrainConfig,
-    split: f64,
-    normal_only: bool,
-    threshold: Threshold,
+    protocol: &Protocol,
     seed: u64,
-    scale_offset: f64,
 ) -> Result<Run> {
-    let s = score_split(data, net, cfg, split, normal_only, seed, scale_offset)?;
-    let cutoff = threshold.cutoff(&s.train_energies, &s.test_energies);
+    let s = score_split(data, net, cfg, protocol, seed)?;
+    let cutoff = protocol
+        .threshold
+        .cutoff(&s.train_energies, &s.test_energies);
     Ok(Run {
         seed,
         detection: detection(&s.test_energies, &s.test_labels, cutoff),
@@ -369,11 +380,15 @@ pub fn score_split(
     data: &Labelled,
     net: &NetworkConfig,
     cfg: &TrainConfig,
-    split: f64,
-    normal_only: bool,
+    protocol: &Protocol,
     seed: u64,
-    scale_offset: f64,
 ) -> Result<Scored> {
+    let Protocol {
+        split,
+        normal_only,
+        scale_offset,
+        ..
+    } = *protocol;
     let d = data.names.len();
     let n = data.labels.len();
     let mut order: Vec<usize> = (0..n).collect();
@@ -519,18 +534,15 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         "seed", "precision", "recall", "F1", "ROC-AUC", "PR-AUC", "train s"
     );
     // Last-epoch loss parts follow on each row, to tell a bad fit from a bad split.
+    let protocol = Protocol {
+        split: args.split,
+        normal_only,
+        scale_offset: args.scale_offset,
+        threshold,
+    };
     let mut runs = Vec::new();
     for seed in 0..args.seeds {
-        let r = run_seed(
-            &data,
-            &net,
-            &cfg,
-            args.split,
-            normal_only,
-            threshold,
-            seed,
-            args.scale_offset,
-        )?;
+        let r = run_seed(&data, &net, &cfg, &protocol, seed)?;
         let m = &r.detection;
         println!(
             "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}  {}",
@@ -625,16 +637,13 @@ mod tests {
             batch_size: 256,
             ..cfg
         };
-        let s = score_split(
-            &data,
-            &net,
-            &cfg,
-            0.5,
-            true,
-            0,
-            dagmm_model::preprocess::SCALE_OFFSET,
-        )
-        .unwrap();
+        let protocol = Protocol {
+            split: 0.5,
+            normal_only: true,
+            scale_offset: dagmm_model::preprocess::SCALE_OFFSET,
+            threshold: Threshold::TopRatio { ratio: 0.2 },
+        };
+        let s = score_split(&data, &net, &cfg, &protocol, 0).unwrap();
         // The right threshold flags exactly the test part's share of anomalies.
         let ratio =
             s.test_labels.iter().filter(|&&l| l).count() as f64 / s.test_labels.len() as f64;
