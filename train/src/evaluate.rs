@@ -21,10 +21,13 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-/// Network and training settings per dataset, after the paper's Section 4.3.
+/// Network and training settings per dataset, after the paper's Section 4.3, with the
+/// stabilising choices measured in `benches/RESULTS.md`: features scaled into [0, 1] rather
+/// than the server metrics' [1, 2], covariance regularisation 1e-2 instead of 1e-4, and on
+/// KDDCUP99 20 epochs instead of 200 (longer runs let some seeds collapse).
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq)]
 pub enum Preset {
-    /// 120-60-30-10-1 compression, 3-10-4 estimation, lr 1e-4, 200 epochs, batch 1024.
+    /// 120-60-30-10-1 compression, 3-10-4 estimation, lr 1e-4, 20 epochs, batch 1024.
     Kddcup,
     /// 6-12-4-1 compression, 3-10-2 estimation.
     Thyroid,
@@ -33,6 +36,9 @@ pub enum Preset {
     /// The server-metrics defaults.
     Metrics4,
 }
+
+/// Covariance regularisation of the paper-benchmark presets.
+const BENCHMARK_COV_REG: f64 = 1e-2;
 
 impl Preset {
     fn settings(self, input_dim: usize) -> (NetworkConfig, TrainConfig) {
@@ -49,9 +55,10 @@ impl Preset {
             Preset::Kddcup => (
                 net(vec![60, 30, 10], 1, 4),
                 TrainConfig {
-                    epochs: 200,
+                    epochs: 20,
                     batch_size: 1024,
                     learning_rate: 1e-4,
+                    cov_reg: BENCHMARK_COV_REG,
                     ..base
                 },
             ),
@@ -61,6 +68,7 @@ impl Preset {
                     epochs: 1000,
                     batch_size: 1024,
                     learning_rate: 1e-3,
+                    cov_reg: BENCHMARK_COV_REG,
                     ..base
                 },
             ),
@@ -70,6 +78,7 @@ impl Preset {
                     epochs: 1000,
                     batch_size: 128,
                     learning_rate: 1e-3,
+                    cov_reg: BENCHMARK_COV_REG,
                     ..base
                 },
             ),
@@ -80,6 +89,16 @@ impl Preset {
                 },
                 base,
             ),
+        }
+    }
+
+    /// Lower end of the scaled feature range. The benchmark data is already in [0, 1] and has
+    /// many one-hot columns: shifted to [1, 2], every sample points nearly the same way, and
+    /// the cosine and relative-distance features lose what separates the classes.
+    fn scale_offset(self) -> f64 {
+        match self {
+            Preset::Kddcup | Preset::Thyroid | Preset::Arrhythmia => 0.0,
+            Preset::Metrics4 => dagmm_model::preprocess::SCALE_OFFSET,
         }
     }
 }
@@ -135,9 +154,10 @@ pub struct EvaluateArgs {
     /// Share of the epochs spent on reconstruction alone before the joint loss.
     #[arg(long)]
     warmup_fraction: Option<f64>,
-    /// Lower end of the scaled feature range: features are min-max scaled into [o, o + 1].
-    #[arg(long, default_value_t = dagmm_model::preprocess::SCALE_OFFSET)]
-    scale_offset: f64,
+    /// Lower end of the scaled feature range: features are min-max scaled into [o, o + 1]
+    /// (default: 0 for the paper presets, 1 for metrics4).
+    #[arg(long)]
+    scale_offset: Option<f64>,
     /// Write per-seed runs, mean and std as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -537,7 +557,9 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let protocol = Protocol {
         split: args.split,
         normal_only,
-        scale_offset: args.scale_offset,
+        scale_offset: args
+            .scale_offset
+            .unwrap_or_else(|| args.preset.scale_offset()),
         threshold,
     };
     let mut runs = Vec::new();
@@ -593,7 +615,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             threshold_rule: threshold.describe(),
             network: net,
             train: cfg,
-            scale_offset: args.scale_offset,
+            scale_offset: protocol.scale_offset,
             mean,
             std,
             runs,
