@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::scorer::{Scorer, Scratch};
+use crate::scorer::{LANES, Scorer, Scratch};
 use crate::{DagmmModel, ModelError};
 
 /// Above or below what the model expected.
@@ -217,15 +217,39 @@ impl Explainer {
 
     /// Full verdict on one raw sample (call [`Explainer::validate`] first).
     pub fn verdict(&self, raw: &[f64], s: &mut Scratch) -> Verdict {
+        let a = self.assess(raw, s);
+        self.verdict_of(raw, &a, &s.expected, &s.shares)
+    }
+
+    /// Full verdicts on validated raw samples, eight per pass where there are enough (a
+    /// pass on eight lanes costs about two one-row passes). Each equals [`Explainer::verdict`]
+    /// on its row.
+    pub fn verdicts(&self, rows: &[&[f64]], s: &mut Scratch) -> Vec<Verdict> {
+        let d = self.model.preprocessor.features.len();
+        let mut out = Vec::with_capacity(rows.len());
+        for block in rows.chunks(LANES) {
+            if block.len() <= 2 {
+                out.extend(block.iter().map(|raw| self.verdict(raw, s)));
+                continue;
+            }
+            let assessed = self.assess_lanes::<LANES>(block, s);
+            for (r, (raw, a)) in block.iter().zip(&assessed).enumerate() {
+                let span = r * d..(r + 1) * d;
+                out.push(self.verdict_of(raw, a, &s.expected[span.clone()], &s.shares[span]));
+            }
+        }
+        out
+    }
+
+    fn verdict_of(&self, raw: &[f64], a: &Assessment, expected: &[f32], shares: &[f64]) -> Verdict {
         let p = &self.model.preprocessor;
         let t = &self.model.thresholds;
-        let a = self.assess(raw, s);
         let explanation: Vec<MetricExplanation> = p
             .features
             .iter()
             .enumerate()
             .map(|(j, spec)| {
-                let expected = p.unscale(j, f64::from(s.expected[j]));
+                let expected = p.unscale(j, f64::from(expected[j]));
                 MetricExplanation {
                     metric: spec.name.clone(),
                     unit: spec.unit.clone(),
@@ -236,7 +260,7 @@ impl Explainer {
                     } else {
                         Direction::Below
                     },
-                    contribution: s.shares[j],
+                    contribution: shares[j],
                     out_of_range: p.out_of_range(j, raw[j]),
                 }
             })

@@ -430,6 +430,15 @@ mod tests {
         }
         // The random rows must reach the explanation's interesting cases, not only normal ones.
         assert!(flagged > 50, "{flagged} rows flagged");
+        let refs: Vec<&[f64]> = raws.iter().map(Vec::as_slice).collect();
+        for n in [1, 2, 3, 8, 11, refs.len()] {
+            let rows = &refs[refs.len() - n..];
+            let verdicts = explainer.verdicts(rows, &mut many_s);
+            assert_eq!(verdicts.len(), n);
+            for (raw, v) in rows.iter().zip(&verdicts) {
+                assert_eq!(*v, explainer.verdict(raw, &mut one_s));
+            }
+        }
         let x = out.model.preprocessor.scale_rows(&rows);
         let blocked = explainer.scorer().energies_scaled(&x);
         for (row, e) in x.chunks_exact(4).zip(&blocked) {

@@ -117,14 +117,13 @@ pub fn resolve_model(
     })
 }
 
-/// Score one parsed sample: pick its model (the sample's own, else the request's `model`, else
-/// by host), check its values and explain the verdict. Shared by HTTP, stream and batch paths.
-pub fn score_sample(
+/// Pick one parsed sample's model (the sample's own, else the request's `model`, else by host)
+/// and check its values.
+fn resolve_sample(
     models: &ModelMap,
     request_model: Option<&str>,
     sample: &request::Sample,
-    scratch: &mut Option<dagmm_model::scorer::Scratch>,
-) -> Result<(Arc<LoadedModel>, ScoredSample), ApiError> {
+) -> Result<(Arc<LoadedModel>, Vec<f64>), ApiError> {
     let explicit = sample.model.as_deref().or(request_model);
     let model_field = if sample.model.is_some() {
         format!("{}.model", sample.path)
@@ -138,9 +137,11 @@ pub fn score_sample(
         model_field.trim_start_matches('.'),
     )?;
     let values = request::metric_values(sample, &model.explainer)?;
-    let s = scratch.get_or_insert_with(|| model.explainer.scorer().new_scratch());
-    let verdict = model.explainer.verdict(&values, s);
-    let scored = ScoredSample {
+    Ok((model, values))
+}
+
+fn scored_sample(model: &LoadedModel, sample: &request::Sample, verdict: Verdict) -> ScoredSample {
+    ScoredSample {
         id: sample.id.clone(),
         timestamp: sample.timestamp.clone(),
         host: sample.host.clone(),
@@ -150,21 +151,58 @@ pub fn score_sample(
             trained_at: model.trained_at.clone(),
         },
         verdict,
-    };
+    }
+}
+
+/// Score one parsed sample: pick its model, check its values and explain the verdict. Used
+/// where each sample succeeds or fails on its own (the stream path).
+pub fn score_sample(
+    models: &ModelMap,
+    request_model: Option<&str>,
+    sample: &request::Sample,
+    scratch: &mut Option<dagmm_model::scorer::Scratch>,
+) -> Result<(Arc<LoadedModel>, ScoredSample), ApiError> {
+    let (model, values) = resolve_sample(models, request_model, sample)?;
+    let s = scratch.get_or_insert_with(|| model.explainer.scorer().new_scratch());
+    let verdict = model.explainer.verdict(&values, s);
+    let scored = scored_sample(&model, sample, verdict);
     Ok((model, scored))
 }
 
 /// Score a parsed request against a model snapshot; the first bad sample fails the whole
-/// request, as HTTP callers expect.
+/// request, as HTTP callers expect. Samples of the same model are scored eight per pass; the
+/// numbers are those of scoring each alone.
 pub fn score_request(
     models: &ModelMap,
     req: &ScoreRequest,
 ) -> Result<Vec<(Arc<LoadedModel>, ScoredSample)>, ApiError> {
-    let mut scratch = None;
-    req.samples
+    let resolved = req
+        .samples
         .iter()
-        .map(|sample| score_sample(models, req.model.as_deref(), sample, &mut scratch))
-        .collect()
+        .map(|sample| resolve_sample(models, req.model.as_deref(), sample))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut verdicts: Vec<Option<Verdict>> = vec![None; resolved.len()];
+    // Sample indices grouped by model, in request order within each group.
+    let mut order: Vec<usize> = (0..resolved.len()).collect();
+    order.sort_by_key(|&i| Arc::as_ptr(&resolved[i].0) as usize);
+    let mut scratch = None;
+    for group in order.chunk_by(|&a, &b| Arc::ptr_eq(&resolved[a].0, &resolved[b].0)) {
+        let explainer = &resolved[group[0]].0.explainer;
+        let rows: Vec<&[f64]> = group.iter().map(|&i| resolved[i].1.as_slice()).collect();
+        let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
+        for (&i, v) in group.iter().zip(explainer.verdicts(&rows, s)) {
+            verdicts[i] = Some(v);
+        }
+    }
+    Ok(resolved
+        .into_iter()
+        .zip(verdicts)
+        .zip(&req.samples)
+        .map(|(((model, _), verdict), sample)| {
+            let scored = scored_sample(&model, sample, verdict.expect("every sample scored"));
+            (model, scored)
+        })
+        .collect())
 }
 
 /// Count one verdict in the Prometheus metrics.
