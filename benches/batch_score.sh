@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end batch-scoring benchmark: rows/s (read + score + write) and peak RSS of
-# `dagmm-serve score` on generated 100-host exports of 1 M and 10 M rows.
+# `dagmm-serve score` on generated 100-host exports of 1 M and 10 M rows, explaining every row
+# (the default) and only flagged rows (`--explain anomalies`).
 #
 #   benches/batch_score.sh [SIZES...]     (default: 1000000 10000000)
 set -euo pipefail
@@ -20,8 +21,11 @@ for rows in "${sizes[@]}"; do
     days=$(python3 -c "print($rows / $hosts / 1440)")
     input="$work/export-$rows.parquet"
     [ -f "$input" ] || ./target/release/dagmm-train generate --out "$input" --hosts $hosts --days "$days" >/dev/null
-    echo "== $rows rows ($hosts hosts), $(du -h "$input" | cut -f1) of Parquet"
-    /usr/bin/time -v ./target/release/dagmm-serve score --models "$work/models/fleet.dagmm" \
-        --input "$input" --output "$work/scored-$rows.parquet" -q 2> "$work/time-$rows.txt" | head -1
-    grep -E "Maximum resident set size|Elapsed \(wall clock\)" "$work/time-$rows.txt"
+    for explain in all anomalies; do
+        echo "== $rows rows ($hosts hosts), $(du -h "$input" | cut -f1) of Parquet, --explain $explain"
+        /usr/bin/time -v ./target/release/dagmm-serve score --models "$work/models/fleet.dagmm" \
+            --input "$input" --output "$work/scored-$rows.parquet" --explain "$explain" -q \
+            2> "$work/time-$rows.txt" | head -1
+        grep -E "Maximum resident set size|Elapsed \(wall clock\)" "$work/time-$rows.txt"
+    done
 done

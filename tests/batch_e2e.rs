@@ -10,7 +10,7 @@ use common::{sample_path, train_sample_model};
 use dagmm_datasets::read::{ReadOptions, read_file};
 use dagmm_datasets::synthetic::{ANOMALY_KINDS, KIND_METRIC};
 use dagmm_serve::app::score_request;
-use dagmm_serve::batch::{BatchOptions, run};
+use dagmm_serve::batch::{BatchOptions, Explain, run};
 use dagmm_serve::registry::Registry;
 use dagmm_serve::request::parse;
 use polars::prelude::*;
@@ -28,6 +28,7 @@ fn options(input: &str, output: &Path) -> BatchOptions {
         default_model: None,
         label_column: Some("is_anomaly".into()),
         chunk_rows: 5000,
+        explain: Explain::All,
         progress: None,
     }
 }
@@ -298,4 +299,75 @@ fn chunks_that_cut_across_row_groups_score_every_row() {
     let summary = run(&registry.snapshot(), &opts).unwrap();
     assert_eq!(summary.rows_in, df.height());
     assert_eq!(read_file(&output).unwrap().height(), df.height());
+}
+
+#[test]
+fn explaining_only_anomalies_keeps_every_score_and_explains_the_flagged_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    train_sample_model("web-01", &models, 20, None);
+    let registry = Registry::open(&models).unwrap();
+    let input = sample_path();
+    let score = |explain: Explain, name: &str| {
+        let output = dir.path().join(name);
+        let opts = BatchOptions {
+            explain,
+            label_column: None,
+            default_model: Some("web-01".into()),
+            ..options(input.to_str().unwrap(), &output)
+        };
+        run(&registry.snapshot(), &opts).unwrap();
+        read_file(&output).unwrap()
+    };
+    let full = score(Explain::All, "all.parquet");
+    let flagged_only = score(Explain::Anomalies, "anomalies.parquet");
+    assert_eq!(full.height(), flagged_only.height());
+    for name in [
+        "energy",
+        "anomaly",
+        "severity",
+        "percentile",
+        "model",
+        "reason",
+    ] {
+        let (a, b) = (
+            full.column(name).unwrap(),
+            flagged_only.column(name).unwrap(),
+        );
+        assert!(
+            a.as_materialized_series()
+                .equals_missing(b.as_materialized_series()),
+            "column {name} differs"
+        );
+    }
+    let anomaly = full.column("anomaly").unwrap().bool().unwrap().clone();
+    let flagged = (0..anomaly.len())
+        .filter(|&i| anomaly.get(i) == Some(true))
+        .count();
+    assert!(
+        flagged > 0 && flagged < full.height(),
+        "{flagged} rows flagged"
+    );
+    let mut explained_columns = vec!["top_metric".to_string()];
+    explained_columns.extend(
+        dagmm_datasets::METRICS
+            .iter()
+            .map(|m| format!("contribution_{m}")),
+    );
+    for name in &explained_columns {
+        let a = full.column(name).unwrap().as_materialized_series().clone();
+        let b = flagged_only
+            .column(name)
+            .unwrap()
+            .as_materialized_series()
+            .clone();
+        for i in 0..full.height() {
+            let (va, vb) = (a.get(i).unwrap(), b.get(i).unwrap());
+            match anomaly.get(i) {
+                Some(true) => assert_eq!(va, vb, "row {i} {name}"),
+                _ => assert!(vb.is_null(), "row {i} {name}: {vb:?} on an unflagged row"),
+            }
+        }
+    }
 }

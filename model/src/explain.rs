@@ -119,6 +119,26 @@ impl Explainer {
         Ok(())
     }
 
+    /// Energies of up to L validated raw samples, scored side by side (lanes past
+    /// `rows.len()` are padding and get 0): the first pass of [`Explainer::assess_lanes`], so
+    /// each equals its row's verdict energy. The scaled rows are left in the scratch.
+    pub fn energies_lanes<const L: usize>(&self, rows: &[&[f64]], s: &mut Scratch) -> [f64; L] {
+        assert!(rows.len() <= L, "{} rows for {L} lanes", rows.len());
+        let p = &self.model.preprocessor;
+        let d = p.features.len();
+        let mut x = std::mem::take(&mut s.lanes_x);
+        x.clear();
+        x.resize(d * L, 0.0);
+        for (r, raw) in rows.iter().enumerate() {
+            for (j, &v) in raw.iter().enumerate().take(d) {
+                x[j * L + r] = p.scale(j, v) as f32;
+            }
+        }
+        let energies = self.scorer.energies_lanes::<L>(&x, rows.len(), s);
+        s.lanes_x = x;
+        energies
+    }
+
     /// Energy of one raw sample (no explanation).
     pub fn energy(&self, raw: &[f64], s: &mut Scratch) -> f64 {
         let p = &self.model.preprocessor;
@@ -145,20 +165,12 @@ impl Explainer {
         rows: &[&[f64]],
         s: &mut Scratch,
     ) -> [Assessment; L] {
-        assert!(rows.len() <= L, "{} rows for {L} lanes", rows.len());
         let p = &self.model.preprocessor;
         let t = &self.model.thresholds;
         let d = p.features.len();
         let used = rows.len();
-        let mut x = std::mem::take(&mut s.lanes_x);
-        x.clear();
-        x.resize(d * L, 0.0);
-        for (r, raw) in rows.iter().enumerate() {
-            for (j, &v) in raw.iter().enumerate().take(d) {
-                x[j * L + r] = p.scale(j, v) as f32;
-            }
-        }
-        let energies = self.scorer.energies_lanes::<L>(&x, used, s);
+        let energies = self.energies_lanes::<L>(rows, s);
+        let x = std::mem::take(&mut s.lanes_x);
         let mut x_hat = std::mem::take(&mut s.lanes_expected);
         x_hat.clear();
         x_hat.extend_from_slice(self.scorer.reconstruction_lanes(s));

@@ -36,8 +36,22 @@ pub struct BatchOptions {
     /// Ground-truth 0/1 (or boolean) column to evaluate the cutoff against.
     pub label_column: Option<String>,
     pub chunk_rows: usize,
+    /// Which rows get `top_metric` and contribution columns.
+    pub explain: Explain,
     /// Called with (rows done, rows total) after each chunk.
     pub progress: Option<Box<dyn Fn(usize, usize) + Sync>>,
+}
+
+/// Which rows are explained. Energies, flags, severities and percentiles are written for every
+/// row either way and are the same numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Explain {
+    /// Every row, as `POST /score` answers: five forward passes per row.
+    #[default]
+    All,
+    /// Only flagged rows; the others get null `top_metric` and contributions, and cost one
+    /// forward pass.
+    Anomalies,
 }
 
 /// One of the highest-energy rows.
@@ -114,6 +128,7 @@ fn score_rows<'a>(
     hosts: &[String],
     values: &[[f64; 4]],
     metric_names: &[String],
+    explain: Explain,
 ) -> Vec<RowScore<'a>> {
     const PAR_CHUNK: usize = 4096;
     let mut out = vec![RowScore::default(); values.len()];
@@ -149,13 +164,47 @@ fn score_rows<'a>(
                     *m = features.iter().position(|f| &f.name == name);
                 }
                 let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
+                let thresholds = &model_def.thresholds;
                 for block in group.chunks(LANES) {
                     let mut rows: [&[f64]; LANES] = [&[]; LANES];
                     for (r, &(_, i)) in rows.iter_mut().zip(block) {
                         *r = &values[first + i];
                     }
-                    let assessed = explainer.assess_lanes::<LANES>(&rows[..block.len()], s);
-                    for (r, (&(_, i), a)) in block.iter().zip(&assessed).enumerate() {
+                    // Rows explained in full: all of them, or only the flagged ones.
+                    let mut explained = [0usize; LANES];
+                    let mut n_explained = 0;
+                    if explain == Explain::All {
+                        explained[..block.len()]
+                            .iter_mut()
+                            .enumerate()
+                            .for_each(|(r, e)| *e = r);
+                        n_explained = block.len();
+                    } else {
+                        let energies = explainer.energies_lanes::<LANES>(&rows[..block.len()], s);
+                        for (r, (&(_, i), &energy)) in block.iter().zip(&energies).enumerate() {
+                            if thresholds.is_anomaly(energy) {
+                                explained[n_explained] = r;
+                                n_explained += 1;
+                                continue;
+                            }
+                            let slot = &mut chunk[i];
+                            slot.energy = Some(energy);
+                            slot.anomaly = Some(false);
+                            slot.severity = Some(thresholds.severity(energy));
+                            slot.percentile = Some(thresholds.percentile_rank(energy));
+                            slot.model = Some(model.name.as_str());
+                        }
+                        if n_explained == 0 {
+                            continue;
+                        }
+                    }
+                    let mut flagged_rows: [&[f64]; LANES] = [&[]; LANES];
+                    for (f, &r) in flagged_rows.iter_mut().zip(&explained[..n_explained]) {
+                        *f = rows[r];
+                    }
+                    let assessed = explainer.assess_lanes::<LANES>(&flagged_rows[..n_explained], s);
+                    for (r, (&b, a)) in explained[..n_explained].iter().zip(&assessed).enumerate() {
+                        let i = block[b].1;
                         let slot = &mut chunk[i];
                         slot.energy = Some(a.energy);
                         slot.anomaly = Some(a.anomaly);
@@ -443,6 +492,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                     &table.host,
                     &table.values,
                     metric_names,
+                    opts.explain,
                 );
                 summary.rows_in += scores.len();
                 for (i, s) in scores.iter().enumerate() {
