@@ -83,7 +83,7 @@ impl FeatureSpec {
     }
 }
 
-/// Smallest feature range the scaler divides by, so a constant column maps to a constant, not NaN.
+/// Ranges below this count as a constant feature.
 const MIN_RANGE: f64 = 1e-9;
 /// Default lower end of the scaled training range: values lie in [offset, offset + 1].
 pub const SCALE_OFFSET: f64 = 1.0;
@@ -154,6 +154,13 @@ impl Preprocessor {
         })
     }
 
+    /// What feature `j` is divided by. A feature constant in training keeps its own unit
+    /// (range 1), so a later deviation is measured as it is rather than blown up by 1e9.
+    fn range(&self, j: usize) -> f64 {
+        let range = self.max[j] - self.min[j];
+        if range < MIN_RANGE { 1.0 } else { range }
+    }
+
     pub fn dim(&self) -> usize {
         self.features.len()
     }
@@ -161,12 +168,12 @@ impl Preprocessor {
     /// Map one raw value of feature `j` to model space.
     pub fn scale(&self, j: usize, raw: f64) -> f64 {
         let t = self.features[j].transform.apply(raw);
-        self.offset + (t - self.min[j]) / (self.max[j] - self.min[j]).max(MIN_RANGE)
+        self.offset + (t - self.min[j]) / self.range(j)
     }
 
     /// Map a model-space value of feature `j` back to its raw unit.
     pub fn unscale(&self, j: usize, scaled: f64) -> f64 {
-        let t = (scaled - self.offset) * (self.max[j] - self.min[j]).max(MIN_RANGE) + self.min[j];
+        let t = (scaled - self.offset) * self.range(j) + self.min[j];
         self.features[j].transform.invert(t)
     }
 
@@ -208,7 +215,9 @@ mod tests {
         let rows = vec![5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0];
         let p = Preprocessor::fit(FeatureSpec::server_metrics(), &rows).unwrap();
         assert_eq!(p.scale(0, 5.0), SCALE_OFFSET);
-        assert!(p.scale(0, 6.0).is_finite());
+        // A later deviation keeps the feature's own unit instead of being divided by ~0.
+        assert_eq!(p.scale(0, 6.0), SCALE_OFFSET + 1.0);
+        assert_eq!(p.unscale(0, SCALE_OFFSET + 1.0), 6.0);
     }
 
     #[test]
