@@ -198,11 +198,11 @@ fn score_rows<'a>(
                             continue;
                         }
                     }
-                    let mut flagged_rows: [&[f64]; LANES] = [&[]; LANES];
-                    for (f, &r) in flagged_rows.iter_mut().zip(&explained[..n_explained]) {
+                    let mut to_explain: [&[f64]; LANES] = [&[]; LANES];
+                    for (f, &r) in to_explain.iter_mut().zip(&explained[..n_explained]) {
                         *f = rows[r];
                     }
-                    let assessed = explainer.assess_lanes::<LANES>(&flagged_rows[..n_explained], s);
+                    let assessed = explainer.assess_lanes::<LANES>(&to_explain[..n_explained], s);
                     for (r, (&b, a)) in explained[..n_explained].iter().zip(&assessed).enumerate() {
                         let i = block[b].1;
                         let slot = &mut chunk[i];
