@@ -136,7 +136,7 @@ pub fn prepare_groups(
         // A host's rows may fall into several groups when grouping by another column.
         let mut per_group: Vec<(Option<String>, TimedRows)> = Vec::new();
         for (row, t, values) in kept {
-            let key = opts.grouped.then(|| table.group[row].clone());
+            let key = opts.grouped.then(|| table.group_of(row).to_string());
             match per_group.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push((t, values)),
                 None => per_group.push((key, vec![(t, values)])),
@@ -144,7 +144,8 @@ pub fn prepare_groups(
         }
         if per_group.is_empty() {
             per_group.push((
-                opts.grouped.then(|| table.group[by_host[host][0]].clone()),
+                opts.grouped
+                    .then(|| table.group_of(by_host[host][0]).to_string()),
                 Vec::new(),
             ));
         }
@@ -294,7 +295,7 @@ mod tests {
         MetricTable {
             time_ms: rows.iter().map(|r| r.1).collect(),
             host: rows.iter().map(|r| r.0.to_string()).collect(),
-            group: rows.iter().map(|r| r.0.to_string()).collect(),
+            group: None,
             values: rows.iter().map(|r| r.2).collect(),
             alert: rows.iter().map(|r| r.3).collect(),
         }

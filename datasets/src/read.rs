@@ -233,8 +233,9 @@ pub struct MetricTable {
     pub time_ms: Vec<Option<i64>>,
     /// Host of each row (empty when the export has no host column).
     pub host: Vec<String>,
-    /// Value of the grouping column of each row (the host unless another column is chosen).
-    pub group: Vec<String>,
+    /// Value of the grouping column of each row, when a column other than the host was chosen
+    /// (`None`: rows group by host, see [`MetricTable::group_of`]).
+    pub group: Option<Vec<String>>,
     /// The four metrics in [`METRICS`] order.
     pub values: Vec<[f64; 4]>,
     pub alert: Vec<bool>,
@@ -247,6 +248,14 @@ impl MetricTable {
 
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
+    }
+
+    /// The group of a row: its grouping column's value, or its host.
+    pub fn group_of(&self, row: usize) -> &str {
+        match &self.group {
+            Some(group) => &group[row],
+            None => &self.host[row],
+        }
     }
 }
 
@@ -282,13 +291,14 @@ pub fn frame_to_table(
         Ok(c) => text_column(c, source)?,
         Err(_) => vec![String::new(); n],
     };
+    // Grouping by host needs no copy of the host column.
     let group = match &opts.group_by {
-        Some(g) if g != &map.host => text_column(require_column(&df, g, source)?, source)?,
+        Some(g) if g != &map.host => Some(text_column(require_column(&df, g, source)?, source)?),
         Some(_) => {
             require_column(&df, &map.host, source)?;
-            host.clone()
+            None
         }
-        None => host.clone(),
+        None => None,
     };
     let mut values = vec![[f64::NAN; 4]; n];
     for (j, name) in map.metrics.iter().enumerate() {
