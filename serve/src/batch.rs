@@ -17,7 +17,7 @@ use dagmm_datasets::read::{
     FileFormat, ReadOptions, ShapeOption, format_time, frame_to_table, read_file, resolve_inputs,
 };
 use dagmm_model::eval::{Detection, detection};
-use dagmm_model::scorer::LANES;
+use dagmm_model::scorer::{LANES, Scratch};
 use polars::prelude::*;
 use rayon::prelude::*;
 
@@ -165,50 +165,17 @@ fn score_rows<'a>(
                 }
                 let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
                 let thresholds = &model_def.thresholds;
-                for block in group.chunks(LANES) {
-                    let mut rows: [&[f64]; LANES] = [&[]; LANES];
-                    for (r, &(_, i)) in rows.iter_mut().zip(block) {
-                        *r = &values[first + i];
-                    }
-                    // Rows explained in full: all of them, or only the flagged ones.
-                    let mut explained = [0usize; LANES];
-                    let mut n_explained = 0;
-                    if explain == Explain::All {
-                        explained[..block.len()]
-                            .iter_mut()
-                            .enumerate()
-                            .for_each(|(r, e)| *e = r);
-                        n_explained = block.len();
-                    } else {
-                        let energies = explainer.energies_lanes::<LANES>(&rows[..block.len()], s);
-                        for (r, (&(_, i), &energy)) in block.iter().zip(&energies).enumerate() {
-                            if thresholds.is_anomaly(energy) {
-                                explained[n_explained] = r;
-                                n_explained += 1;
-                                continue;
-                            }
-                            let slot = &mut chunk[i];
-                            slot.energy = Some(energy);
-                            slot.anomaly = Some(false);
-                            slot.severity = Some(thresholds.severity(energy));
-                            slot.percentile = Some(thresholds.percentile_rank(energy));
-                            slot.model = Some(model.name.as_str());
-                        }
-                        if n_explained == 0 {
-                            continue;
-                        }
-                    }
-                    let mut to_explain: [&[f64]; LANES] = [&[]; LANES];
-                    for (f, &r) in to_explain.iter_mut().zip(&explained[..n_explained]) {
-                        *f = rows[r];
-                    }
-                    let assessed = explainer.assess_lanes::<LANES>(&to_explain[..n_explained], s);
-                    for (r, (&b, a)) in explained[..n_explained].iter().zip(&assessed).enumerate() {
-                        let i = block[b].1;
+                // Full verdict numbers for up to LANES rows, written into their slots.
+                let explain_full = |rows: &[&[f64]],
+                                    slots: &[usize],
+                                    chunk: &mut [RowScore<'a>],
+                                    s: &mut Scratch| {
+                    let assessed = explainer.assess_lanes::<LANES>(rows, s);
+                    for (r, (&i, a)) in slots.iter().zip(&assessed).enumerate() {
                         let slot = &mut chunk[i];
                         slot.energy = Some(a.energy);
                         slot.anomaly = Some(a.anomaly);
-                        slot.severity = Some(model_def.thresholds.severity(a.energy));
+                        slot.severity = Some(thresholds.severity(a.energy));
                         slot.percentile = Some(a.percentile);
                         slot.top_metric = Some(features[a.top].name.as_str());
                         for (c, j) in slot.contributions.iter_mut().zip(feature_of) {
@@ -216,6 +183,50 @@ fn score_rows<'a>(
                         }
                         slot.model = Some(model.name.as_str());
                     }
+                };
+                // Flagged rows waiting to fill a block of lanes (`--explain anomalies`).
+                let mut pending_rows: [&[f64]; LANES] = [&[]; LANES];
+                let mut pending_slots = [0usize; LANES];
+                let mut n_pending = 0;
+                for block in group.chunks(LANES) {
+                    let mut rows: [&[f64]; LANES] = [&[]; LANES];
+                    let mut slots = [0usize; LANES];
+                    for ((r, slot), &(_, i)) in rows.iter_mut().zip(&mut slots).zip(block) {
+                        *r = &values[first + i];
+                        *slot = i;
+                    }
+                    let n = block.len();
+                    if explain == Explain::All {
+                        explain_full(&rows[..n], &slots[..n], chunk, s);
+                        continue;
+                    }
+                    let energies = explainer.energies_lanes::<LANES>(&rows[..n], s);
+                    for ((&row, &i), &energy) in rows.iter().zip(&slots).zip(&energies).take(n) {
+                        if thresholds.is_anomaly(energy) {
+                            pending_rows[n_pending] = row;
+                            pending_slots[n_pending] = i;
+                            n_pending += 1;
+                            if n_pending == LANES {
+                                explain_full(&pending_rows, &pending_slots, chunk, s);
+                                n_pending = 0;
+                            }
+                            continue;
+                        }
+                        let slot = &mut chunk[i];
+                        slot.energy = Some(energy);
+                        slot.anomaly = Some(false);
+                        slot.severity = Some(thresholds.severity(energy));
+                        slot.percentile = Some(thresholds.percentile_rank(energy));
+                        slot.model = Some(model.name.as_str());
+                    }
+                }
+                if n_pending > 0 {
+                    explain_full(
+                        &pending_rows[..n_pending],
+                        &pending_slots[..n_pending],
+                        chunk,
+                        s,
+                    );
                 }
             }
         });
