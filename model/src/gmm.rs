@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
+use crate::fastmath::{exp_non_positive, ln_at_least_one};
 
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
 /// Floor for mixture weights and membership sums, so an empty component gives log(φ) = −27.6,
@@ -303,70 +304,6 @@ impl GmmParams {
     }
 }
 
-/// Adding 1.5 · 2^52 rounds an f64 to an integer held in its low mantissa bits.
-const SHIFTER: f64 = 6_755_399_441_055_744.0;
-
-/// e^t for t ≤ 0, branch-free (relative error about 1e-14). Below −708 the result is 0 in
-/// effect (e^−708 ≈ 3e−308), and t = −∞ or NaN gives 0 or NaN as `exp` would.
-#[inline(always)]
-fn exp_non_positive(t: f64) -> f64 {
-    let t = t.max(-708.0);
-    let shifted = t.mul_add(std::f64::consts::LOG2_E, SHIFTER);
-    let n = shifted - SHIFTER;
-    let r = (-n).mul_add(std::f64::consts::LN_2, t);
-    // e^r for |r| ≤ ln 2 / 2, Taylor to r^12.
-    let mut p: f64 = 1.0 / 479_001_600.0;
-    for c in [
-        1.0 / 39_916_800.0,
-        1.0 / 3_628_800.0,
-        1.0 / 362_880.0,
-        1.0 / 40_320.0,
-        1.0 / 5040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        1.0 / 2.0,
-        1.0,
-        1.0,
-    ] {
-        p = p.mul_add(r, c);
-    }
-    // 2^n from n's bits (−1022 ≤ n ≤ 0 here).
-    p * f64::from_bits(shifted.to_bits().wrapping_add(1023) << 52)
-}
-
-/// ln s for 1 ≤ s < 2^64, branch-free: s = m · 2^e with m in [√½, √2), ln m = 2 atanh(u) with
-/// u = (m − 1)/(m + 1), |u| ≤ 0.172, by its odd series to u^17 (error below 1e-15).
-#[inline(always)]
-fn ln_at_least_one(s: f64) -> f64 {
-    const MANTISSA: u64 = (1 << 52) - 1;
-    let bits = s.to_bits();
-    // The exponent as an f64 without a packed integer conversion: place it in 2^52's mantissa.
-    const TWO_52: f64 = 4_503_599_627_370_496.0;
-    let exponent = f64::from_bits((bits >> 52) | TWO_52.to_bits()) - TWO_52 - 1023.0;
-    let m = f64::from_bits((bits & MANTISSA) | 1f64.to_bits());
-    let big = m > std::f64::consts::SQRT_2;
-    let m = if big { 0.5 * m } else { m };
-    let e = if big { exponent + 1.0 } else { exponent };
-    let u = (m - 1.0) / (m + 1.0);
-    let u2 = u * u;
-    let mut p: f64 = 1.0 / 17.0;
-    for c in [
-        1.0 / 15.0,
-        1.0 / 13.0,
-        1.0 / 11.0,
-        1.0 / 9.0,
-        1.0 / 7.0,
-        1.0 / 5.0,
-        1.0 / 3.0,
-        1.0,
-    ] {
-        p = p.mul_add(u2, c);
-    }
-    e.mul_add(std::f64::consts::LN_2, 2.0 * u * p)
-}
-
 /// Lower Cholesky factor of `sigma + reg·I` (row-major `d × d`); `None` if not positive definite.
 pub fn cholesky(sigma: &[f64], d: usize, reg: f64) -> Option<Vec<f64>> {
     let mut l = vec![0.0; d * d];
@@ -506,31 +443,6 @@ mod tests {
         let p = GmmParams::from_tensors(&t, 1e-6).unwrap();
         assert!((p.phi[0] + p.phi[1] - 1.0).abs() < 1e-4);
         assert!((p.mu[1][0] - 3.0).abs() < 0.1 && (p.mu[1][1] + 1.0).abs() < 0.1);
-    }
-
-    #[test]
-    fn lane_exp_and_ln_match_libm() {
-        let mut t = -708.0;
-        while t <= 0.0 {
-            let (got, want) = (exp_non_positive(t), t.exp());
-            assert!(
-                (got - want).abs() <= 1e-13 * want + f64::MIN_POSITIVE,
-                "exp({t}) = {got}, libm {want}"
-            );
-            t += 0.0137;
-        }
-        assert_eq!(exp_non_positive(0.0), 1.0);
-        assert!(exp_non_positive(-750.0) < 1e-300 && exp_non_positive(f64::NEG_INFINITY) < 1e-300);
-        let mut s = 1.0;
-        while s < 70.0 {
-            let (got, want) = (ln_at_least_one(s), s.ln());
-            assert!(
-                (got - want).abs() <= 1e-14 * want.max(1.0),
-                "ln({s}) = {got}, libm {want}"
-            );
-            s += 0.000_731;
-        }
-        assert_eq!(ln_at_least_one(1.0), 0.0);
     }
 
     #[test]

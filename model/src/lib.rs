@@ -9,6 +9,7 @@ pub mod config;
 mod error;
 pub mod eval;
 pub mod explain;
+mod fastmath;
 pub mod gmm;
 pub mod network;
 pub mod preprocess;

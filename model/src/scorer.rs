@@ -9,6 +9,7 @@
 
 use crate::DagmmModel;
 use crate::config::MAX_Z_DIM;
+use crate::fastmath::exp_split;
 use crate::gmm::GmmParams;
 use crate::network::{LayerWeights, NORM_EPS};
 
@@ -117,33 +118,7 @@ fn linear<const L: usize>(layer: &LayerWeights, input: &[[f32; L]], output: &mut
 /// there anyway.
 #[inline(always)]
 fn tanh_f32(x: f32) -> f32 {
-    const LOG2E: f64 = std::f64::consts::LOG2_E;
-    const LN2: f64 = std::f64::consts::LN_2;
-    // Adding 1.5 · 2^52 rounds to an integer held in the low mantissa bits.
-    const SHIFTER: f64 = 6_755_399_441_055_744.0;
-    let y = 2.0 * f64::from(x.abs().min(10.0));
-    let shifted = y.mul_add(LOG2E, SHIFTER);
-    let n = shifted - SHIFTER;
-    let r = (-n).mul_add(LN2, y);
-    // e^r − 1 for |r| ≤ ln 2 / 2 (Taylor to r^9: relative error below 1e-9), by Horner with
-    // fused multiply-adds.
-    let mut p: f64 = 1.0 / 362_880.0;
-    for c in [
-        1.0 / 40_320.0,
-        1.0 / 5040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        1.0 / 2.0,
-        1.0,
-    ] {
-        p = p.mul_add(r, c);
-    }
-    let expm1_r = p * r;
-    // 2^n from n's bits (0 ≤ n ≤ 29): integer shifts vectorise, float-to-integer conversion
-    // of packed f64 does not without AVX-512.
-    let scale = f64::from_bits((shifted.to_bits().wrapping_add(1023)) << 52);
+    let (scale, expm1_r) = exp_split::<9>(2.0 * f64::from(x.abs().min(10.0)));
     let q = scale.mul_add(expm1_r, scale - 1.0);
     ((q / (q + 2.0)) as f32).copysign(x)
 }
