@@ -153,7 +153,7 @@ pub struct EvaluateArgs {
     cov_reg: Option<f64>,
     /// Share of the epochs spent on reconstruction alone before the joint loss.
     #[arg(long)]
-    warmup_fraction: Option<f64>,
+    warmup: Option<f64>,
     /// Lower end of the scaled feature range: features are min-max scaled into [o, o + 1]
     /// (default: 0 for the paper presets, 1 for metrics4).
     #[arg(long)]
@@ -512,33 +512,18 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(h) = &args.hidden {
         net.hidden = crate::fit::parse_sizes("--hidden", h)?;
     }
-    if let Some(v) = args.latent_dim {
-        net.latent_dim = v;
-    }
-    if let Some(v) = args.gmm_k {
-        net.gmm_k = v;
-    }
-    if let Some(v) = args.epochs {
-        cfg.epochs = v;
-    }
-    if let Some(v) = args.batch_size {
-        cfg.batch_size = v;
-    }
-    if let Some(v) = args.lr {
-        cfg.learning_rate = v;
-    }
-    if let Some(v) = args.lambda_energy {
-        cfg.lambda_energy = v;
-    }
-    if let Some(v) = args.lambda_cov {
-        cfg.lambda_cov = v;
-    }
-    if let Some(v) = args.cov_reg {
-        cfg.cov_reg = v;
-    }
-    if let Some(v) = args.warmup_fraction {
-        cfg.warmup_fraction = v;
-    }
+    // Flags given on the command line override the preset.
+    let set = |field: &mut f64, flag: Option<f64>| *field = flag.unwrap_or(*field);
+    let set_size = |field: &mut usize, flag: Option<usize>| *field = flag.unwrap_or(*field);
+    set_size(&mut net.latent_dim, args.latent_dim);
+    set_size(&mut net.gmm_k, args.gmm_k);
+    set_size(&mut cfg.epochs, args.epochs);
+    set_size(&mut cfg.batch_size, args.batch_size);
+    set(&mut cfg.learning_rate, args.lr);
+    set(&mut cfg.lambda_energy, args.lambda_energy);
+    set(&mut cfg.lambda_cov, args.lambda_cov);
+    set(&mut cfg.cov_reg, args.cov_reg);
+    set(&mut cfg.warmup_fraction, args.warmup);
     net.validate()?;
     cfg.validate()?;
     let anomalies = data.labels.iter().filter(|&&l| l).count();
