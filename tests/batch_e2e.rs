@@ -87,7 +87,13 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
         .unwrap()
         .clone();
     let anomaly = scored.column("anomaly").unwrap().bool().unwrap().clone();
-    let top = scored.column("top_metric").unwrap().str().unwrap().clone();
+    // Written as a categorical column (a Parquet dictionary); its values are the metric names.
+    let top = scored
+        .column("top_metric")
+        .unwrap()
+        .cast(&DataType::String)
+        .unwrap();
+    let top = top.str().unwrap().clone();
     let energy = scored.column("energy").unwrap().f64().unwrap().clone();
     let (mut injected, mut flagged, mut normal, mut false_alarms) = (0, 0, 0, 0);
     let (mut single, mut single_top) = (0, 0);

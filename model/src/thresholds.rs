@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Severity of a sample at or below every level's energy.
+pub const NORMAL: &str = "normal";
+
 /// Number of evenly spaced quantiles stored (every 0.1 percent, both ends included).
 pub const QUANTILE_POINTS: usize = 1001;
 
@@ -63,11 +66,18 @@ impl Thresholds {
 
     /// `normal`, or the highest severity level whose energy `energy` exceeds.
     pub fn severity(&self, energy: f64) -> &str {
+        match self.severity_level(energy) {
+            0 => NORMAL,
+            level => &self.severities[level - 1].name,
+        }
+    }
+
+    /// 0 for `normal`, else 1 + the index in `severities` of the level [`Self::severity`] names.
+    pub fn severity_level(&self, energy: f64) -> usize {
         self.severities
             .iter()
-            .rev()
-            .find(|s| energy > s.energy)
-            .map_or("normal", |s| s.name.as_str())
+            .rposition(|s| energy > s.energy)
+            .map_or(0, |i| i + 1)
     }
 
     /// Where `energy` falls in the training-energy distribution, in percent (0–100).
@@ -117,6 +127,7 @@ mod tests {
         assert_eq!(t.severity(10.0), "normal");
         assert_eq!(t.severity(995.0), "warning");
         assert_eq!(t.severity(999.5), "critical");
+        assert_eq!([10.0, 995.0, 999.5].map(|e| t.severity_level(e)), [0, 1, 2]);
         assert!(t.is_anomaly(990.0) && !t.is_anomaly(989.0));
         assert!((t.percentile_rank(499.5) - 50.0).abs() < 0.01);
         assert_eq!(t.percentile_rank(-5.0), 0.0);

@@ -6,7 +6,7 @@
 //! be scored are kept with null scores and a `reason`.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -96,19 +96,108 @@ impl Ord for ByEnergy {
     }
 }
 
-/// Scores of one row (all `None` when it could not be scored). Names borrow from the models,
-/// so scoring a row allocates nothing.
+/// Scores of one row (all `None` when it could not be scored). Text values are codes into the
+/// run's [`Vocabulary`], so scoring a row allocates nothing.
 #[derive(Default, Clone)]
-struct RowScore<'a> {
+struct RowScore {
     energy: Option<f64>,
     anomaly: Option<bool>,
-    severity: Option<&'a str>,
+    severity: Option<u32>,
     percentile: Option<f64>,
-    top_metric: Option<&'a str>,
+    top_metric: Option<u32>,
     /// In the order of the output's metric columns.
     contributions: [Option<f64>; 4],
-    model: Option<&'a str>,
+    model: Option<u32>,
     reason: Option<String>,
+}
+
+/// Every value the `severity`, `top_metric` and `model` columns can take, known before the
+/// first row is read. The columns are written as categoricals over these values: the Parquet
+/// writer then stores each value once in the dictionary and the codes as they are, instead of
+/// hashing, counting and comparing one string per row and column.
+struct Vocabulary {
+    severity: Categories,
+    top_metric: Categories,
+    model: Categories,
+    /// Per model name: its codes into the categories above.
+    codes: HashMap<String, ModelCodes>,
+}
+
+/// One output column's categories.
+struct Categories {
+    dtype: DataType,
+    mapping: Arc<CategoricalMapping>,
+}
+
+impl Categories {
+    fn new(column: &str) -> Self {
+        let categories = polars::prelude::Categories::new(
+            column.into(),
+            "dagmm-score".into(),
+            CategoricalPhysical::U32,
+        );
+        let mapping = categories.mapping();
+        Self {
+            dtype: DataType::Categorical(categories, mapping.clone()),
+            mapping,
+        }
+    }
+
+    fn code(&self, value: &str) -> PolarsResult<u32> {
+        self.mapping.insert_cat(value)
+    }
+
+    /// The value of a code; empty for none.
+    fn text(&self, code: Option<u32>) -> &str {
+        code.and_then(|c| self.mapping.cat_to_str(c))
+            .unwrap_or_default()
+    }
+
+    /// A column of codes into these categories.
+    fn column(&self, name: &str, codes: impl Iterator<Item = Option<u32>>) -> PolarsResult<Column> {
+        let codes = UInt32Chunked::from_iter_options(name.into(), codes).into_series();
+        Series::from_cats_and_dtype(&codes, &self.dtype, true).map(Column::from)
+    }
+}
+
+/// One model's codes into the [`Vocabulary`].
+struct ModelCodes {
+    /// By [`Thresholds::severity_level`](dagmm_model::thresholds::Thresholds::severity_level).
+    severity: Vec<u32>,
+    /// By model feature index.
+    top_metric: Vec<u32>,
+    model: u32,
+}
+
+impl Vocabulary {
+    fn new(models: &ModelMap) -> PolarsResult<Self> {
+        let mut v = Vocabulary {
+            severity: Categories::new("severity"),
+            top_metric: Categories::new("top_metric"),
+            model: Categories::new("model"),
+            codes: HashMap::new(),
+        };
+        for model in models.values() {
+            let def = model.explainer.model();
+            let levels = std::iter::once(dagmm_model::thresholds::NORMAL)
+                .chain(def.thresholds.severities.iter().map(|l| l.name.as_str()));
+            let codes = ModelCodes {
+                severity: levels
+                    .map(|l| v.severity.code(l))
+                    .collect::<PolarsResult<_>>()?,
+                top_metric: (def.preprocessor.features.iter())
+                    .map(|f| v.top_metric.code(&f.name))
+                    .collect::<PolarsResult<_>>()?,
+                model: v.model.code(&model.name)?,
+            };
+            v.codes.insert(model.name.clone(), codes);
+        }
+        Ok(v)
+    }
+
+    fn codes(&self, model: &LoadedModel) -> &ModelCodes {
+        &self.codes[&model.name]
+    }
 }
 
 fn route<'a>(
@@ -122,14 +211,15 @@ fn route<'a>(
     models.get(host).map(|m| m.as_ref()).or(default_model)
 }
 
-fn score_rows<'a>(
-    models: &'a ModelMap,
-    default_model: Option<&'a LoadedModel>,
+fn score_rows(
+    models: &ModelMap,
+    default_model: Option<&LoadedModel>,
+    vocabulary: &Vocabulary,
     hosts: &[String],
     values: &[[f64; 4]],
     metric_names: &[String],
     explain: Explain,
-) -> Vec<RowScore<'a>> {
+) -> Vec<RowScore> {
     const PAR_CHUNK: usize = 4096;
     let mut out = vec![RowScore::default(); values.len()];
     out.par_chunks_mut(PAR_CHUNK)
@@ -154,6 +244,7 @@ fn score_rows<'a>(
             let mut scratch = None;
             for group in routed.chunk_by(|a, b| std::ptr::eq(a.0, b.0)) {
                 let model = group[0].0;
+                let codes = vocabulary.codes(model);
                 let explainer = &model.explainer;
                 let model_def = explainer.model();
                 let features = &model_def.preprocessor.features;
@@ -166,24 +257,23 @@ fn score_rows<'a>(
                 let s = scratch.get_or_insert_with(|| explainer.scorer().new_scratch());
                 let thresholds = &model_def.thresholds;
                 // Full verdict numbers for up to LANES rows, written into their slots.
-                let explain_full = |rows: &[&[f64]],
-                                    slots: &[usize],
-                                    chunk: &mut [RowScore<'a>],
-                                    s: &mut Scratch| {
-                    let assessed = explainer.assess_lanes::<LANES>(rows, s);
-                    for (r, (&i, a)) in slots.iter().zip(&assessed).enumerate() {
-                        let slot = &mut chunk[i];
-                        slot.energy = Some(a.energy);
-                        slot.anomaly = Some(a.anomaly);
-                        slot.severity = Some(thresholds.severity(a.energy));
-                        slot.percentile = Some(a.percentile);
-                        slot.top_metric = Some(features[a.top].name.as_str());
-                        for (c, j) in slot.contributions.iter_mut().zip(feature_of) {
-                            *c = j.map(|j| s.shares[r * d + j]);
+                let explain_full =
+                    |rows: &[&[f64]], slots: &[usize], chunk: &mut [RowScore], s: &mut Scratch| {
+                        let assessed = explainer.assess_lanes::<LANES>(rows, s);
+                        for (r, (&i, a)) in slots.iter().zip(&assessed).enumerate() {
+                            let slot = &mut chunk[i];
+                            slot.energy = Some(a.energy);
+                            slot.anomaly = Some(a.anomaly);
+                            slot.severity =
+                                Some(codes.severity[thresholds.severity_level(a.energy)]);
+                            slot.percentile = Some(a.percentile);
+                            slot.top_metric = Some(codes.top_metric[a.top]);
+                            for (c, j) in slot.contributions.iter_mut().zip(feature_of) {
+                                *c = j.map(|j| s.shares[r * d + j]);
+                            }
+                            slot.model = Some(codes.model);
                         }
-                        slot.model = Some(model.name.as_str());
-                    }
-                };
+                    };
                 // Flagged rows waiting to fill a block of lanes (`--explain anomalies`).
                 let mut pending_rows: [&[f64]; LANES] = [&[]; LANES];
                 let mut pending_slots = [0usize; LANES];
@@ -215,9 +305,9 @@ fn score_rows<'a>(
                         let slot = &mut chunk[i];
                         slot.energy = Some(energy);
                         slot.anomaly = Some(false);
-                        slot.severity = Some(thresholds.severity(energy));
+                        slot.severity = Some(codes.severity[thresholds.severity_level(energy)]);
                         slot.percentile = Some(thresholds.percentile_rank(energy));
-                        slot.model = Some(model.name.as_str());
+                        slot.model = Some(codes.model);
                     }
                 }
                 if n_pending > 0 {
@@ -249,14 +339,15 @@ fn reason_of(e: dagmm_model::ModelError) -> String {
 /// Append the score columns to a chunk of the input.
 fn with_scores(
     mut df: DataFrame,
-    scores: &[RowScore<'_>],
+    scores: &[RowScore],
     metric_names: &[String],
+    vocabulary: &Vocabulary,
 ) -> Result<DataFrame> {
     let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
         Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>())
     };
-    let col_str = |name: &str, f: &dyn for<'r> Fn(&'r RowScore<'r>) -> Option<&'r str>| {
-        Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>())
+    let col_cat = |name: &str, cats: &Categories, f: &dyn Fn(&RowScore) -> Option<u32>| {
+        cats.column(name, scores.iter().map(f))
     };
     let mut columns = vec![
         col_f64("energy", &|s| s.energy),
@@ -264,17 +355,23 @@ fn with_scores(
             "anomaly".into(),
             scores.iter().map(|s| s.anomaly).collect::<Vec<_>>(),
         ),
-        col_str("severity", &|s| s.severity),
+        col_cat("severity", &vocabulary.severity, &|s| s.severity)?,
         col_f64("percentile", &|s| s.percentile),
-        col_str("top_metric", &|s| s.top_metric),
+        col_cat("top_metric", &vocabulary.top_metric, &|s| s.top_metric)?,
     ];
     for (j, name) in metric_names.iter().enumerate() {
         columns.push(col_f64(&format!("contribution_{name}"), &|s| {
             s.contributions.get(j).copied().flatten()
         }));
     }
-    columns.push(col_str("model", &|s| s.model));
-    columns.push(col_str("reason", &|s| s.reason.as_deref()));
+    columns.push(col_cat("model", &vocabulary.model, &|s| s.model)?);
+    columns.push(Column::new(
+        "reason".into(),
+        scores
+            .iter()
+            .map(|s| s.reason.as_deref())
+            .collect::<Vec<_>>(),
+    ));
     for c in columns {
         if df.schema().contains(c.name()) {
             bail!(
@@ -425,6 +522,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
         .iter()
         .map(|f| f.name.clone())
         .collect();
+    let vocabulary = Vocabulary::new(models)?;
     let files = resolve_inputs(&opts.input)?;
     let dir = opts
         .output
@@ -500,6 +598,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                 let scores = score_rows(
                     models,
                     default_model,
+                    &vocabulary,
                     &table.host,
                     &table.values,
                     metric_names,
@@ -513,7 +612,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                             if s.anomaly == Some(true) {
                                 *summary
                                     .anomalies_by_severity
-                                    .entry(s.severity.unwrap_or_default().to_string())
+                                    .entry(vocabulary.severity.text(s.severity).to_string())
                                     .or_default() += 1;
                                 *summary
                                     .anomalies_by_host
@@ -535,8 +634,11 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                                     energy: *e,
                                     timestamp: table.time_ms[i],
                                     host: table.host[i].clone(),
-                                    top_metric: s.top_metric.unwrap_or_default().to_string(),
-                                    severity: s.severity.unwrap_or_default().to_string(),
+                                    top_metric: vocabulary
+                                        .top_metric
+                                        .text(s.top_metric)
+                                        .to_string(),
+                                    severity: vocabulary.severity.text(s.severity).to_string(),
                                 });
                                 top.push(Reverse(key));
                                 if top.len() > TOP_ROWS {
@@ -548,7 +650,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                         (None, None) => {}
                     }
                 }
-                let out = with_scores(frame, &scores, metric_names)?;
+                let out = with_scores(frame, &scores, metric_names, &vocabulary)?;
                 if write_tx.send(out).is_err() {
                     // The writer failed; its error is the one to report.
                     break;
