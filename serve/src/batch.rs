@@ -343,18 +343,18 @@ fn with_scores(
     metric_names: &[String],
     vocabulary: &Vocabulary,
 ) -> Result<DataFrame> {
+    // Collected straight from the rows (a trusted-length iterator), not through a Vec of
+    // options and polars' per-value builder.
     let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
-        Column::new(name.into(), scores.iter().map(f).collect::<Vec<_>>())
+        Float64Chunked::from_iter_options(name.into(), scores.iter().map(f)).into_column()
     };
     let col_cat = |name: &str, cats: &Categories, f: &dyn Fn(&RowScore) -> Option<u32>| {
         cats.column(name, scores.iter().map(f))
     };
     let mut columns = vec![
         col_f64("energy", &|s| s.energy),
-        Column::new(
-            "anomaly".into(),
-            scores.iter().map(|s| s.anomaly).collect::<Vec<_>>(),
-        ),
+        BooleanChunked::from_iter_options("anomaly".into(), scores.iter().map(|s| s.anomaly))
+            .into_column(),
         col_cat("severity", &vocabulary.severity, &|s| s.severity)?,
         col_f64("percentile", &|s| s.percentile),
         col_cat("top_metric", &vocabulary.top_metric, &|s| s.top_metric)?,
