@@ -55,13 +55,23 @@ pub fn fit(
 ) -> Result<FitOutput, ModelError> {
     // The flex backend splits element-wise kernels over the rayon pool. At DAGMM's layer sizes
     // the hand-offs cost more than they save (KDDCUP99 preset: 0.61 s per epoch on one thread,
-    // 0.69 s on two), so a fit keeps its kernels on one thread; more cores fit more models.
-    match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
-        Ok(pool) => {
-            pool.install(|| fit_on_one_thread(net_cfg, cfg, preprocessor, raw_rows, on_epoch))
-        }
-        Err(_) => fit_on_one_thread(net_cfg, cfg, preprocessor, raw_rows, on_epoch),
-    }
+    // 0.69 s on two), so a fit runs its kernels in a pool of one thread; more cores fit more
+    // models. The pool is entered from a plain thread: a rayon worker entering another pool
+    // steals more work while it waits, and a parallel loop over fits would start them all at
+    // once.
+    std::thread::scope(|scope| {
+        let fit_here = move || fit_on_one_thread(net_cfg, cfg, preprocessor, raw_rows, on_epoch);
+        let handle =
+            scope.spawn(
+                move || match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+                    Ok(pool) => pool.install(fit_here),
+                    Err(_) => fit_here(),
+                },
+            );
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 fn fit_on_one_thread(

@@ -19,6 +19,7 @@ use dagmm_model::{
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 
 /// Network and training settings per dataset, after the paper's Section 4.3, with the
@@ -373,6 +374,24 @@ pub struct Protocol {
     pub threshold: Threshold,
 }
 
+/// One seed's row of the report.
+fn print_run(seed: u64, r: &Run) {
+    let m = &r.detection;
+    println!(
+        "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}  {}",
+        m.precision,
+        m.recall,
+        m.f1,
+        m.roc_auc,
+        m.pr_auc,
+        r.train_seconds,
+        r.last_epoch.map_or(String::new(), |l| format!(
+            "loss {:.5} = reconstruction {:.5} + energy {:.4} + penalty {:.3}",
+            l.total, l.reconstruction, l.energy, l.cov_penalty
+        ))
+    );
+}
+
 /// Train on one seed's split and score the test part.
 pub fn run_seed(
     data: &Labelled,
@@ -547,25 +566,18 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             .unwrap_or_else(|| args.preset.scale_offset()),
         threshold,
     };
-    let mut runs = Vec::new();
-    for seed in 0..args.seeds {
-        let r = run_seed(&data, &net, &cfg, &protocol, seed)?;
-        let m = &r.detection;
-        println!(
-            "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}  {}",
-            m.precision,
-            m.recall,
-            m.f1,
-            m.roc_auc,
-            m.pr_auc,
-            r.train_seconds,
-            r.last_epoch.map_or(String::new(), |l| format!(
-                "loss {:.5} = reconstruction {:.5} + energy {:.4} + penalty {:.3}",
-                l.total, l.reconstruction, l.energy, l.cov_penalty
-            ))
-        );
-        runs.push(r);
-    }
+    // Seeds are independent fits (each keeps its kernels on one thread), so they run side by
+    // side on the rayon pool; rows print as seeds finish and the summary is in seed order.
+    let mut runs = (0..args.seeds)
+        .into_par_iter()
+        .map(|seed| {
+            let r = run_seed(&data, &net, &cfg, &protocol, seed)?;
+            print_run(seed, &r);
+            Ok((seed, r))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    runs.sort_by_key(|(seed, _)| *seed);
+    let runs: Vec<Run> = runs.into_iter().map(|(_, r)| r).collect();
     let (mean, std) = summarise(&runs, |r| {
         let m = &r.detection;
         [
