@@ -614,10 +614,13 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                                     .anomalies_by_severity
                                     .entry(vocabulary.severity.text(s.severity).to_string())
                                     .or_default() += 1;
-                                *summary
-                                    .anomalies_by_host
-                                    .entry(table.host[i].clone())
-                                    .or_default() += 1;
+                                // No String per flagged row once its host is counted.
+                                match summary.anomalies_by_host.get_mut(&table.host[i]) {
+                                    Some(n) => *n += 1,
+                                    None => {
+                                        summary.anomalies_by_host.insert(table.host[i].clone(), 1);
+                                    }
+                                }
                             }
                             if let (Some(l), Some(m)) =
                                 (&labels, route(models, &table.host[i], default_model))
