@@ -232,10 +232,26 @@ fn whole_set_gmm(
     cov_reg: f64,
 ) -> Result<GmmParams, ModelError> {
     let device = Device::flex();
-    let xt = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, d]), &device);
-    let out = net.forward(xt, None);
-    GmmParams::from_tensors(&gmm_stats(out.z, out.gamma), cov_reg)
+    // The network runs over slices of rows: its activations for the whole set would be
+    // allocated afresh from the kernel, page by page (hundreds of MB on KDDCUP99), while a
+    // slice's are reused from the allocator. Only z and γ are kept for the statistics.
+    let (mut zs, mut gammas) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(WHOLE_SET_ROWS_PER_PASS) {
+        let rows = WHOLE_SET_ROWS_PER_PASS.min(n - start);
+        let slice = x[start * d..(start + rows) * d].to_vec();
+        let out = net.forward(
+            Tensor::<2>::from_data(TensorData::new(slice, [rows, d]), &device),
+            None,
+        );
+        zs.push(out.z);
+        gammas.push(out.gamma);
+    }
+    let stats = gmm_stats(Tensor::cat(zs, 0), Tensor::cat(gammas, 0));
+    GmmParams::from_tensors(&stats, cov_reg)
 }
+
+/// Rows per forward pass when the mixture is estimated over the whole training set.
+const WHOLE_SET_ROWS_PER_PASS: usize = 8192;
 
 /// Inverted-dropout masks (0 or 1/(1−p)) for each estimation hidden layer, from our own RNG.
 fn dropout_masks(
