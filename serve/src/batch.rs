@@ -78,6 +78,9 @@ pub struct BatchSummary {
     pub seconds: f64,
 }
 
+/// Hosts named in the summary's anomalies-by-host line.
+const HOSTS_LISTED: usize = 20;
+
 /// Number of highest-energy rows kept for the summary.
 const TOP_ROWS: usize = 20;
 
@@ -747,9 +750,15 @@ impl BatchSummary {
         }
         s += "\n";
         if !self.anomalies_by_host.is_empty() {
-            s += "anomalies by host:";
-            for (h, n) in &self.anomalies_by_host {
+            // Most first; a fleet of thousands gets the head of the list and a count.
+            let mut hosts: Vec<(&String, &usize)> = self.anomalies_by_host.iter().collect();
+            hosts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            s += "anomalies by host (most first):";
+            for (h, n) in hosts.iter().take(HOSTS_LISTED) {
                 s += &format!(" {h}={n}");
+            }
+            if hosts.len() > HOSTS_LISTED {
+                s += &format!(" … and {} more hosts", hosts.len() - HOSTS_LISTED);
             }
             s += "\n";
         }
@@ -774,5 +783,27 @@ impl BatchSummary {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_names_the_hosts_with_most_anomalies_first_and_counts_the_rest() {
+        let mut summary = BatchSummary::default();
+        for h in 0..HOSTS_LISTED + 5 {
+            summary.anomalies_by_host.insert(format!("host-{h:02}"), h + 1);
+        }
+        let text = summary.render(Path::new("out.parquet"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("anomalies by host"))
+            .expect("a host line");
+        let top = format!("host-{:02}={}", HOSTS_LISTED + 4, HOSTS_LISTED + 5);
+        assert!(line.contains(&format!(": {top} ")), "{line}");
+        assert!(line.ends_with("… and 5 more hosts"), "{line}");
+        assert!(!line.contains("host-00="), "the fewest are left out: {line}");
     }
 }
