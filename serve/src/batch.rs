@@ -794,7 +794,9 @@ mod tests {
     fn summary_names_the_hosts_with_most_anomalies_first_and_counts_the_rest() {
         let mut summary = BatchSummary::default();
         for h in 0..HOSTS_LISTED + 5 {
-            summary.anomalies_by_host.insert(format!("host-{h:02}"), h + 1);
+            summary
+                .anomalies_by_host
+                .insert(format!("host-{h:02}"), h + 1);
         }
         let text = summary.render(Path::new("out.parquet"));
         let line = text
@@ -804,6 +806,9 @@ mod tests {
         let top = format!("host-{:02}={}", HOSTS_LISTED + 4, HOSTS_LISTED + 5);
         assert!(line.contains(&format!(": {top} ")), "{line}");
         assert!(line.ends_with("… and 5 more hosts"), "{line}");
-        assert!(!line.contains("host-00="), "the fewest are left out: {line}");
+        assert!(
+            !line.contains("host-00="),
+            "the fewest are left out: {line}"
+        );
     }
 }
