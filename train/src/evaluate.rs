@@ -248,6 +248,21 @@ pub struct Run {
     pub last_epoch: Option<EpochLosses>,
 }
 
+impl Run {
+    /// Precision, recall, F1, ROC-AUC, PR-AUC and training seconds: a report row's numbers.
+    fn figures(&self) -> [f64; 6] {
+        let m = &self.detection;
+        [
+            m.precision,
+            m.recall,
+            m.f1,
+            m.roc_auc,
+            m.pr_auc,
+            self.train_seconds,
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub precision: f64,
@@ -391,16 +406,11 @@ pub struct Protocol {
 }
 
 /// One seed's row of the report.
-fn print_run(seed: u64, r: &Run) {
-    let m = &r.detection;
+fn print_run(r: &Run) {
+    let [precision, recall, f1, roc_auc, pr_auc, seconds] = r.figures();
     println!(
-        "{seed:>4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.1}  {}",
-        m.precision,
-        m.recall,
-        m.f1,
-        m.roc_auc,
-        m.pr_auc,
-        r.train_seconds,
+        "{:>4} {precision:>9.4} {recall:>9.4} {f1:>9.4} {roc_auc:>9.4} {pr_auc:>9.4} {seconds:>9.1}  {}",
+        r.seed,
         r.last_epoch.map_or(String::new(), |l| format!(
             "loss {:.5} = reconstruction {:.5} + energy {:.4} + penalty {:.3}",
             l.total, l.reconstruction, l.energy, l.cov_penalty
@@ -497,9 +507,9 @@ pub fn score_split(
     })
 }
 
-fn summarise(runs: &[Run], f: impl Fn(&Run) -> [f64; 6]) -> (Summary, Summary) {
+fn summarise(runs: &[Run]) -> (Summary, Summary) {
     let n = runs.len() as f64;
-    let values: Vec<[f64; 6]> = runs.iter().map(f).collect();
+    let values: Vec<[f64; 6]> = runs.iter().map(Run::figures).collect();
     let mean: Vec<f64> = (0..6)
         .map(|j| values.iter().map(|v| v[j]).sum::<f64>() / n)
         .collect();
@@ -594,28 +604,16 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         "seed", "precision", "recall", "F1", "ROC-AUC", "PR-AUC", "train s"
     );
     // Seeds are independent fits (each keeps its kernels on one thread), so they run side by
-    // side on the rayon pool; rows print as seeds finish and the summary is in seed order.
-    let mut runs = (0..args.seeds)
+    // side on the rayon pool; rows print as seeds finish, and `collect` keeps seed order.
+    let runs = (0..args.seeds)
         .into_par_iter()
         .map(|seed| {
             let r = run_seed(&data, &net, &cfg, &protocol, seed)?;
-            print_run(seed, &r);
-            Ok((seed, r))
+            print_run(&r);
+            Ok(r)
         })
-        .collect::<Result<Vec<_>>>()?;
-    runs.sort_by_key(|(seed, _)| *seed);
-    let runs: Vec<Run> = runs.into_iter().map(|(_, r)| r).collect();
-    let (mean, std) = summarise(&runs, |r| {
-        let m = &r.detection;
-        [
-            m.precision,
-            m.recall,
-            m.f1,
-            m.roc_auc,
-            m.pr_auc,
-            r.train_seconds,
-        ]
-    });
+        .collect::<Result<Vec<Run>>>()?;
+    let (mean, std) = summarise(&runs);
     println!(
         "mean ± std over {} seeds ({}): precision {:.4} ± {:.4}, recall {:.4} ± {:.4}, F1 {:.4} ± {:.4}, ROC-AUC {:.4} ± {:.4}, PR-AUC {:.4} ± {:.4}, {:.1} s per fit",
         runs.len(),
