@@ -224,24 +224,23 @@ const TANH_P: [f32; 6] = [
 const TANH_Q: [f32; 4] = [1.0, 0.463_023_45, 2.398_233e-2, 2.355_045_1e-4];
 
 /// tanh with the gradient 1 − tanh², built from element-wise operations the flex backend runs
-/// in SIMD registers. Its own `tanh` calls libm once per element, which took a third of every
+/// in SIMD registers. flex's own `tanh` calls libm once per element, which took a third of every
 /// training step. The approximation is computed on a detached copy, so autodiff records only
 /// y + (x − x̄)·(1 − y²), x̄ = detached x: the value is y exactly (x − x̄ = 0) and the gradient is
 /// tanh's.
 pub fn tanh(x: Tensor<2>) -> Tensor<2> {
     let xd = x.clone().detach().clamp(-TANH_CLAMP, TANH_CLAMP);
     let t = xd.clone() * xd.clone();
-    let horner = |coefficients: &[f32]| {
-        let (last, rest) = coefficients.split_last().expect("coefficients");
-        rest.iter()
+    // Horner's rule, highest power first.
+    let polynomial = |c: &[f32]| {
+        let n = c.len();
+        let highest = t.clone().mul_scalar(c[n - 1]).add_scalar(c[n - 2]);
+        c[..n - 2]
+            .iter()
             .rev()
-            .fold(t.clone().mul_scalar(*last), |acc, &c| {
-                (acc.add_scalar(c)) * t.clone()
-            })
+            .fold(highest, |acc, &ci| (acc * t.clone()).add_scalar(ci))
     };
-    // P(t) and Q(t) by Horner's rule; the fold ends one multiplication early.
-    let p = horner(&TANH_P[1..]).add_scalar(TANH_P[0]);
-    let q = horner(&TANH_Q[1..]).add_scalar(TANH_Q[0]);
+    let (p, q) = (polynomial(&TANH_P), polynomial(&TANH_Q));
     let y = (xd * p / q).clamp(-1.0, 1.0);
     let slope = (y.clone() * y.clone()).neg().add_scalar(1.0);
     y + (x.clone() - x.detach()) * slope

@@ -119,22 +119,22 @@ struct RowScore {
 /// writer then stores each value once in the dictionary and the codes as they are, instead of
 /// hashing, counting and comparing one string per row and column.
 struct Vocabulary {
-    severity: Categories,
-    top_metric: Categories,
-    model: Categories,
+    severity: ColumnCategories,
+    top_metric: ColumnCategories,
+    model: ColumnCategories,
     /// Per model name: its codes into the categories above.
     codes: HashMap<String, ModelCodes>,
 }
 
 /// One output column's categories.
-struct Categories {
+struct ColumnCategories {
     dtype: DataType,
     mapping: Arc<CategoricalMapping>,
 }
 
-impl Categories {
+impl ColumnCategories {
     fn new(column: &str) -> Self {
-        let categories = polars::prelude::Categories::new(
+        let categories = Categories::new(
             column.into(),
             "dagmm-score".into(),
             CategoricalPhysical::U32,
@@ -175,9 +175,9 @@ struct ModelCodes {
 impl Vocabulary {
     fn new(models: &ModelMap) -> PolarsResult<Self> {
         let mut v = Vocabulary {
-            severity: Categories::new("severity"),
-            top_metric: Categories::new("top_metric"),
-            model: Categories::new("model"),
+            severity: ColumnCategories::new("severity"),
+            top_metric: ColumnCategories::new("top_metric"),
+            model: ColumnCategories::new("model"),
             codes: HashMap::new(),
         };
         for model in models.values() {
@@ -351,7 +351,7 @@ fn with_scores(
     let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
         Float64Chunked::from_iter_options(name.into(), scores.iter().map(f)).into_column()
     };
-    let col_cat = |name: &str, cats: &Categories, f: &dyn Fn(&RowScore) -> Option<u32>| {
+    let col_cat = |name: &str, cats: &ColumnCategories, f: &dyn Fn(&RowScore) -> Option<u32>| {
         cats.column(name, scores.iter().map(f))
     };
     let mut columns = vec![
