@@ -33,6 +33,14 @@ fn options(input: &str, output: &Path) -> BatchOptions {
     }
 }
 
+/// A registry holding one `web-01` model trained for `epochs` on the sample data, under `dir`.
+fn web01_registry(dir: &Path, epochs: usize) -> Registry {
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    train_sample_model("web-01", &models, epochs, None);
+    Registry::open(&models).unwrap()
+}
+
 #[test]
 fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,10 +216,7 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
 #[test]
 fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
     let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    train_sample_model("web-01", &models, 2, None);
-    let registry = Registry::open(&models).unwrap();
+    let registry = web01_registry(dir.path(), 2);
     let snapshot = registry.snapshot();
     let out = dir.path().join("out.parquet");
     let write = |name: &str, bytes: &[u8]| {
@@ -278,10 +283,7 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
 #[test]
 fn chunks_that_cut_across_row_groups_score_every_row() {
     let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    train_sample_model("web-01", &models, 2, None);
-    let registry = Registry::open(&models).unwrap();
+    let registry = web01_registry(dir.path(), 2);
     // Row groups of 700 rows read in slices of 1000: every slice spans two row groups.
     let spec = dagmm_datasets::synthetic::SampleSpec {
         hosts: 1,
@@ -310,10 +312,7 @@ fn chunks_that_cut_across_row_groups_score_every_row() {
 #[test]
 fn explaining_only_anomalies_keeps_every_score_and_explains_the_flagged_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    train_sample_model("web-01", &models, 20, None);
-    let registry = Registry::open(&models).unwrap();
+    let registry = web01_registry(dir.path(), 20);
     let input = sample_path();
     let score = |explain: Explain, name: &str| {
         let output = dir.path().join(name);
