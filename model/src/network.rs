@@ -246,6 +246,25 @@ pub fn tanh(x: Tensor<2>) -> Tensor<2> {
     y + (x.clone() - x.detach()) * slope
 }
 
+/// [`tanh`]'s value on one number, for the plain scorer: the same f32 operations in the same
+/// order (no fused multiply-adds), so serving and training agree to the bit. Branch-free, so
+/// loops over scoring lanes vectorise.
+#[inline(always)]
+pub(crate) fn tanh_f32(x: f32) -> f32 {
+    let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
+    let t = x * x;
+    let polynomial = |c: &[f32]| {
+        let n = c.len();
+        let highest = t * c[n - 1] + c[n - 2];
+        c[..n - 2]
+            .iter()
+            .rev()
+            .fold(highest, |acc, &ci| acc * t + ci)
+    };
+    // + 0 stands for the tensor version's gradient term, zero in value; it turns −0 into +0.
+    (x * polynomial(&TANH_P) / polynomial(&TANH_Q)).clamp(-1.0, 1.0) + 0.0
+}
+
 /// [‖x − x'‖ / ‖x‖, cos(x, x')] per row, `[n, 2]`.
 pub fn reconstruction_features(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
     let norm = |t: Tensor<2>| (t.clone() * t).sum_dim(1).add_scalar(NORM_EPS).sqrt();
@@ -287,6 +306,23 @@ mod tests {
             within_one * 100 >= n * 85,
             "{within_one} of {n} within 1 ulp"
         );
+    }
+
+    #[test]
+    fn scalar_tanh_gives_the_tensor_tanh_bit_for_bit() {
+        let xs: Vec<f32> = (-40_000..=40_000)
+            .map(|i| i as f32 / 3000.0)
+            .chain((1..60).flat_map(|k| [2f32.powi(-k), -(2f32.powi(-k))]))
+            .chain([0.0, -0.0, 1e30, -1e30, f32::MAX, f32::MIN])
+            .collect();
+        let n = xs.len();
+        let ys = values(tanh(Tensor::from_data(
+            TensorData::new(xs.clone(), [n, 1]),
+            &Device::flex(),
+        )));
+        for (&x, &y) in xs.iter().zip(&ys) {
+            assert_eq!(tanh_f32(x).to_bits(), y.to_bits(), "tanh({x})");
+        }
     }
 
     #[test]

@@ -9,9 +9,8 @@
 
 use crate::DagmmModel;
 use crate::config::MAX_Z_DIM;
-use crate::fastmath::exp_split;
 use crate::gmm::GmmParams;
-use crate::network::{LayerWeights, NORM_EPS};
+use crate::network::{LayerWeights, NORM_EPS, tanh_f32};
 
 /// Rows scored together in a block (eight f32 lanes fill an AVX2 register).
 pub const LANES: usize = 8;
@@ -107,20 +106,6 @@ fn linear<const L: usize>(layer: &LayerWeights, input: &[[f32; L]], output: &mut
         linear_group::<L, 1>(layer, input, out, o0);
         o0 += 1;
     }
-}
-
-/// tanh of one value, branch-free so loops over lanes vectorise (libm's `tanhf` is a call per
-/// element and took over a third of batch-scoring time). Evaluated in f64 and rounded once, so
-/// the result is the correctly rounded f32 in all but rare ties, like libm's: with
-/// q = e^{2|x|} − 1, tanh|x| = q / (q + 2). q comes from range reduction 2|x| = n ln 2 + r,
-/// q = 2^n (e^r − 1) + (2^n − 1), and e^r − 1 is a polynomial without the leading 1, so small
-/// |x| keeps its relative accuracy with no separate series. |x| ≥ 10 gives ±1, as f32 rounds
-/// there anyway.
-#[inline(always)]
-fn tanh_f32(x: f32) -> f32 {
-    let (scale, expm1_r) = exp_split::<9>(2.0 * f64::from(x.abs().min(10.0)));
-    let q = scale.mul_add(expm1_r, scale - 1.0);
-    ((q / (q + 2.0)) as f32).copysign(x)
 }
 
 /// Run an MLP (tanh between layers, linear output) on L rows; the result is left in `a`.
@@ -333,53 +318,5 @@ impl Scorer {
             energies.extend_from_slice(&e[..used]);
         }
         energies
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tanh_f32;
-
-    /// Distance from the exact value in units of the f32 spacing at the result.
-    fn ulps(x: f32) -> f64 {
-        let got = tanh_f32(x);
-        let exact = f64::from(x).tanh();
-        let spacing = f64::from(f32::from_bits(got.abs().to_bits() + 1) - got.abs())
-            .min(f64::from(
-                got.abs() - f32::from_bits(got.abs().to_bits().saturating_sub(1)),
-            ))
-            .max(f64::from(f32::MIN_POSITIVE));
-        (f64::from(got) - exact).abs() / spacing
-    }
-
-    #[test]
-    fn fast_tanh_is_correctly_rounded() {
-        let mut worst = (0f64, 0f32);
-        let mut x = -12.0f32;
-        while x <= 12.0 {
-            let err = ulps(x);
-            if err > worst.0 {
-                worst = (err, x);
-            }
-            x += 1.0 / 4096.0;
-        }
-        for x in [
-            1e-30f32,
-            -1e-30,
-            1e-4,
-            0.3,
-            -0.3,
-            0.299_999_98,
-            9.0,
-            10.0,
-            f32::MAX,
-            f32::MIN,
-        ] {
-            assert!(ulps(x) <= 0.51, "tanh({x}) off by {} ulp", ulps(x));
-        }
-        assert!(worst.0 <= 0.51, "{} ulp at x = {}", worst.0, worst.1);
-        assert_eq!(tanh_f32(0.0), 0.0);
-        assert!(tanh_f32(-0.0).is_sign_negative());
-        assert_eq!((tanh_f32(30.0), tanh_f32(-30.0)), (1.0, -1.0));
     }
 }

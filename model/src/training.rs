@@ -403,9 +403,9 @@ mod tests {
             .zip(&reference)
             .map(|(p, r)| (p - r).abs() / r.abs().max(1.0))
             .collect();
-        // The plain scorer's tanh is correctly rounded and libm's (burn's) is not always, so
-        // activations may differ in the last bit. On samples like the training data that moves
-        // energies by well under 1e-5; far outside the training range, near-singular
+        // Both compute tanh to the same bits, but burn's matrix products may sum in another
+        // order, so activations may differ in the last bit. On samples like the training data
+        // that moves energies by well under 1e-5; far outside the training range, near-singular
         // covariances amplify it, which the looser bounds below allow for.
         let n_train = rows.len() / 4;
         let train_worst = errors[..n_train].iter().copied().fold(0.0, f64::max);
