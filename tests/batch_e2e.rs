@@ -376,3 +376,65 @@ fn explaining_only_anomalies_keeps_every_score_and_explains_the_flagged_rows() {
         }
     }
 }
+
+#[test]
+fn parquet_output_copies_the_input_and_scores_like_the_decoding_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = web01_registry(dir.path(), 20);
+    let input = sample_path();
+    assert!(
+        dagmm_serve::parquet_copy::plan(std::slice::from_ref(&input))
+            .unwrap()
+            .is_some(),
+        "the sample export is copied, not re-encoded"
+    );
+    // CSV output always decodes and re-encodes: the reference for the copying path.
+    let score = |name: &str| {
+        let output = dir.path().join(name);
+        let opts = BatchOptions {
+            label_column: None,
+            chunk_rows: 3000,
+            ..options(input.to_str().unwrap(), &output)
+        };
+        run(&registry.snapshot(), &opts).unwrap();
+        read_file(&output).unwrap()
+    };
+    let copied = score("scored.parquet");
+    let decoded = score("scored.csv");
+    let original = read_file(&input).unwrap();
+
+    let names = original.get_column_names_owned();
+    assert!(
+        copied.select(names).unwrap().equals_missing(&original),
+        "input columns are the input's, value for value and type for type"
+    );
+    assert_eq!(copied.height(), decoded.height());
+    let mut score_columns = vec!["energy".to_string(), "percentile".to_string()];
+    score_columns.extend(
+        dagmm_datasets::METRICS
+            .iter()
+            .map(|m| format!("contribution_{m}")),
+    );
+    for name in &score_columns {
+        let (a, b) = (copied.column(name).unwrap(), decoded.column(name).unwrap());
+        let (a, b) = (a.f64().unwrap(), b.f64().unwrap());
+        assert!(a.null_count() < a.len(), "{name} has values");
+        for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+            assert_eq!(x, y, "row {i} {name}");
+        }
+    }
+    for name in ["anomaly", "severity", "top_metric", "model", "reason"] {
+        let text = |df: &DataFrame| {
+            df.column(name)
+                .unwrap()
+                .cast(&DataType::String)
+                .unwrap()
+                .as_materialized_series()
+                .clone()
+        };
+        assert!(
+            text(&copied).equals_missing(&text(&decoded)),
+            "column {name} differs"
+        );
+    }
+}

@@ -21,6 +21,7 @@ use dagmm_model::scorer::{LANES, Scratch};
 use polars::prelude::*;
 use rayon::prelude::*;
 
+use crate::parquet_copy::{self, CopyPlan, CopyWriter, RawRowGroup};
 use crate::registry::{LoadedModel, ModelMap};
 
 /// Rows read and scored per step.
@@ -339,13 +340,12 @@ fn reason_of(e: dagmm_model::ModelError) -> String {
     }
 }
 
-/// Append the score columns to a chunk of the input.
-fn with_scores(
-    mut df: DataFrame,
+/// The score columns of a chunk, in output order.
+fn score_columns(
     scores: &[RowScore],
     metric_names: &[String],
     vocabulary: &Vocabulary,
-) -> Result<DataFrame> {
+) -> Result<Vec<Column>> {
     // Collected straight from the rows (a trusted-length iterator), not through a Vec of
     // options and polars' per-value builder.
     let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
@@ -375,13 +375,33 @@ fn with_scores(
             .map(|s| s.reason.as_deref())
             .collect::<Vec<_>>(),
     ));
+    Ok(columns)
+}
+
+/// The score columns must not replace an input column.
+fn ensure_new_columns<'a>(
+    columns: &[Column],
+    mut input_names: impl Iterator<Item = &'a str>,
+) -> Result<()> {
+    if let Some(taken) = input_names.find(|n| columns.iter().any(|c| c.name().as_str() == *n)) {
+        bail!("input already has a column named `{taken}`; rename it before scoring");
+    }
+    Ok(())
+}
+
+/// Append the score columns to a chunk of the input.
+fn with_scores(
+    mut df: DataFrame,
+    scores: &[RowScore],
+    metric_names: &[String],
+    vocabulary: &Vocabulary,
+) -> Result<DataFrame> {
+    let columns = score_columns(scores, metric_names, vocabulary)?;
+    ensure_new_columns(
+        &columns,
+        df.get_column_names().into_iter().map(|n| n.as_str()),
+    )?;
     for c in columns {
-        if df.schema().contains(c.name()) {
-            bail!(
-                "input already has a column named `{}`; rename it before scoring",
-                c.name()
-            );
-        }
         df.with_column(c)?;
     }
     Ok(df)
@@ -392,6 +412,8 @@ fn with_scores(
 enum Writer {
     Parquet(polars::io::parquet::write::BatchedWriter<BufWriter<File>>),
     Csv(polars::io::csv::write::BatchedWriter<BufWriter<File>>),
+    /// Copied input row groups plus score columns.
+    Copy(CopyWriter<BufWriter<File>>),
 }
 
 impl Writer {
@@ -407,13 +429,29 @@ impl Writer {
         })
     }
 
-    fn write(&mut self, df: &mut DataFrame) -> PolarsResult<()> {
-        // Input slices keep their own chunk layout per column; the batched writers expect
-        // every column chunked alike.
-        df.rechunk_mut_par();
-        match self {
-            Writer::Parquet(w) => w.write_batch(df),
-            Writer::Csv(w) => w.write_batch(df),
+    fn write(&mut self, out: Output) -> PolarsResult<()> {
+        let Output { mut frame, raw } = out;
+        match (self, raw) {
+            (Writer::Copy(w), raw) => {
+                w.add_scores(frame);
+                match raw {
+                    Some(raw) => w.write(raw),
+                    None => Ok(()),
+                }
+            }
+            (_, Some(_)) => {
+                polars_bail!(InvalidOperation: "a copied row group without a copying writer")
+            }
+            (w, None) => {
+                // Input slices keep their own chunk layout per column; the batched writers
+                // expect every column chunked alike.
+                frame.rechunk_mut_par();
+                match w {
+                    Writer::Parquet(w) => w.write_batch(&frame),
+                    Writer::Csv(w) => w.write_batch(&frame),
+                    Writer::Copy(_) => unreachable!("handled above"),
+                }
+            }
         }
     }
 
@@ -421,6 +459,7 @@ impl Writer {
         match self {
             Writer::Parquet(w) => w.finish().map(|_| ()),
             Writer::Csv(mut w) => w.finish(),
+            Writer::Copy(w) => w.finish(),
         }
     }
 }
@@ -456,12 +495,66 @@ fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
     }
 }
 
+/// Chunks of all inputs, in order: source name, frame, and the row group as it is when the
+/// output copies it.
+type SourceChunks =
+    Box<dyn Iterator<Item = Result<(String, DataFrame, Option<RawRowGroup>)>> + Send>;
+
+/// Whole row groups of the plan's files, each with the columns scoring needs decoded and
+/// every column as it is; with the total row count.
+fn copied_chunks(plan: &CopyPlan, opts: &BatchOptions) -> Result<(usize, SourceChunks)> {
+    for (i, path) in plan.files.iter().enumerate() {
+        if plan.metadata(i).num_rows == 0 {
+            bail!("{}: no rows", path.display());
+        }
+    }
+    let map = &opts.read.columns;
+    let wanted = [&map.time, &map.host, &map.alert]
+        .into_iter()
+        .chain(&map.metrics)
+        .chain(&opts.label_column);
+    let present: Vec<&str> = plan.column_names().collect();
+    let mut columns: Vec<String> = Vec::new();
+    for c in wanted {
+        if present.contains(&c.as_str()) && !columns.contains(c) {
+            columns.push(c.clone());
+        }
+    }
+    let rows = plan.row_groups.iter().map(|g| g.rows).sum();
+    let chunks = plan.row_groups.clone().into_iter().map({
+        let plan = plan.clone();
+        move |group| {
+            let path = &plan.files[group.file];
+            let file = File::open(path).with_context(|| path.display().to_string())?;
+            let mut reader = ParquetReader::new(file);
+            reader.set_metadata(plan.metadata(group.file));
+            let df = reader
+                .with_columns(Some(columns.clone()))
+                .with_slice(Some((group.first_row, group.rows)))
+                .finish()
+                .map_err(|e| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display()))?;
+            let raw = plan.read_raw(&group)?;
+            Ok((path.display().to_string(), df, Some(raw)))
+        }
+    });
+    Ok((rows, Box::new(chunks)))
+}
+
 /// A chunk ready to score: the frame to write the scores beside, its rows as a metric table,
 /// and the labels if asked for.
 struct ReadChunk {
     frame: DataFrame,
     table: dagmm_datasets::MetricTable,
     labels: Option<Vec<bool>>,
+    /// The chunk's row group as it is in the input, when the output copies it.
+    raw: Option<RawRowGroup>,
+}
+
+/// A scored chunk on its way to the writer: the columns to write, or, when the output copies
+/// the input, the chunk's scores and (after a row group's last chunk) the row group.
+struct Output {
+    frame: DataFrame,
+    raw: Option<RawRowGroup>,
 }
 
 fn read_chunk(
@@ -493,6 +586,7 @@ fn read_chunk(
         frame,
         table,
         labels,
+        raw: None,
     })
 }
 
@@ -538,14 +632,34 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
         .tempfile_in(dir)
         .with_context(|| format!("{}: cannot write here", opts.output.display()))?;
 
-    let mut totals = Vec::new();
-    let mut sources = Vec::new();
-    for f in &files {
-        let (n, chunks) = chunks_of(f, opts.chunk_rows)?;
-        totals.push(n);
-        sources.push((f.clone(), chunks));
-    }
-    let rows_total: usize = totals.iter().sum();
+    let copy_plan = match out_format {
+        FileFormat::Parquet if opts.read.shape != ShapeOption::Long => parquet_copy::plan(&files)?
+            .filter(|plan| {
+                // Wide input: long input is pivoted, and its rows are not the file's.
+                let names: Vec<&str> = plan.column_names().collect();
+                opts.read
+                    .columns
+                    .metrics
+                    .iter()
+                    .all(|m| names.contains(&m.as_str()))
+            }),
+        _ => None,
+    };
+    let copy_plan = copy_plan.as_ref();
+    let (rows_total, sources): (usize, SourceChunks) = match copy_plan {
+        Some(plan) => copied_chunks(plan, opts)?,
+        None => {
+            let mut rows_total = 0;
+            let mut all = Vec::new();
+            for f in &files {
+                let (n, chunks) = chunks_of(f, opts.chunk_rows)?;
+                rows_total += n;
+                let source = f.display().to_string();
+                all.push(chunks.map(move |c| c.map(|df| (source.clone(), df, None))));
+            }
+            (rows_total, Box::new(all.into_iter().flatten()))
+        }
+    };
     let mut summary = BatchSummary::default();
     let mut top: BinaryHeap<Reverse<ByEnergy>> = BinaryHeap::new();
     let mut top_rows: Vec<TopRow> = Vec::new();
@@ -555,20 +669,54 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     // chunk and encoding the previous one overlap with scoring this one. Rendezvous channels
     // keep at most three chunks alive, so memory stays bounded by the chunk size.
     std::thread::scope(|scope| -> Result<()> {
-        let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<ReadChunk>>(0);
-        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<DataFrame>(0);
+        let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<ReadChunk>>(2);
+        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<Output>(4);
         let metric_names = &metric_names;
         scope.spawn(move || {
             let mut first_schema: Option<Schema> = None;
-            for (path, chunks) in sources {
-                let source = path.display().to_string();
-                for chunk in chunks {
-                    let item = chunk.and_then(|df| {
-                        read_chunk(df, &source, &mut first_schema, opts, metric_names)
-                    });
-                    let failed = item.is_err();
-                    // A closed channel means scoring stopped; its error is reported there.
-                    if read_tx.send(item).is_err() || failed {
+            // False when the reader should stop: on an error, or when scoring has stopped (a
+            // closed channel; its error is reported there).
+            let send = |item: Result<ReadChunk>| {
+                let failed = item.is_err();
+                read_tx.send(item).is_ok() && !failed
+            };
+            for chunk in sources {
+                let (source, df, raw) = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        send(Err(e));
+                        return;
+                    }
+                };
+                let Some(raw) = raw else {
+                    if !send(read_chunk(
+                        df,
+                        &source,
+                        &mut first_schema,
+                        opts,
+                        metric_names,
+                    )) {
+                        return;
+                    }
+                    continue;
+                };
+                // A copied row group is scored in slices of the chunk size, so that scores
+                // in flight stay small; its raw columns travel with the last slice.
+                let rows = df.height();
+                let mut raw = Some(raw);
+                for offset in (0..rows).step_by(opts.chunk_rows.max(1)) {
+                    let len = opts.chunk_rows.min(rows - offset);
+                    let slice = df.slice(offset as i64, len);
+                    let item = read_chunk(slice, &source, &mut first_schema, opts, metric_names)
+                        .map(|mut read| {
+                            // Written from `raw`: the decoded columns are done with.
+                            read.frame = DataFrame::empty();
+                            if offset + len == rows {
+                                read.raw = raw.take();
+                            }
+                            read
+                        });
+                    if !send(item) {
                         return;
                     }
                 }
@@ -577,15 +725,24 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
         let tmp = &tmp;
         let writer = scope.spawn(move || -> Result<()> {
             let mut writer: Option<Writer> = None;
-            for mut out in write_rx {
+            for out in write_rx {
                 let w = match &mut writer {
                     Some(w) => w,
-                    None => writer.insert(
-                        Writer::open(tmp.reopen()?, out_format, out.schema())
-                            .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?,
-                    ),
+                    None => {
+                        let opened = match copy_plan {
+                            Some(plan) => {
+                                let file = BufWriter::with_capacity(1 << 20, tmp.reopen()?);
+                                CopyWriter::new(file, plan, out.frame.schema()).map(Writer::Copy)
+                            }
+                            _ => Writer::open(tmp.reopen()?, out_format, out.frame.schema()),
+                        };
+                        writer.insert(
+                            opened
+                                .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?,
+                        )
+                    }
                 };
-                w.write(&mut out)
+                w.write(out)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", opts.output.display()))?;
             }
             writer.context("no rows to score")?.finish()?;
@@ -597,6 +754,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                     frame,
                     table,
                     labels,
+                    raw,
                 } = item?;
                 let scores = score_rows(
                     models,
@@ -656,8 +814,16 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                         (None, None) => {}
                     }
                 }
-                let out = with_scores(frame, &scores, metric_names, &vocabulary)?;
-                if write_tx.send(out).is_err() {
+                let frame = match copy_plan {
+                    // The input columns are copied as they are; only the scores are written.
+                    Some(plan) => {
+                        let columns = score_columns(&scores, metric_names, &vocabulary)?;
+                        ensure_new_columns(&columns, plan.column_names())?;
+                        DataFrame::new(scores.len(), columns)?
+                    }
+                    _ => with_scores(frame, &scores, metric_names, &vocabulary)?,
+                };
+                if write_tx.send(Output { frame, raw }).is_err() {
                     // The writer failed; its error is the one to report.
                     break;
                 }

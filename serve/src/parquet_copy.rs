@@ -1,0 +1,321 @@
+//! Scored Parquet output that copies the input as it is: each input row group becomes an output
+//! row group whose input columns are the input's column chunks byte for byte (pages,
+//! dictionaries and page statistics), followed by the freshly encoded score columns.
+//!
+//! Decoding, re-encoding and re-compressing every input column was most of the work of batch
+//! scoring, and none of it changes a value. Only the columns scoring needs are decoded.
+//!
+//! Used when every input is a Parquet file with the same flat schema, the output is Parquet,
+//! and no row group is larger than [`MAX_ROW_GROUP_ROWS`]; anything else goes through the
+//! general path that decodes and re-encodes.
+
+use std::fs::File;
+use std::io::{Cursor, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use polars::prelude::*;
+use polars_buffer::Buffer;
+use polars_parquet::parquet::error::ParquetError;
+use polars_parquet::parquet::read::{PageMetaData, PageReader};
+use polars_parquet::read::{FileMetadata, infer_schema, read_metadata};
+use polars_parquet::write::{
+    CompressedPage, CompressionOptions, Compressor, DynIter, DynStreamingIterator, Encoding,
+    FallibleStreamingIterator, FileWriter, ParquetType, SchemaDescriptor, StatisticsOptions,
+    Version, WriteOptions, array_to_columns, fallible_streaming_iterator, get_dtype_encoding,
+    to_parquet_schema,
+};
+
+/// Largest row group copied whole. Scoring holds a row group's decoded metrics and scores in
+/// memory (about 200 bytes a row in all), so this keeps batch scoring well under 256 MB;
+/// polars writes row groups of about 262 144 rows.
+pub const MAX_ROW_GROUP_ROWS: usize = 1 << 19;
+
+/// Pages are slices of a column chunk already in memory; this only bounds a corrupt header.
+const MAX_PAGE_BYTES: usize = 1 << 30;
+
+/// One input row group.
+#[derive(Debug, Clone)]
+pub struct RowGroupRef {
+    pub file: usize,
+    pub index: usize,
+    /// Row of the file the group starts at.
+    pub first_row: usize,
+    pub rows: usize,
+}
+
+/// What copying needs to know about the inputs (cheap to clone).
+#[derive(Clone)]
+pub struct CopyPlan {
+    pub files: Vec<PathBuf>,
+    metadata: Vec<Arc<FileMetadata>>,
+    /// The inputs' columns as Parquet types, as in the files.
+    input_fields: Vec<ParquetType>,
+    /// The same columns as Arrow fields (polars' reading of the first file).
+    input_arrow: ArrowSchema,
+    pub row_groups: Vec<RowGroupRef>,
+}
+
+/// The input's column chunks of one row group, as compressed pages.
+pub struct RawRowGroup {
+    pub rows: usize,
+    columns: Vec<Vec<CompressedPage>>,
+}
+
+fn cannot_read(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display())
+}
+
+/// A copy plan for these inputs, or `None` when they need the general path: a non-Parquet or
+/// nested input, inputs whose schemas differ, a column polars would write with another
+/// Parquet type than the input has, or a row group over [`MAX_ROW_GROUP_ROWS`].
+pub fn plan(files: &[PathBuf]) -> Result<Option<CopyPlan>> {
+    let mut metadata = Vec::with_capacity(files.len());
+    for path in files {
+        if dagmm_datasets::read::FileFormat::of(path)
+            != Some(dagmm_datasets::read::FileFormat::Parquet)
+        {
+            return Ok(None);
+        }
+        let mut file = File::open(path).with_context(|| path.display().to_string())?;
+        let meta = read_metadata(&mut file).map_err(|e| cannot_read(path, e))?;
+        metadata.push(Arc::new(meta));
+    }
+    let Some(first) = metadata.first() else {
+        return Ok(None);
+    };
+    let fields = first.schema().fields();
+    let flat = fields
+        .iter()
+        .all(|f| matches!(f, ParquetType::PrimitiveType(p) if p.field_info.repetition != polars_parquet::parquet::schema::Repetition::Repeated));
+    if !flat || metadata.iter().any(|m| m.schema().fields() != fields) {
+        return Ok(None);
+    }
+    let input_arrow = infer_schema(first).map_err(|e| cannot_read(&files[0], e))?;
+    // The footer will describe the input columns by this Arrow schema as well, so it must
+    // map back to the Parquet types of the copied chunks (legacy annotations aside).
+    match to_parquet_schema(&input_arrow) {
+        Ok(schema)
+            if schema
+                .fields()
+                .iter()
+                .zip(fields)
+                .all(|(a, b)| same_column(a, b)) => {}
+        _ => return Ok(None),
+    }
+    let mut row_groups = Vec::new();
+    for (file, meta) in metadata.iter().enumerate() {
+        let mut first_row = 0;
+        for (index, group) in meta.row_groups.iter().enumerate() {
+            let rows = group.num_rows();
+            if rows > MAX_ROW_GROUP_ROWS {
+                return Ok(None);
+            }
+            if rows > 0 {
+                row_groups.push(RowGroupRef {
+                    file,
+                    index,
+                    first_row,
+                    rows,
+                });
+            }
+            first_row += rows;
+        }
+    }
+    Ok(Some(CopyPlan {
+        files: files.to_vec(),
+        input_fields: fields.to_vec(),
+        metadata,
+        input_arrow,
+        row_groups,
+    }))
+}
+
+/// Same name, repetition, physical and logical type: the same values. The legacy converted
+/// type (which some writers add and polars does not) is not compared.
+fn same_column(a: &ParquetType, b: &ParquetType) -> bool {
+    match (a, b) {
+        (ParquetType::PrimitiveType(a), ParquetType::PrimitiveType(b)) => {
+            a.field_info.name == b.field_info.name
+                && a.field_info.repetition == b.field_info.repetition
+                && a.physical_type == b.physical_type
+                && a.logical_type == b.logical_type
+        }
+        _ => false,
+    }
+}
+
+impl CopyPlan {
+    /// Footer of input file `file`.
+    pub fn metadata(&self, file: usize) -> Arc<FileMetadata> {
+        self.metadata[file].clone()
+    }
+
+    /// Names of the input columns.
+    pub fn column_names(&self) -> impl Iterator<Item = &str> {
+        self.input_arrow.iter_values().map(|f| f.name.as_str())
+    }
+
+    /// Read one row group's column chunks as they are (one read for the whole group).
+    pub fn read_raw(&self, group: &RowGroupRef) -> Result<RawRowGroup> {
+        let path = &self.files[group.file];
+        let meta = &self.metadata[group.file].row_groups[group.index];
+        let span = meta.full_byte_range();
+        let mut bytes = vec![0u8; (span.end - span.start) as usize];
+        let mut file = File::open(path).with_context(|| path.display().to_string())?;
+        file.seek(SeekFrom::Start(span.start))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| cannot_read(path, e))?;
+        let bytes = Buffer::from(bytes);
+        let mut columns = Vec::with_capacity(meta.n_columns());
+        for chunk in meta.parquet_columns() {
+            let range = chunk.byte_range();
+            let start = (range.start - span.start) as usize;
+            let end = (range.end - span.start) as usize;
+            let page_meta = PageMetaData {
+                column_start: 0,
+                ..PageMetaData::from(chunk)
+            };
+            let pages = PageReader::new_with_page_meta(
+                Cursor::new(bytes.clone().sliced(start..end)),
+                page_meta,
+                Vec::new(),
+                MAX_PAGE_BYTES,
+            )
+            .map(|page| {
+                // The writer wants each data page's row count, which a read page leaves
+                // open; in a flat column every value is a row.
+                page.map(|mut page| {
+                    if let CompressedPage::Data(data) = &mut page {
+                        data.num_rows = Some(data.num_values());
+                    }
+                    page
+                })
+            })
+            .collect::<Result<Vec<_>, ParquetError>>()
+            .map_err(|e| cannot_read(path, e))?;
+            columns.push(pages);
+        }
+        Ok(RawRowGroup {
+            rows: group.rows,
+            columns,
+        })
+    }
+}
+
+/// Writes copied row groups with their score columns.
+pub struct CopyWriter<W: Write> {
+    inner: FileWriter<W>,
+    /// Options the score columns are encoded with (with page statistics).
+    encode: WriteOptions,
+    score_types: Vec<ParquetType>,
+    score_encodings: Vec<Vec<Encoding>>,
+    /// Scores of the row group being assembled, in row order.
+    pending: Vec<DataFrame>,
+}
+
+impl<W: Write> CopyWriter<W> {
+    /// A writer for the plan's columns followed by score columns of this schema.
+    pub fn new(writer: W, plan: &CopyPlan, scores: &Schema) -> PolarsResult<Self> {
+        let score_arrow = scores.to_arrow(CompatLevel::newest());
+        let mut arrow = plan.input_arrow.clone();
+        for (name, field) in score_arrow.iter() {
+            arrow.insert(name.clone(), field.clone());
+        }
+        let score_types = to_parquet_schema(&score_arrow)?.fields().to_vec();
+        // The input columns keep the input's own Parquet types.
+        let parquet_schema = SchemaDescriptor::new(
+            "root".into(),
+            plan.input_fields
+                .iter()
+                .chain(&score_types)
+                .cloned()
+                .collect(),
+        );
+        // Floats are written plain: polars would hash every value to find out that a
+        // dictionary does not pay, which it never does for energies.
+        let score_encodings = score_arrow
+            .iter_values()
+            .map(|f| match f.dtype {
+                ArrowDataType::Float64 => vec![Encoding::Plain],
+                ref other => get_dtype_encoding(other),
+            })
+            .collect();
+        let encode = WriteOptions {
+            statistics: StatisticsOptions::default(),
+            compression: CompressionOptions::Zstd(None),
+            version: Version::V1,
+            data_page_size: None,
+        };
+        // No column index: it needs statistics on every page, which an input file may not
+        // have written. Chunk statistics are still written, reduced from the pages'.
+        let file_options = WriteOptions {
+            statistics: StatisticsOptions::empty(),
+            ..encode
+        };
+        Ok(Self {
+            inner: FileWriter::new_with_parquet_schema(writer, arrow, parquet_schema, file_options),
+            encode,
+            score_types,
+            score_encodings,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Scores of the next rows of the row group being assembled.
+    pub fn add_scores(&mut self, scores: DataFrame) {
+        self.pending.push(scores);
+    }
+
+    /// Write one row group: the copied input chunks, then the scores added since the last
+    /// row group (as many rows).
+    pub fn write(&mut self, raw: RawRowGroup) -> PolarsResult<()> {
+        let mut parts = std::mem::take(&mut self.pending).into_iter();
+        let mut scores = parts.next().unwrap_or_default();
+        for part in parts {
+            scores.vstack_mut_owned(part)?;
+        }
+        // One chunk per column: each chunk would get its own dictionary page, and a column
+        // chunk may hold only one.
+        scores.rechunk_mut_par();
+        polars_ensure!(
+            scores.height() == raw.rows,
+            ShapeMismatch: "{} score rows for a row group of {}", scores.height(), raw.rows
+        );
+        let mut columns: Vec<PolarsResult<DynStreamingIterator<'_, CompressedPage, PolarsError>>> =
+            raw.columns
+                .iter()
+                .map(|pages| {
+                    Ok(DynStreamingIterator::new(
+                        fallible_streaming_iterator::convert(pages.iter().map(PolarsResult::Ok)),
+                    ))
+                })
+                .collect();
+        if let Some(batch) = scores.iter_chunks(CompatLevel::newest(), false).next() {
+            for ((array, type_), encoding) in batch
+                .columns()
+                .iter()
+                .zip(&self.score_types)
+                .zip(&self.score_encodings)
+            {
+                for pages in array_to_columns(array, type_.clone(), self.encode, encoding)? {
+                    let pages = pages.map(|page| {
+                        page.map_err(|e| ParquetError::FeatureNotSupported(e.to_string()))
+                    });
+                    let compressed =
+                        Compressor::new_from_vec(pages, self.encode.compression, Vec::new())
+                            .map_err(PolarsError::from);
+                    columns.push(Ok(DynStreamingIterator::new(compressed)));
+                }
+            }
+        }
+        self.inner
+            .write(raw.rows as u64, DynIter::new(columns.into_iter()))
+    }
+
+    /// Write the footer.
+    pub fn finish(mut self) -> PolarsResult<()> {
+        self.inner.end(None).map(|_| ())
+    }
+}
