@@ -354,27 +354,37 @@ fn score_columns(
     let col_cat = |name: &str, cats: &ColumnCategories, f: &dyn Fn(&RowScore) -> Option<u32>| {
         cats.column(name, scores.iter().map(f))
     };
-    let mut columns = vec![
-        col_f64("energy", &|s| s.energy),
-        BooleanChunked::from_iter_options("anomaly".into(), scores.iter().map(|s| s.anomaly))
-            .into_column(),
-        col_cat("severity", &vocabulary.severity, &|s| s.severity)?,
-        col_f64("percentile", &|s| s.percentile),
-        col_cat("top_metric", &vocabulary.top_metric, &|s| s.top_metric)?,
-    ];
-    for (j, name) in metric_names.iter().enumerate() {
-        columns.push(col_f64(&format!("contribution_{name}"), &|s| {
-            s.contributions.get(j).copied().flatten()
-        }));
-    }
-    columns.push(col_cat("model", &vocabulary.model, &|s| s.model)?);
-    columns.push(Column::new(
-        "reason".into(),
-        scores
-            .iter()
-            .map(|s| s.reason.as_deref())
-            .collect::<Vec<_>>(),
-    ));
+    let metrics = metric_names.len();
+    // Each column is one pass over the rows; they are built side by side.
+    let columns = (0..metrics + 7)
+        .into_par_iter()
+        .map(|c| match c {
+            0 => Ok(col_f64("energy", &|s| s.energy)),
+            1 => Ok(BooleanChunked::from_iter_options(
+                "anomaly".into(),
+                scores.iter().map(|s| s.anomaly),
+            )
+            .into_column()),
+            2 => col_cat("severity", &vocabulary.severity, &|s| s.severity),
+            3 => Ok(col_f64("percentile", &|s| s.percentile)),
+            4 => col_cat("top_metric", &vocabulary.top_metric, &|s| s.top_metric),
+            c if c < 5 + metrics => {
+                let j = c - 5;
+                let name = format!("contribution_{}", metric_names[j]);
+                Ok(col_f64(&name, &|s| {
+                    s.contributions.get(j).copied().flatten()
+                }))
+            }
+            c if c == 5 + metrics => col_cat("model", &vocabulary.model, &|s| s.model),
+            _ => Ok(Column::new(
+                "reason".into(),
+                scores
+                    .iter()
+                    .map(|s| s.reason.as_deref())
+                    .collect::<Vec<_>>(),
+            )),
+        })
+        .collect::<PolarsResult<Vec<_>>>()?;
     Ok(columns)
 }
 
@@ -590,6 +600,106 @@ fn read_chunk(
     })
 }
 
+/// The summary's totals, fed one scored chunk at a time.
+struct Tally<'a> {
+    vocabulary: &'a Vocabulary,
+    summary: BatchSummary,
+    /// The highest energies so far, lowest on top, indexing `top_rows`.
+    top: BinaryHeap<Reverse<ByEnergy>>,
+    top_rows: Vec<TopRow>,
+    /// (energy − the row's model cutoff, label) of labelled rows.
+    labelled: Vec<(f64, bool)>,
+}
+
+impl<'a> Tally<'a> {
+    fn new(vocabulary: &'a Vocabulary) -> Self {
+        Self {
+            vocabulary,
+            summary: BatchSummary::default(),
+            top: BinaryHeap::new(),
+            top_rows: Vec::new(),
+            labelled: Vec::new(),
+        }
+    }
+
+    fn add<'m>(
+        &mut self,
+        scores: &[RowScore],
+        table: &dagmm_datasets::MetricTable,
+        labels: Option<&[bool]>,
+        route: impl Fn(&str) -> Option<&'m LoadedModel>,
+    ) {
+        let (summary, vocabulary) = (&mut self.summary, self.vocabulary);
+        summary.rows_in += scores.len();
+        for (i, s) in scores.iter().enumerate() {
+            let Some(energy) = s.energy else {
+                if let Some(r) = &s.reason {
+                    *summary.not_scored.entry(r.clone()).or_default() += 1;
+                }
+                continue;
+            };
+            summary.rows_scored += 1;
+            if s.anomaly == Some(true) {
+                // No String per flagged row once its severity and host are counted.
+                let severity = vocabulary.severity.text(s.severity);
+                match summary.anomalies_by_severity.get_mut(severity) {
+                    Some(n) => *n += 1,
+                    None => {
+                        summary
+                            .anomalies_by_severity
+                            .insert(severity.to_string(), 1);
+                    }
+                }
+                match summary.anomalies_by_host.get_mut(&table.host[i]) {
+                    Some(n) => *n += 1,
+                    None => {
+                        summary.anomalies_by_host.insert(table.host[i].clone(), 1);
+                    }
+                }
+            }
+            if let (Some(l), Some(m)) = (labels, route(&table.host[i])) {
+                // Energy above the row's own model cutoff: comparable across models, and > 0
+                // exactly when the row was flagged.
+                let cutoff = m.explainer.model().thresholds.cutoff;
+                self.labelled.push((energy - cutoff, l[i]));
+            }
+            let key = ByEnergy(energy, self.top_rows.len());
+            if self.top.len() < TOP_ROWS || self.top.peek().is_some_and(|Reverse(m)| key.0 > m.0) {
+                self.top_rows.push(TopRow {
+                    energy,
+                    timestamp: table.time_ms[i],
+                    host: table.host[i].clone(),
+                    top_metric: vocabulary.top_metric.text(s.top_metric).to_string(),
+                    severity: vocabulary.severity.text(s.severity).to_string(),
+                });
+                self.top.push(Reverse(key));
+                if self.top.len() > TOP_ROWS {
+                    self.top.pop();
+                }
+            }
+        }
+    }
+
+    /// The summary, with the top rows highest first and, when labels were read, detection
+    /// figures of the cutoff rule.
+    fn finish(self, with_labels: bool) -> BatchSummary {
+        let mut summary = self.summary;
+        let keep: std::collections::HashSet<usize> =
+            self.top.into_iter().map(|Reverse(k)| k.1).collect();
+        let mut best: Vec<TopRow> = (self.top_rows.into_iter().enumerate())
+            .filter(|(i, _)| keep.contains(i))
+            .map(|(_, r)| r)
+            .collect();
+        best.sort_by(|a, b| b.energy.total_cmp(&a.energy));
+        summary.top = best;
+        if with_labels {
+            let (scores, labels): (Vec<f64>, Vec<bool>) = self.labelled.into_iter().unzip();
+            summary.labels = Some(detection(&scores, &labels, 0.0));
+        }
+        summary
+    }
+}
+
 /// Score the input into the output file; the output appears only if everything succeeded.
 pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     let start = Instant::now();
@@ -660,10 +770,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
             (rows_total, Box::new(all.into_iter().flatten()))
         }
     };
-    let mut summary = BatchSummary::default();
-    let mut top: BinaryHeap<Reverse<ByEnergy>> = BinaryHeap::new();
-    let mut top_rows: Vec<TopRow> = Vec::new();
-    let mut labelled: Vec<(f64, bool)> = Vec::new();
+    let mut tally = Tally::new(&vocabulary);
 
     // Three stages on their own threads, one chunk in hand each: reading and decoding the next
     // chunk and encoding the previous one overlap with scoring this one. Rendezvous channels
@@ -765,70 +872,32 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                     metric_names,
                     opts.explain,
                 );
-                summary.rows_in += scores.len();
-                for (i, s) in scores.iter().enumerate() {
-                    match (&s.energy, &s.reason) {
-                        (Some(e), _) => {
-                            summary.rows_scored += 1;
-                            if s.anomaly == Some(true) {
-                                *summary
-                                    .anomalies_by_severity
-                                    .entry(vocabulary.severity.text(s.severity).to_string())
-                                    .or_default() += 1;
-                                // No String per flagged row once its host is counted.
-                                match summary.anomalies_by_host.get_mut(&table.host[i]) {
-                                    Some(n) => *n += 1,
-                                    None => {
-                                        summary.anomalies_by_host.insert(table.host[i].clone(), 1);
-                                    }
-                                }
+                // The score columns are built while the summary is tallied.
+                let (frame, ()) = rayon::join(
+                    || -> Result<DataFrame> {
+                        Ok(match copy_plan {
+                            // The input columns are copied as they are; only the scores are written.
+                            Some(plan) => {
+                                let columns = score_columns(&scores, metric_names, &vocabulary)?;
+                                ensure_new_columns(&columns, plan.column_names())?;
+                                DataFrame::new(scores.len(), columns)?
                             }
-                            if let (Some(l), Some(m)) =
-                                (&labels, route(models, &table.host[i], default_model))
-                            {
-                                // Energy above the row's own model cutoff: comparable across
-                                // models, and > 0 exactly when the row was flagged.
-                                labelled.push((*e - m.explainer.model().thresholds.cutoff, l[i]));
-                            }
-                            let key = ByEnergy(*e, top_rows.len());
-                            if top.len() < TOP_ROWS
-                                || top.peek().is_some_and(|Reverse(m)| key.0 > m.0)
-                            {
-                                top_rows.push(TopRow {
-                                    energy: *e,
-                                    timestamp: table.time_ms[i],
-                                    host: table.host[i].clone(),
-                                    top_metric: vocabulary
-                                        .top_metric
-                                        .text(s.top_metric)
-                                        .to_string(),
-                                    severity: vocabulary.severity.text(s.severity).to_string(),
-                                });
-                                top.push(Reverse(key));
-                                if top.len() > TOP_ROWS {
-                                    top.pop();
-                                }
-                            }
-                        }
-                        (None, Some(r)) => *summary.not_scored.entry(r.clone()).or_default() += 1,
-                        (None, None) => {}
-                    }
-                }
-                let frame = match copy_plan {
-                    // The input columns are copied as they are; only the scores are written.
-                    Some(plan) => {
-                        let columns = score_columns(&scores, metric_names, &vocabulary)?;
-                        ensure_new_columns(&columns, plan.column_names())?;
-                        DataFrame::new(scores.len(), columns)?
-                    }
-                    _ => with_scores(frame, &scores, metric_names, &vocabulary)?,
-                };
+                            _ => with_scores(frame, &scores, metric_names, &vocabulary)?,
+                        })
+                    },
+                    || {
+                        tally.add(&scores, &table, labels.as_deref(), |host| {
+                            route(models, host, default_model)
+                        })
+                    },
+                );
+                let frame = frame?;
                 if write_tx.send(Output { frame, raw }).is_err() {
                     // The writer failed; its error is the one to report.
                     break;
                 }
                 if let Some(p) = &opts.progress {
-                    p(summary.rows_in, rows_total);
+                    p(tally.summary.rows_in, rows_total);
                 }
             }
             Ok(())
@@ -838,19 +907,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
         scored?;
         written
     })?;
-    let keep: std::collections::HashSet<usize> = top.into_iter().map(|Reverse(k)| k.1).collect();
-    let mut best: Vec<TopRow> = top_rows
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| keep.contains(i))
-        .map(|(_, r)| r)
-        .collect();
-    best.sort_by(|a, b| b.energy.total_cmp(&a.energy));
-    summary.top = best;
-    if opts.label_column.is_some() {
-        let (scores, labels): (Vec<f64>, Vec<bool>) = labelled.into_iter().unzip();
-        summary.labels = Some(detection(&scores, &labels, 0.0));
-    }
+    let mut summary = tally.finish(opts.label_column.is_some());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
