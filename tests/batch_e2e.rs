@@ -438,3 +438,33 @@ fn parquet_output_copies_the_input_and_scores_like_the_decoding_path() {
         );
     }
 }
+
+#[test]
+fn inputs_that_cannot_be_copied_take_the_decoding_path() {
+    use dagmm_serve::parquet_copy::{MAX_ROW_GROUP_ROWS, plan};
+    let dir = tempfile::tempdir().unwrap();
+    let n = MAX_ROW_GROUP_ROWS + 1;
+    let mut df = df!(
+        "timestamp" => (0..n as i64).map(|i| i * 60_000).collect::<Vec<_>>(),
+        "cpu_usage" => vec![1.0f64; n],
+    )
+    .unwrap();
+    let big = dir.path().join("big.parquet");
+    ParquetWriter::new(std::fs::File::create(&big).unwrap())
+        .with_row_group_size(Some(n))
+        .finish(&mut df)
+        .unwrap();
+    let small = dir.path().join("small.parquet");
+    ParquetWriter::new(std::fs::File::create(&small).unwrap())
+        .with_row_group_size(Some(n / 2))
+        .finish(&mut df)
+        .unwrap();
+    let csv = dir.path().join("small.csv");
+    CsvWriter::new(std::fs::File::create(&csv).unwrap())
+        .finish(&mut df)
+        .unwrap();
+    let copied = plan(std::slice::from_ref(&small)).unwrap().expect("copied");
+    assert_eq!(copied.row_groups.len(), 2);
+    assert!(plan(std::slice::from_ref(&big)).unwrap().is_none());
+    assert!(plan(&[small.clone(), csv]).unwrap().is_none());
+}

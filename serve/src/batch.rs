@@ -443,7 +443,7 @@ impl Writer {
         let Output { mut frame, raw } = out;
         match (self, raw) {
             (Writer::Copy(w), raw) => {
-                w.add_scores(frame);
+                w.add_scores(frame)?;
                 match raw {
                     Some(raw) => w.write(raw),
                     None => Ok(()),
@@ -776,8 +776,8 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     // chunk and encoding the previous one overlap with scoring this one. Rendezvous channels
     // keep at most three chunks alive, so memory stays bounded by the chunk size.
     std::thread::scope(|scope| -> Result<()> {
-        let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<ReadChunk>>(2);
-        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<Output>(4);
+        let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<ReadChunk>>(1);
+        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<Output>(2);
         let metric_names = &metric_names;
         scope.spawn(move || {
             let mut first_schema: Option<Schema> = None;

@@ -7,7 +7,8 @@
 //!
 //! Used when every input is a Parquet file with the same flat schema, the output is Parquet,
 //! and no row group is larger than [`MAX_ROW_GROUP_ROWS`]; anything else goes through the
-//! general path that decodes and re-encodes.
+//! general path that decodes and re-encodes. Copied columns keep their input codec; score
+//! columns are zstd.
 
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
@@ -22,15 +23,15 @@ use polars_parquet::parquet::read::{PageMetaData, PageReader};
 use polars_parquet::read::{FileMetadata, infer_schema, read_metadata};
 use polars_parquet::write::{
     CompressedPage, CompressionOptions, Compressor, DynIter, DynStreamingIterator, Encoding,
-    FallibleStreamingIterator, FileWriter, ParquetType, SchemaDescriptor, StatisticsOptions,
-    Version, WriteOptions, array_to_columns, fallible_streaming_iterator, get_dtype_encoding,
-    to_parquet_schema,
+    FallibleStreamingIterator, FileWriter, Page, ParquetType, SchemaDescriptor, StatisticsOptions,
+    Version, WriteOptions, array_to_columns, compress, fallible_streaming_iterator,
+    get_dtype_encoding, to_parquet_schema,
 };
 
-/// Largest row group copied whole. Scoring holds a row group's decoded metrics and scores in
-/// memory (about 200 bytes a row in all), so this keeps batch scoring well under 256 MB;
-/// polars writes row groups of about 262 144 rows.
-pub const MAX_ROW_GROUP_ROWS: usize = 1 << 19;
+/// Largest row group copied whole. A row group's decoded metrics and its raw bytes are held
+/// until its last slice is scored, which at this size keeps batch scoring near 200 MB; polars
+/// writes row groups of about 262 144 rows. Larger ones take the decoding path.
+pub const MAX_ROW_GROUP_ROWS: usize = 320 * 1024;
 
 /// Pages are slices of a column chunk already in memory; this only bounds a corrupt header.
 const MAX_PAGE_BYTES: usize = 1 << 30;
@@ -204,6 +205,15 @@ impl CopyPlan {
     }
 }
 
+/// Pages already compressed, as the writer takes a column chunk.
+fn stream(
+    pages: &[CompressedPage],
+) -> PolarsResult<DynStreamingIterator<'_, CompressedPage, PolarsError>> {
+    Ok(DynStreamingIterator::new(
+        fallible_streaming_iterator::convert(pages.iter().map(PolarsResult::Ok)),
+    ))
+}
+
 /// Writes copied row groups with their score columns.
 pub struct CopyWriter<W: Write> {
     inner: FileWriter<W>,
@@ -211,8 +221,19 @@ pub struct CopyWriter<W: Write> {
     encode: WriteOptions,
     score_types: Vec<ParquetType>,
     score_encodings: Vec<Vec<Encoding>>,
-    /// Scores of the row group being assembled, in row order.
-    pending: Vec<DataFrame>,
+    /// Score columns of the row group being assembled, in schema order.
+    pending: Vec<PendingColumn>,
+    pending_rows: usize,
+}
+
+/// A score column of the row group being assembled.
+enum PendingColumn {
+    /// Encoded and compressed as each slice arrived: plain columns may take any number of
+    /// pages, so only the compressed bytes wait for the row group.
+    Pages(Vec<CompressedPage>),
+    /// The values so far. A dictionary-encoded column is encoded in one go when the row group
+    /// is written, since a column chunk holds only one dictionary page.
+    Values(Option<Series>),
 }
 
 impl<W: Write> CopyWriter<W> {
@@ -235,7 +256,7 @@ impl<W: Write> CopyWriter<W> {
         );
         // Floats are written plain: polars would hash every value to find out that a
         // dictionary does not pay, which it never does for energies.
-        let score_encodings = score_arrow
+        let score_encodings: Vec<Vec<Encoding>> = score_arrow
             .iter_values()
             .map(|f| match f.dtype {
                 ArrowDataType::Float64 => vec![Encoding::Plain],
@@ -254,59 +275,107 @@ impl<W: Write> CopyWriter<W> {
             statistics: StatisticsOptions::empty(),
             ..encode
         };
-        Ok(Self {
+        let mut writer = Self {
             inner: FileWriter::new_with_parquet_schema(writer, arrow, parquet_schema, file_options),
             encode,
             score_types,
             score_encodings,
             pending: Vec::new(),
-        })
+            pending_rows: 0,
+        };
+        writer.pending = writer.empty_pending();
+        Ok(writer)
     }
 
-    /// Scores of the next rows of the row group being assembled.
-    pub fn add_scores(&mut self, scores: DataFrame) {
-        self.pending.push(scores);
+    fn empty_pending(&self) -> Vec<PendingColumn> {
+        (self.score_encodings.iter())
+            .map(|e| match e.as_slice() {
+                [Encoding::RleDictionary] => PendingColumn::Values(None),
+                _ => PendingColumn::Pages(Vec::new()),
+            })
+            .collect()
+    }
+
+    /// Encoded pages of one score column.
+    fn encode(
+        &self,
+        column: usize,
+        array: &ArrayRef,
+    ) -> PolarsResult<Vec<DynIter<'static, PolarsResult<Page>>>> {
+        array_to_columns(
+            array,
+            self.score_types[column].clone(),
+            self.encode,
+            &self.score_encodings[column],
+        )
+    }
+
+    /// Scores of the next rows of the row group being assembled (columns in the schema given
+    /// to [`CopyWriter::new`]).
+    pub fn add_scores(&mut self, mut scores: DataFrame) -> PolarsResult<()> {
+        scores.rechunk_mut_par();
+        let mut pending = std::mem::take(&mut self.pending);
+        let arrays = scores.iter_chunks(CompatLevel::newest(), false).next();
+        let arrays = arrays
+            .as_ref()
+            .map(|batch| batch.columns())
+            .unwrap_or_default();
+        for (c, ((slot, column), array)) in pending
+            .iter_mut()
+            .zip(scores.columns())
+            .zip(arrays)
+            .enumerate()
+        {
+            match slot {
+                PendingColumn::Pages(pages) => {
+                    for encoded in self.encode(c, array)? {
+                        for page in encoded {
+                            pages.push(compress(page?, Vec::new(), self.encode.compression)?);
+                        }
+                    }
+                }
+                PendingColumn::Values(values) => match values {
+                    Some(values) => {
+                        values.append(column.as_materialized_series())?;
+                    }
+                    None => *values = Some(column.as_materialized_series().clone()),
+                },
+            }
+        }
+        self.pending = pending;
+        self.pending_rows += scores.height();
+        Ok(())
     }
 
     /// Write one row group: the copied input chunks, then the scores added since the last
     /// row group (as many rows).
     pub fn write(&mut self, raw: RawRowGroup) -> PolarsResult<()> {
-        let mut parts = std::mem::take(&mut self.pending).into_iter();
-        let mut scores = parts.next().unwrap_or_default();
-        for part in parts {
-            scores.vstack_mut_owned(part)?;
-        }
-        // One chunk per column: each chunk would get its own dictionary page, and a column
-        // chunk may hold only one.
-        scores.rechunk_mut_par();
         polars_ensure!(
-            scores.height() == raw.rows,
-            ShapeMismatch: "{} score rows for a row group of {}", scores.height(), raw.rows
+            self.pending_rows == raw.rows,
+            ShapeMismatch: "{} score rows for a row group of {}", self.pending_rows, raw.rows
         );
-        let mut columns: Vec<PolarsResult<DynStreamingIterator<'_, CompressedPage, PolarsError>>> =
-            raw.columns
-                .iter()
-                .map(|pages| {
-                    Ok(DynStreamingIterator::new(
-                        fallible_streaming_iterator::convert(pages.iter().map(PolarsResult::Ok)),
-                    ))
-                })
-                .collect();
-        if let Some(batch) = scores.iter_chunks(CompatLevel::newest(), false).next() {
-            for ((array, type_), encoding) in batch
-                .columns()
-                .iter()
-                .zip(&self.score_types)
-                .zip(&self.score_encodings)
-            {
-                for pages in array_to_columns(array, type_.clone(), self.encode, encoding)? {
-                    let pages = pages.map(|page| {
-                        page.map_err(|e| ParquetError::FeatureNotSupported(e.to_string()))
-                    });
-                    let compressed =
-                        Compressor::new_from_vec(pages, self.encode.compression, Vec::new())
-                            .map_err(PolarsError::from);
-                    columns.push(Ok(DynStreamingIterator::new(compressed)));
+        let fresh = self.empty_pending();
+        let pending = std::mem::replace(&mut self.pending, fresh);
+        self.pending_rows = 0;
+        let mut columns: Vec<_> = raw.columns.iter().map(|pages| stream(pages)).collect();
+        for (c, slot) in pending.iter().enumerate() {
+            match slot {
+                PendingColumn::Pages(pages) => columns.push(stream(pages)),
+                PendingColumn::Values(values) => {
+                    let series = match values {
+                        Some(v) => v.rechunk(),
+                        None => Series::new_empty("".into(), &DataType::Null),
+                    };
+                    let array = series.to_arrow(0, CompatLevel::newest());
+                    for pages in self.encode(c, &array)? {
+                        let pages = pages.map(|page| {
+                            page.map_err(|e| ParquetError::FeatureNotSupported(e.to_string()))
+                        });
+                        let compressed =
+                            Compressor::new_from_vec(pages, self.encode.compression, Vec::new())
+                                .map_err(PolarsError::from);
+                        columns.push(Ok(DynStreamingIterator::new(compressed)));
+                    }
                 }
             }
         }
