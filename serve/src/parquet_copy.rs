@@ -205,6 +205,17 @@ impl CopyPlan {
     }
 }
 
+/// A series as the one Arrow array it is written from. A categorical keeps its codes, with all
+/// its categories as the dictionary: polars' general conversion looks every row's category up
+/// in a hash map to keep only those used.
+fn arrow_array(series: &Series) -> PolarsResult<ArrayRef> {
+    let series = series.rechunk();
+    Ok(match series.dtype() {
+        DataType::Categorical(..) => Box::new(series.cat32()?.to_arrow(CompatLevel::newest())),
+        _ => series.to_arrow(0, CompatLevel::newest()),
+    })
+}
+
 /// Pages already compressed, as the writer takes a column chunk.
 fn stream(
     pages: &[CompressedPage],
@@ -312,23 +323,13 @@ impl<W: Write> CopyWriter<W> {
 
     /// Scores of the next rows of the row group being assembled (columns in the schema given
     /// to [`CopyWriter::new`]).
-    pub fn add_scores(&mut self, mut scores: DataFrame) -> PolarsResult<()> {
-        scores.rechunk_mut_par();
+    pub fn add_scores(&mut self, scores: DataFrame) -> PolarsResult<()> {
         let mut pending = std::mem::take(&mut self.pending);
-        let arrays = scores.iter_chunks(CompatLevel::newest(), false).next();
-        let arrays = arrays
-            .as_ref()
-            .map(|batch| batch.columns())
-            .unwrap_or_default();
-        for (c, ((slot, column), array)) in pending
-            .iter_mut()
-            .zip(scores.columns())
-            .zip(arrays)
-            .enumerate()
-        {
+        for (c, (slot, column)) in pending.iter_mut().zip(scores.columns()).enumerate() {
             match slot {
                 PendingColumn::Pages(pages) => {
-                    for encoded in self.encode(c, array)? {
+                    let array = arrow_array(column.as_materialized_series())?;
+                    for encoded in self.encode(c, &array)? {
                         for page in encoded {
                             pages.push(compress(page?, Vec::new(), self.encode.compression)?);
                         }
@@ -363,10 +364,10 @@ impl<W: Write> CopyWriter<W> {
                 PendingColumn::Pages(pages) => columns.push(stream(pages)),
                 PendingColumn::Values(values) => {
                     let series = match values {
-                        Some(v) => v.rechunk(),
+                        Some(v) => v.clone(),
                         None => Series::new_empty("".into(), &DataType::Null),
                     };
-                    let array = series.to_arrow(0, CompatLevel::newest());
+                    let array = arrow_array(&series)?;
                     for pages in self.encode(c, &array)? {
                         let pages = pages.map(|page| {
                             page.map_err(|e| ParquetError::FeatureNotSupported(e.to_string()))
