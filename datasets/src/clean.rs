@@ -117,22 +117,15 @@ pub fn prepare_groups(
             why: "must not be negative".into(),
         });
     }
-    // Rows of each host, in first-seen order so the output is deterministic.
-    let mut host_order: Vec<&str> = Vec::new();
-    let mut by_host: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, h) in table.host.iter().enumerate() {
-        by_host
-            .entry(h.as_str())
-            .or_insert_with(|| {
-                host_order.push(h.as_str());
-                Vec::new()
-            })
-            .push(i);
+    // Rows of each host, hosts in first-seen order so the output is deterministic.
+    let mut by_host: Vec<Vec<usize>> = vec![Vec::new(); table.host_names.len()];
+    for (i, &h) in table.host_index.iter().enumerate() {
+        by_host[h as usize].push(i);
     }
     let mut groups: Vec<(Option<String>, GroupData)> = Vec::new();
     let mut group_index: HashMap<Option<String>, usize> = HashMap::new();
-    for host in host_order {
-        let (kept, report) = clean_host(table, &by_host[host], opts);
+    for rows in &by_host {
+        let (kept, report) = clean_host(table, rows, opts);
         // A host's rows may fall into several groups when grouping by another column.
         let mut per_group: Vec<(Option<String>, TimedRows)> = Vec::new();
         for (row, t, values) in kept {
@@ -144,8 +137,7 @@ pub fn prepare_groups(
         }
         if per_group.is_empty() {
             per_group.push((
-                opts.grouped
-                    .then(|| table.group_of(by_host[host][0]).to_string()),
+                opts.grouped.then(|| table.group_of(rows[0]).to_string()),
                 Vec::new(),
             ));
         }
@@ -292,9 +284,11 @@ mod tests {
     const MIN: i64 = 60_000;
 
     fn table(rows: &[(&str, Option<i64>, [f64; 4], bool)]) -> MetricTable {
+        let (host_index, host_names) = crate::read::index_names(rows.iter().map(|r| r.0));
         MetricTable {
             time_ms: rows.iter().map(|r| r.1).collect(),
-            host: rows.iter().map(|r| r.0.to_string()).collect(),
+            host_index,
+            host_names,
             group: None,
             values: rows.iter().map(|r| r.2).collect(),
             alert: rows.iter().map(|r| r.3).collect(),

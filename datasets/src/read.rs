@@ -231,8 +231,12 @@ fn require_column<'a>(
 pub struct MetricTable {
     /// Milliseconds since the Unix epoch; `None` where the export had no usable time.
     pub time_ms: Vec<Option<i64>>,
-    /// Host of each row (empty when the export has no host column).
-    pub host: Vec<String>,
+    /// Host of each row, as an index into `host_names` (see [`MetricTable::host`]).
+    pub host_index: Vec<u32>,
+    /// Each host once, in first-seen order (one empty name when the export has no host
+    /// column). Millions of rows share a few thousand hosts: a name per row would be a heap
+    /// allocation per row.
+    pub host_names: Vec<String>,
     /// Value of the grouping column of each row, when a column other than the host was chosen
     /// (`None`: rows group by host, see [`MetricTable::group_of`]).
     pub group: Option<Vec<String>>,
@@ -250,11 +254,16 @@ impl MetricTable {
         self.values.is_empty()
     }
 
+    /// Host of a row (empty when the export has no host column).
+    pub fn host(&self, row: usize) -> &str {
+        &self.host_names[self.host_index[row] as usize]
+    }
+
     /// The group of a row: its grouping column's value, or its host.
     pub fn group_of(&self, row: usize) -> &str {
         match &self.group {
             Some(group) => &group[row],
-            None => &self.host[row],
+            None => self.host(row),
         }
     }
 }
@@ -287,9 +296,15 @@ pub fn frame_to_table(
     };
     let n = df.height();
     let time_ms = time_column(require_column(&df, &map.time, source)?, source)?;
-    let host = match df.column(&map.host) {
-        Ok(c) => text_column(c, source)?,
-        Err(_) => vec![String::new(); n],
+    let (host_index, host_names) = match df.column(&map.host) {
+        Ok(c) => {
+            let text = c
+                .cast(&DataType::String)
+                .map_err(|_| wrong_type(c, source, "text"))?;
+            let text = text.str().expect("cast to str");
+            index_names(text.iter().map(|v| v.unwrap_or("")))
+        }
+        Err(_) => (vec![0; n], vec![String::new()]),
     };
     // Grouping by host needs no copy of the host column.
     let group = match &opts.group_by {
@@ -324,7 +339,8 @@ pub fn frame_to_table(
     };
     Ok(MetricTable {
         time_ms,
-        host,
+        host_index,
+        host_names,
         group,
         values,
         alert,
@@ -349,6 +365,27 @@ pub fn numeric_column(column: &Column, source: &str) -> Result<Vec<Option<f64>>,
         .cast(&DataType::Float64)
         .map_err(|_| wrong_type(column, source, "numbers"))?;
     Ok(cast.f64().expect("cast to f64").iter().collect())
+}
+
+/// Each row's name as an index into the distinct names, which are in first-seen order.
+pub fn index_names<'a>(names: impl Iterator<Item = &'a str>) -> (Vec<u32>, Vec<String>) {
+    let mut index = Vec::with_capacity(names.size_hint().0);
+    let mut distinct: Vec<String> = Vec::new();
+    let mut seen: PlHashMap<&'a str, u32> = PlHashMap::default();
+    // Exports often hold a host's rows together: the previous row's name needs no lookup.
+    let mut previous: Option<(&'a str, u32)> = None;
+    for name in names {
+        let i = match previous {
+            Some((p, i)) if p == name => i,
+            _ => *seen.entry(name).or_insert_with(|| {
+                distinct.push(name.to_string());
+                (distinct.len() - 1) as u32
+            }),
+        };
+        previous = Some((name, i));
+        index.push(i);
+    }
+    (index, distinct)
 }
 
 fn text_column(column: &Column, source: &str) -> Result<Vec<String>, DataError> {
@@ -672,9 +709,6 @@ mod tests {
             ..Default::default()
         };
         let t = read_metrics(&p, &opts).unwrap();
-        assert_eq!(
-            (t.host[0].as_str(), t.values[0]),
-            ("a", [5.0, 6.0, 7.0, 8.0])
-        );
+        assert_eq!((t.host(0), t.values[0]), ("a", [5.0, 6.0, 7.0, 8.0]));
     }
 }

@@ -420,7 +420,7 @@ mod tests {
                 crate::read::read_metrics(path.to_str().unwrap(), &Default::default()).unwrap();
             assert_eq!(table.len(), export.len());
             assert_eq!(table.time_ms[5], Some(export.time_ms[5]));
-            assert_eq!(table.host[5], export.host[5]);
+            assert_eq!(table.host(5), export.host[5]);
             assert_eq!(table.values[5][3], export.values[5][3].unwrap_or(f64::NAN));
         }
     }

@@ -215,15 +215,25 @@ fn route<'a>(
     models.get(host).map(|m| m.as_ref()).or(default_model)
 }
 
+/// The model of each of a chunk's hosts (by host index), looked up once per chunk.
+fn host_models<'a>(
+    models: &'a ModelMap,
+    table: &dagmm_datasets::MetricTable,
+    default_model: Option<&'a LoadedModel>,
+) -> Vec<Option<&'a LoadedModel>> {
+    (table.host_names.iter())
+        .map(|h| route(models, h, default_model))
+        .collect()
+}
+
 fn score_rows(
-    models: &ModelMap,
-    default_model: Option<&LoadedModel>,
+    host_models: &[Option<&LoadedModel>],
     vocabulary: &Vocabulary,
-    hosts: &[String],
-    values: &[[f64; 4]],
+    table: &dagmm_datasets::MetricTable,
     metric_names: &[String],
     explain: Explain,
 ) -> Vec<RowScore> {
+    let values = &table.values;
     const PAR_CHUNK: usize = 4096;
     let mut out = vec![RowScore::default(); values.len()];
     out.par_chunks_mut(PAR_CHUNK)
@@ -235,8 +245,8 @@ fn score_rows(
             let mut routed: Vec<(&LoadedModel, usize)> = Vec::with_capacity(chunk.len());
             for (i, slot) in chunk.iter_mut().enumerate() {
                 let row = first + i;
-                let Some(model) = route(models, &hosts[row], default_model) else {
-                    slot.reason = Some(format!("no model for host `{}`", hosts[row]));
+                let Some(model) = host_models[table.host_index[row] as usize] else {
+                    slot.reason = Some(format!("no model for host `{}`", table.host(row)));
                     continue;
                 };
                 match model.explainer.validate(&values[row]) {
@@ -622,16 +632,19 @@ impl<'a> Tally<'a> {
         }
     }
 
-    fn add<'m>(
+    fn add(
         &mut self,
         scores: &[RowScore],
         table: &dagmm_datasets::MetricTable,
         labels: Option<&[bool]>,
-        route: impl Fn(&str) -> Option<&'m LoadedModel>,
+        host_models: &[Option<&LoadedModel>],
     ) {
         let (summary, vocabulary) = (&mut self.summary, self.vocabulary);
         summary.rows_in += scores.len();
+        // Flagged rows per host index, named once at the end of the chunk.
+        let mut flagged_by_host = vec![0usize; table.host_names.len()];
         for (i, s) in scores.iter().enumerate() {
+            let host = table.host_index[i] as usize;
             let Some(energy) = s.energy else {
                 if let Some(r) = &s.reason {
                     *summary.not_scored.entry(r.clone()).or_default() += 1;
@@ -640,7 +653,7 @@ impl<'a> Tally<'a> {
             };
             summary.rows_scored += 1;
             if s.anomaly == Some(true) {
-                // No String per flagged row once its severity and host are counted.
+                // No String per flagged row once its severity is counted.
                 let severity = vocabulary.severity.text(s.severity);
                 match summary.anomalies_by_severity.get_mut(severity) {
                     Some(n) => *n += 1,
@@ -650,14 +663,9 @@ impl<'a> Tally<'a> {
                             .insert(severity.to_string(), 1);
                     }
                 }
-                match summary.anomalies_by_host.get_mut(&table.host[i]) {
-                    Some(n) => *n += 1,
-                    None => {
-                        summary.anomalies_by_host.insert(table.host[i].clone(), 1);
-                    }
-                }
+                flagged_by_host[host] += 1;
             }
-            if let (Some(l), Some(m)) = (labels, route(&table.host[i])) {
+            if let (Some(l), Some(m)) = (labels, host_models[host]) {
                 // Energy above the row's own model cutoff: comparable across models, and > 0
                 // exactly when the row was flagged.
                 let cutoff = m.explainer.model().thresholds.cutoff;
@@ -668,7 +676,7 @@ impl<'a> Tally<'a> {
                 self.top_rows.push(TopRow {
                     energy,
                     timestamp: table.time_ms[i],
-                    host: table.host[i].clone(),
+                    host: table.host_names[host].clone(),
                     top_metric: vocabulary.top_metric.text(s.top_metric).to_string(),
                     severity: vocabulary.severity.text(s.severity).to_string(),
                 });
@@ -676,6 +684,11 @@ impl<'a> Tally<'a> {
                 if self.top.len() > TOP_ROWS {
                     self.top.pop();
                 }
+            }
+        }
+        for (name, n) in table.host_names.iter().zip(flagged_by_host) {
+            if n > 0 {
+                *summary.anomalies_by_host.entry(name.clone()).or_default() += n;
             }
         }
     }
@@ -863,12 +876,11 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                     labels,
                     raw,
                 } = item?;
+                let host_models = host_models(models, &table, default_model);
                 let scores = score_rows(
-                    models,
-                    default_model,
+                    &host_models,
                     &vocabulary,
-                    &table.host,
-                    &table.values,
+                    &table,
                     metric_names,
                     opts.explain,
                 );
@@ -885,11 +897,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                             _ => with_scores(frame, &scores, metric_names, &vocabulary)?,
                         })
                     },
-                    || {
-                        tally.add(&scores, &table, labels.as_deref(), |host| {
-                            route(models, host, default_model)
-                        })
-                    },
+                    || tally.add(&scores, &table, labels.as_deref(), &host_models),
                 );
                 let frame = frame?;
                 if write_tx.send(Output { frame, raw }).is_err() {
@@ -939,7 +947,10 @@ fn label_values(df: &DataFrame, column: &str, source: &str) -> Result<Vec<bool>>
 fn table_frame(table: &dagmm_datasets::MetricTable, names: &[String]) -> Result<DataFrame> {
     let mut cols = vec![
         Column::new("timestamp".into(), table.time_ms.clone()),
-        Column::new("host".into(), table.host.clone()),
+        Column::new(
+            "host".into(),
+            (0..table.len()).map(|i| table.host(i)).collect::<Vec<_>>(),
+        ),
     ];
     for (j, n) in names.iter().enumerate() {
         cols.push(Column::new(

@@ -190,7 +190,7 @@ fn load(args: &ReportArgs) -> Result<ReportData> {
         args.all_hosts
             || group.as_deref().is_none_or(|g| g == h)
             || !table
-                .host
+                .host_names
                 .iter()
                 .any(|x| Some(x.as_str()) == group.as_deref())
     };
@@ -200,9 +200,11 @@ fn load(args: &ReportArgs) -> Result<ReportData> {
     let mut rows = Vec::new();
     let mut skipped = 0;
     let mut order: Vec<usize> = (0..table.len()).collect();
-    order.sort_by_key(|&i| (table.host[i].clone(), table.time_ms[i]));
+    order.sort_by(|&a, &b| {
+        (table.host(a), table.time_ms[a]).cmp(&(table.host(b), table.time_ms[b]))
+    });
     for i in order {
-        if !own_host(&table.host[i]) {
+        if !own_host(table.host(i)) {
             continue;
         }
         let raw = table.values[i];
@@ -229,7 +231,7 @@ fn load(args: &ReportArgs) -> Result<ReportData> {
             .map_or(0, |(k, _)| k);
         rows.push(Row {
             time_ms,
-            host: table.host[i].clone(),
+            host: table.host(i).to_string(),
             raw,
             verdict,
             z: [code[0], code[1], code[2]],
