@@ -24,7 +24,7 @@ use polars_parquet::read::{FileMetadata, infer_schema, read_metadata};
 use polars_parquet::write::{
     CompressedPage, CompressionOptions, Compressor, DynIter, DynStreamingIterator, Encoding,
     FallibleStreamingIterator, FileWriter, Page, ParquetType, SchemaDescriptor, StatisticsOptions,
-    Version, WriteOptions, array_to_columns, compress, fallible_streaming_iterator,
+    Version, WriteOptions, ZstdLevel, array_to_columns, compress, fallible_streaming_iterator,
     get_dtype_encoding, to_parquet_schema,
 };
 
@@ -276,7 +276,9 @@ impl<W: Write> CopyWriter<W> {
             .collect();
         let encode = WriteOptions {
             statistics: StatisticsOptions::default(),
-            compression: CompressionOptions::Zstd(None),
+            // Level 1: energies and percentiles barely compress, and higher levels spend
+            // their time on finding that out.
+            compression: CompressionOptions::Zstd(Some(ZstdLevel::try_new(1)?)),
             version: Version::V1,
             data_page_size: None,
         };
