@@ -27,6 +27,7 @@ use polars_parquet::write::{
     Version, WriteOptions, ZstdLevel, array_to_columns, compress, fallible_streaming_iterator,
     get_dtype_encoding, to_parquet_schema,
 };
+use rayon::prelude::*;
 
 /// Largest row group copied whole. A row group's decoded metrics and its raw bytes are held
 /// until its last slice is scored, which at this size keeps batch scoring near 200 MB; polars
@@ -228,13 +229,34 @@ fn stream(
 /// Writes copied row groups with their score columns.
 pub struct CopyWriter<W: Write> {
     inner: FileWriter<W>,
-    /// Options the score columns are encoded with (with page statistics).
-    encode: WriteOptions,
-    score_types: Vec<ParquetType>,
-    score_encodings: Vec<Vec<Encoding>>,
+    encoder: ScoreEncoder,
     /// Score columns of the row group being assembled, in schema order.
     pending: Vec<PendingColumn>,
     pending_rows: usize,
+}
+
+/// How the score columns are encoded.
+struct ScoreEncoder {
+    /// With page statistics and zstd.
+    options: WriteOptions,
+    types: Vec<ParquetType>,
+    encodings: Vec<Vec<Encoding>>,
+}
+
+impl ScoreEncoder {
+    /// Encoded pages of score column `column`.
+    fn encode(
+        &self,
+        column: usize,
+        array: &ArrayRef,
+    ) -> PolarsResult<Vec<DynIter<'static, PolarsResult<Page>>>> {
+        array_to_columns(
+            array,
+            self.types[column].clone(),
+            self.options,
+            &self.encodings[column],
+        )
+    }
 }
 
 /// A score column of the row group being assembled.
@@ -290,9 +312,11 @@ impl<W: Write> CopyWriter<W> {
         };
         let mut writer = Self {
             inner: FileWriter::new_with_parquet_schema(writer, arrow, parquet_schema, file_options),
-            encode,
-            score_types,
-            score_encodings,
+            encoder: ScoreEncoder {
+                options: encode,
+                types: score_types,
+                encodings: score_encodings,
+            },
             pending: Vec::new(),
             pending_rows: 0,
         };
@@ -301,7 +325,7 @@ impl<W: Write> CopyWriter<W> {
     }
 
     fn empty_pending(&self) -> Vec<PendingColumn> {
-        (self.score_encodings.iter())
+        (self.encoder.encodings.iter())
             .map(|e| match e.as_slice() {
                 [Encoding::RleDictionary] => PendingColumn::Values(None),
                 _ => PendingColumn::Pages(Vec::new()),
@@ -309,43 +333,36 @@ impl<W: Write> CopyWriter<W> {
             .collect()
     }
 
-    /// Encoded pages of one score column.
-    fn encode(
-        &self,
-        column: usize,
-        array: &ArrayRef,
-    ) -> PolarsResult<Vec<DynIter<'static, PolarsResult<Page>>>> {
-        array_to_columns(
-            array,
-            self.score_types[column].clone(),
-            self.encode,
-            &self.score_encodings[column],
-        )
-    }
-
     /// Scores of the next rows of the row group being assembled (columns in the schema given
     /// to [`CopyWriter::new`]).
     pub fn add_scores(&mut self, scores: DataFrame) -> PolarsResult<()> {
         let mut pending = std::mem::take(&mut self.pending);
-        for (c, (slot, column)) in pending.iter_mut().zip(scores.columns()).enumerate() {
-            match slot {
-                PendingColumn::Pages(pages) => {
-                    let array = arrow_array(column.as_materialized_series())?;
-                    for encoded in self.encode(c, &array)? {
-                        for page in encoded {
-                            pages.push(compress(page?, Vec::new(), self.encode.compression)?);
+        let encoder = &self.encoder;
+        // Columns are encoded and compressed side by side.
+        let added = (pending.par_iter_mut().zip(scores.columns().par_iter()))
+            .enumerate()
+            .try_for_each(|(c, (slot, column))| -> PolarsResult<()> {
+                match slot {
+                    PendingColumn::Pages(pages) => {
+                        let array = arrow_array(column.as_materialized_series())?;
+                        for encoded in encoder.encode(c, &array)? {
+                            for page in encoded {
+                                let compression = encoder.options.compression;
+                                pages.push(compress(page?, Vec::new(), compression)?);
+                            }
                         }
                     }
-                }
-                PendingColumn::Values(values) => match values {
-                    Some(values) => {
+                    PendingColumn::Values(Some(values)) => {
                         values.append(column.as_materialized_series())?;
                     }
-                    None => *values = Some(column.as_materialized_series().clone()),
-                },
-            }
-        }
+                    PendingColumn::Values(values) => {
+                        *values = Some(column.as_materialized_series().clone());
+                    }
+                }
+                Ok(())
+            });
         self.pending = pending;
+        added?;
         self.pending_rows += scores.height();
         Ok(())
     }
@@ -370,13 +387,13 @@ impl<W: Write> CopyWriter<W> {
                         None => Series::new_empty("".into(), &DataType::Null),
                     };
                     let array = arrow_array(&series)?;
-                    for pages in self.encode(c, &array)? {
+                    for pages in self.encoder.encode(c, &array)? {
                         let pages = pages.map(|page| {
                             page.map_err(|e| ParquetError::FeatureNotSupported(e.to_string()))
                         });
-                        let compressed =
-                            Compressor::new_from_vec(pages, self.encode.compression, Vec::new())
-                                .map_err(PolarsError::from);
+                        let compression = self.encoder.options.compression;
+                        let compressed = Compressor::new_from_vec(pages, compression, Vec::new())
+                            .map_err(PolarsError::from);
                         columns.push(Ok(DynStreamingIterator::new(compressed)));
                     }
                 }
