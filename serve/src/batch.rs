@@ -19,6 +19,7 @@ use dagmm_datasets::read::{
 use dagmm_model::eval::{Detection, detection};
 use dagmm_model::scorer::{LANES, Scratch};
 use polars::prelude::*;
+use polars_arrow::bitmap::MutableBitmap;
 use rayon::prelude::*;
 
 use crate::parquet_copy::{self, CopyPlan, CopyWriter, RawRowGroup};
@@ -158,9 +159,11 @@ impl ColumnCategories {
     }
 
     /// A column of codes into these categories.
-    fn column(&self, name: &str, codes: impl Iterator<Item = Option<u32>>) -> PolarsResult<Column> {
-        let codes = UInt32Chunked::from_iter_options(name.into(), codes).into_series();
-        Series::from_cats_and_dtype(&codes, &self.dtype, true).map(Column::from)
+    fn column(&self, name: &str, codes: impl ExactSizeIterator<Item = Option<u32>>) -> Column {
+        let codes = nullable::<UInt32Type>(name, codes);
+        // SAFETY: every code came from `code`, which inserted its value into this mapping.
+        unsafe { Categorical32Chunked::from_cats_and_dtype_unchecked(codes, self.dtype.clone()) }
+            .into_column()
     }
 }
 
@@ -350,19 +353,33 @@ fn reason_of(e: dagmm_model::ModelError) -> String {
     }
 }
 
+/// A nullable numeric column from one value per row, collected in one pass into a vector and
+/// a validity bitmap (polars' `from_iter_options` appends value by value through a builder).
+fn nullable<T: PolarsNumericType>(
+    name: &str,
+    values: impl ExactSizeIterator<Item = Option<T::Native>>,
+) -> ChunkedArray<T> {
+    let mut validity = MutableBitmap::with_capacity(values.len());
+    let values: Vec<T::Native> = values
+        .map(|v| {
+            validity.push(v.is_some());
+            v.unwrap_or_default()
+        })
+        .collect();
+    ChunkedArray::from_vec_validity(name.into(), values, Some(validity.into()))
+}
+
 /// The score columns of a chunk, in output order.
 fn score_columns(
     scores: &[RowScore],
     metric_names: &[String],
     vocabulary: &Vocabulary,
 ) -> Result<Vec<Column>> {
-    // Collected straight from the rows (a trusted-length iterator), not through a Vec of
-    // options and polars' per-value builder.
     let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
-        Float64Chunked::from_iter_options(name.into(), scores.iter().map(f)).into_column()
+        nullable::<Float64Type>(name, scores.iter().map(f)).into_column()
     };
     let col_cat = |name: &str, cats: &ColumnCategories, f: &dyn Fn(&RowScore) -> Option<u32>| {
-        cats.column(name, scores.iter().map(f))
+        Ok(cats.column(name, scores.iter().map(f)))
     };
     let metrics = metric_names.len();
     // Each column is one pass over the rows; they are built side by side.
