@@ -20,6 +20,7 @@ use polars::prelude::*;
 use polars_buffer::Buffer;
 use polars_parquet::parquet::error::ParquetError;
 use polars_parquet::parquet::read::{PageMetaData, PageReader};
+use polars_parquet::parquet::schema::Repetition;
 use polars_parquet::read::{FileMetadata, infer_schema, read_metadata};
 use polars_parquet::write::{
     CompressedPage, CompressionOptions, Compressor, DynIter, DynStreamingIterator, Encoding,
@@ -29,9 +30,9 @@ use polars_parquet::write::{
 };
 use rayon::prelude::*;
 
-/// Largest row group copied whole. A row group's decoded metrics and its raw bytes are held
-/// until its last slice is scored, which at this size keeps batch scoring near 200 MB; polars
-/// writes row groups of about 262 144 rows. Larger ones take the decoding path.
+/// Largest row group copied whole: its decoded metrics and raw bytes are held until its last
+/// slice is scored (at polars' row groups of about 262 144 rows a 10 M-row run peaks near
+/// 150 MB; at twice that size it passed 256 MB). Larger ones take the decoding path.
 pub const MAX_ROW_GROUP_ROWS: usize = 320 * 1024;
 
 /// Pages are slices of a column chunk already in memory; this only bounds a corrupt header.
@@ -88,23 +89,20 @@ pub fn plan(files: &[PathBuf]) -> Result<Option<CopyPlan>> {
         return Ok(None);
     };
     let fields = first.schema().fields();
-    let flat = fields
-        .iter()
-        .all(|f| matches!(f, ParquetType::PrimitiveType(p) if p.field_info.repetition != polars_parquet::parquet::schema::Repetition::Repeated));
-    if !flat || metadata.iter().any(|m| m.schema().fields() != fields) {
+    let flat = |f: &ParquetType| matches!(f, ParquetType::PrimitiveType(p) if p.field_info.repetition != Repetition::Repeated);
+    if !fields.iter().all(flat) || metadata.iter().any(|m| m.schema().fields() != fields) {
         return Ok(None);
     }
     let input_arrow = infer_schema(first).map_err(|e| cannot_read(&files[0], e))?;
     // The footer will describe the input columns by this Arrow schema as well, so it must
     // map back to the Parquet types of the copied chunks (legacy annotations aside).
-    match to_parquet_schema(&input_arrow) {
-        Ok(schema)
-            if schema
-                .fields()
-                .iter()
-                .zip(fields)
-                .all(|(a, b)| same_column(a, b)) => {}
-        _ => return Ok(None),
+    let Ok(written) = to_parquet_schema(&input_arrow) else {
+        return Ok(None);
+    };
+    let written = written.fields();
+    if written.len() != fields.len() || !written.iter().zip(fields).all(|(a, b)| same_column(a, b))
+    {
+        return Ok(None);
     }
     let mut row_groups = Vec::new();
     for (file, meta) in metadata.iter().enumerate() {
@@ -164,8 +162,24 @@ impl CopyPlan {
         let path = &self.files[group.file];
         let meta = &self.metadata[group.file].row_groups[group.index];
         let span = meta.full_byte_range();
-        let mut bytes = vec![0u8; (span.end - span.start) as usize];
         let mut file = File::open(path).with_context(|| path.display().to_string())?;
+        // A corrupt footer must give an error, not a huge allocation or a bad slice.
+        let file_len = file.metadata().map_err(|e| cannot_read(path, e))?.len();
+        let outside = |r: &std::ops::Range<u64>| {
+            r.start > r.end || r.start < span.start || r.end > span.end || r.end > file_len
+        };
+        if outside(&span)
+            || meta
+                .parquet_columns()
+                .iter()
+                .any(|c| outside(&c.byte_range()))
+        {
+            return Err(cannot_read(
+                path,
+                format!("row group {} lies outside the file", group.index),
+            ));
+        }
+        let mut bytes = vec![0u8; (span.end - span.start) as usize];
         file.seek(SeekFrom::Start(span.start))
             .and_then(|_| file.read_exact(&mut bytes))
             .map_err(|e| cannot_read(path, e))?;
