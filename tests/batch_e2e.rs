@@ -225,6 +225,11 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
         p.to_str().unwrap().to_string()
     };
     let corrupt = write("corrupt.parquet", b"PAR1 definitely not parquet PAR1");
+    // Cut out of the middle, footer kept: the footer points past the end of the file.
+    let whole = std::fs::read(sample_path()).unwrap();
+    let mut cut = whole[..whole.len() / 2].to_vec();
+    cut.extend_from_slice(&whole[whole.len() - 4096..]);
+    let truncated = write("truncated.parquet", &cut);
     let empty = write("empty.csv", b"");
     let no_cpu = write(
         "nocpu.csv",
@@ -241,6 +246,10 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
     .unwrap();
     let cases: Vec<(BatchOptions, &str)> = vec![
         (options(&corrupt, &out), "corrupt.parquet"),
+        (
+            options(&truncated, &out),
+            "truncated.parquet: cannot read as Parquet: row group",
+        ),
         (
             options(mixed.to_str().unwrap(), &out),
             "b.csv: columns differ from the first input file",

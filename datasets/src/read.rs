@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use polars::frame::PivotColumnNaming;
 use polars::prelude::*;
+use polars_parquet::read::FileMetadata;
 
 use crate::DataError;
 use crate::columns::{ColumnMap, METRICS};
@@ -87,6 +88,44 @@ pub fn resolve_inputs(input: &str) -> Result<Vec<PathBuf>, DataError> {
     Ok(files)
 }
 
+/// The footer of a Parquet file, checked against the file's length: a truncated file whose
+/// footer survived would otherwise make polars' reader slice past the end of the file (a panic,
+/// not an error).
+pub fn parquet_footer(path: &Path) -> Result<Arc<FileMetadata>, DataError> {
+    let read_err = |why: String| DataError::Read {
+        path: path.into(),
+        format: "Parquet",
+        why,
+    };
+    let mut file = File::open(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| DataError::Io {
+            path: path.into(),
+            source,
+        })?
+        .len();
+    let footer =
+        polars_parquet::read::read_metadata(&mut file).map_err(|e| read_err(e.to_string()))?;
+    for (i, group) in footer.row_groups.iter().enumerate() {
+        let bad = group
+            .parquet_columns()
+            .iter()
+            .map(|c| c.byte_range())
+            .find(|r| r.start > r.end || r.end > len);
+        if let Some(r) = bad {
+            return Err(read_err(format!(
+                "row group {i} refers to bytes {}..{} of a {len}-byte file (truncated?)",
+                r.start, r.end
+            )));
+        }
+    }
+    Ok(Arc::new(footer))
+}
+
 /// Read one file into a DataFrame.
 pub fn read_file(path: &Path) -> Result<DataFrame, DataError> {
     let format =
@@ -108,9 +147,11 @@ pub fn read_file(path: &Path) -> Result<DataFrame, DataError> {
         why: e.to_string(),
     };
     let df = match format {
-        FileFormat::Parquet => ParquetReader::new(file)
-            .finish()
-            .map_err(|e| read_err("Parquet", e))?,
+        FileFormat::Parquet => {
+            let mut reader = ParquetReader::new(file);
+            reader.set_metadata(parquet_footer(path)?);
+            reader.finish().map_err(|e| read_err("Parquet", e))?
+        }
         FileFormat::Csv => CsvReadOptions::default()
             .with_has_header(true)
             .with_infer_schema_length(Some(10_000))
@@ -658,6 +699,30 @@ mod tests {
             .to_string();
         assert!(
             err.contains("c.parquet") && err.contains("Parquet"),
+            "{err}"
+        );
+
+        // Footer intact, data cut short: the footer's offsets run past the end of the file.
+        let spec = crate::synthetic::SampleSpec {
+            hosts: 1,
+            days: 1.0,
+            ..Default::default()
+        };
+        let mut df = crate::synthetic::generate(&spec).to_dataframe().unwrap();
+        let whole_path = dir.path().join("whole.parquet");
+        ParquetWriter::new(File::create(&whole_path).unwrap())
+            .finish(&mut df)
+            .unwrap();
+        let whole = std::fs::read(&whole_path).unwrap();
+        let tail = &whole[whole.len() - 8..whole.len() - 4];
+        let data_end = whole.len() - 8 - u32::from_le_bytes(tail.try_into().unwrap()) as usize;
+        let mut cut = whole[..data_end / 2].to_vec();
+        cut.extend_from_slice(&whole[data_end..]);
+        let truncated = dir.path().join("cut.parquet");
+        std::fs::write(&truncated, cut).unwrap();
+        let err = read_file(&truncated).unwrap_err().to_string();
+        assert!(
+            err.contains("cut.parquet") && err.contains("truncated?"),
             "{err}"
         );
 

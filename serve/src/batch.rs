@@ -508,17 +508,17 @@ type Chunks = Box<dyn Iterator<Item = Result<DataFrame>> + Send>;
 fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
     match FileFormat::of(path) {
         Some(FileFormat::Parquet) => {
-            let file = File::open(path).with_context(|| path.display().to_string())?;
-            let total = ParquetReader::new(file)
-                .num_rows()
-                .map_err(|e| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display()))?;
+            let footer = dagmm_datasets::read::parquet_footer(path)?;
+            let total = footer.num_rows;
             if total == 0 {
                 bail!("{}: no rows", path.display());
             }
             let path = path.to_path_buf();
             let iter = (0..total).step_by(chunk_rows.max(1)).map(move |offset| {
                 let file = File::open(&path).with_context(|| path.display().to_string())?;
-                ParquetReader::new(file)
+                let mut reader = ParquetReader::new(file);
+                reader.set_metadata(footer.clone());
+                reader
                     .with_slice(Some((offset, chunk_rows)))
                     .finish()
                     .map_err(|e| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display()))

@@ -21,7 +21,7 @@ use polars_buffer::Buffer;
 use polars_parquet::parquet::error::ParquetError;
 use polars_parquet::parquet::read::{PageMetaData, PageReader};
 use polars_parquet::parquet::schema::Repetition;
-use polars_parquet::read::{FileMetadata, infer_schema, read_metadata};
+use polars_parquet::read::{FileMetadata, infer_schema};
 use polars_parquet::write::{
     CompressedPage, CompressionOptions, Compressor, DynIter, DynStreamingIterator, Encoding,
     FallibleStreamingIterator, FileWriter, Page, ParquetType, SchemaDescriptor, StatisticsOptions,
@@ -81,9 +81,7 @@ pub fn plan(files: &[PathBuf]) -> Result<Option<CopyPlan>> {
         {
             return Ok(None);
         }
-        let mut file = File::open(path).with_context(|| path.display().to_string())?;
-        let meta = read_metadata(&mut file).map_err(|e| cannot_read(path, e))?;
-        metadata.push(Arc::new(meta));
+        metadata.push(dagmm_datasets::read::parquet_footer(path)?);
     }
     let Some(first) = metadata.first() else {
         return Ok(None);
