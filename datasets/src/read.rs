@@ -370,8 +370,8 @@ pub fn frame_to_table(
             },
             other => other,
         })?;
-        for (row, v) in numeric_column(column, source)?.into_iter().enumerate() {
-            values[row][j] = v.unwrap_or(f64::NAN);
+        for (row, v) in values.iter_mut().zip(float_column(column, source)?.iter()) {
+            row[j] = v.unwrap_or(f64::NAN);
         }
     }
     let alert = match df.column(&map.alert) {
@@ -399,13 +399,18 @@ fn wrong_type(column: &Column, source: &str, expected: &'static str) -> DataErro
 
 /// A numeric column as f64 (nulls as `None`).
 pub fn numeric_column(column: &Column, source: &str) -> Result<Vec<Option<f64>>, DataError> {
+    Ok(float_column(column, source)?.iter().collect())
+}
+
+/// A numeric column as f64 values, without collecting them.
+fn float_column(column: &Column, source: &str) -> Result<Float64Chunked, DataError> {
     if !(column.dtype().is_primitive_numeric() || column.dtype().is_null()) {
         return Err(wrong_type(column, source, "numbers"));
     }
     let cast = column
         .cast(&DataType::Float64)
         .map_err(|_| wrong_type(column, source, "numbers"))?;
-    Ok(cast.f64().expect("cast to f64").iter().collect())
+    Ok(cast.f64().expect("cast to f64").clone())
 }
 
 /// Each row's name as an index into the distinct names, which are in first-seen order.
