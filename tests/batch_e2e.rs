@@ -477,3 +477,40 @@ fn inputs_that_cannot_be_copied_take_the_decoding_path() {
     assert!(plan(std::slice::from_ref(&big)).unwrap().is_none());
     assert!(plan(&[small.clone(), csv]).unwrap().is_none());
 }
+
+#[test]
+fn an_export_split_across_files_is_copied_file_by_file_with_the_same_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = web01_registry(dir.path(), 10);
+    let whole = read_file(&sample_path()).unwrap();
+    let parts = dir.path().join("parts");
+    std::fs::create_dir_all(&parts).unwrap();
+    let cut = whole.height() / 3;
+    for (i, (offset, len)) in [(0, cut), (cut, whole.height() - cut)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut part = whole.slice(offset as i64, len);
+        let file = std::fs::File::create(parts.join(format!("part-{i}.parquet"))).unwrap();
+        ParquetWriter::new(file)
+            .with_row_group_size(Some(4000))
+            .finish(&mut part)
+            .unwrap();
+    }
+    let files: Vec<_> = (0..2)
+        .map(|i| parts.join(format!("part-{i}.parquet")))
+        .collect();
+    assert!(dagmm_serve::parquet_copy::plan(&files).unwrap().is_some());
+    let score = |input: &str, name: &str| {
+        let output = dir.path().join(name);
+        let opts = BatchOptions {
+            label_column: None,
+            ..options(input, &output)
+        };
+        run(&registry.snapshot(), &opts).unwrap();
+        read_file(&output).unwrap()
+    };
+    let split = score(parts.to_str().unwrap(), "split.parquet");
+    let single = score(sample_path().to_str().unwrap(), "single.parquet");
+    assert!(split.equals_missing(&single), "same rows, same scores");
+}
