@@ -802,12 +802,15 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
     };
     let mut tally = Tally::new(&vocabulary);
 
-    // Three stages on their own threads, one chunk in hand each: reading and decoding the next
-    // chunk and encoding the previous one overlap with scoring this one. Rendezvous channels
-    // keep at most three chunks alive, so memory stays bounded by the chunk size.
+    // Three stages on their own threads: reading and decoding the next chunks and encoding the
+    // previous ones overlap with scoring this one. Bounded channels keep memory bounded by the
+    // chunk and row-group sizes. Copied row groups are read and written whole, so their
+    // channels hold a group's worth of slices (polars' groups are four) to smooth those bursts;
+    // decoded chunks carry every input column and get shallower ones.
+    let (read_depth, write_depth) = if copy_plan.is_some() { (4, 4) } else { (1, 2) };
     std::thread::scope(|scope| -> Result<()> {
-        let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<ReadChunk>>(1);
-        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<Output>(2);
+        let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<ReadChunk>>(read_depth);
+        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<Output>(write_depth);
         let metric_names = &metric_names;
         scope.spawn(move || {
             let mut first_schema: Option<Schema> = None;
