@@ -32,7 +32,8 @@ use rayon::prelude::*;
 
 /// Largest row group copied whole: its decoded metrics and raw bytes are held until its last
 /// slice is scored (at polars' row groups of about 262 144 rows a 10 M-row run peaks near
-/// 150 MB; at twice that size it passed 256 MB). Larger ones take the decoding path.
+/// 180 MB, at this size near 210 MB, at 512 Ki rows past 256 MB). Larger ones take the
+/// decoding path.
 pub const MAX_ROW_GROUP_ROWS: usize = 320 * 1024;
 
 /// Pages are slices of a column chunk already in memory; this only bounds a corrupt header.
