@@ -374,45 +374,42 @@ fn score_columns(
     scores: &[RowScore],
     metric_names: &[String],
     vocabulary: &Vocabulary,
-) -> Result<Vec<Column>> {
+) -> Vec<Column> {
     let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
         nullable::<Float64Type>(name, scores.iter().map(f)).into_column()
     };
     let col_cat = |name: &str, cats: &ColumnCategories, f: &dyn Fn(&RowScore) -> Option<u32>| {
-        Ok(cats.column(name, scores.iter().map(f)))
+        cats.column(name, scores.iter().map(f))
     };
     let metrics = metric_names.len();
     // Each column is one pass over the rows; they are built side by side.
-    let columns = (0..metrics + 7)
+    (0..metrics + 7)
         .into_par_iter()
         .map(|c| match c {
-            0 => Ok(col_f64("energy", &|s| s.energy)),
-            1 => Ok(BooleanChunked::from_iter_options(
+            0 => col_f64("energy", &|s| s.energy),
+            1 => BooleanChunked::from_iter_options(
                 "anomaly".into(),
                 scores.iter().map(|s| s.anomaly),
             )
-            .into_column()),
+            .into_column(),
             2 => col_cat("severity", &vocabulary.severity, &|s| s.severity),
-            3 => Ok(col_f64("percentile", &|s| s.percentile)),
+            3 => col_f64("percentile", &|s| s.percentile),
             4 => col_cat("top_metric", &vocabulary.top_metric, &|s| s.top_metric),
             c if c < 5 + metrics => {
                 let j = c - 5;
                 let name = format!("contribution_{}", metric_names[j]);
-                Ok(col_f64(&name, &|s| {
-                    s.contributions.get(j).copied().flatten()
-                }))
+                col_f64(&name, &|s| s.contributions.get(j).copied().flatten())
             }
             c if c == 5 + metrics => col_cat("model", &vocabulary.model, &|s| s.model),
-            _ => Ok(Column::new(
+            _ => Column::new(
                 "reason".into(),
                 scores
                     .iter()
                     .map(|s| s.reason.as_deref())
                     .collect::<Vec<_>>(),
-            )),
+            ),
         })
-        .collect::<PolarsResult<Vec<_>>>()?;
-    Ok(columns)
+        .collect()
 }
 
 /// The score columns must not replace an input column.
@@ -433,7 +430,7 @@ fn with_scores(
     metric_names: &[String],
     vocabulary: &Vocabulary,
 ) -> Result<DataFrame> {
-    let columns = score_columns(scores, metric_names, vocabulary)?;
+    let columns = score_columns(scores, metric_names, vocabulary);
     ensure_new_columns(
         &columns,
         df.get_column_names().into_iter().map(|n| n.as_str()),
@@ -468,27 +465,21 @@ impl Writer {
 
     fn write(&mut self, out: Output) -> PolarsResult<()> {
         let Output { mut frame, raw } = out;
-        match (self, raw) {
-            (Writer::Copy(w), raw) => {
-                w.add_scores(frame)?;
-                match raw {
-                    Some(raw) => w.write(raw),
-                    None => Ok(()),
-                }
-            }
-            (_, Some(_)) => {
-                polars_bail!(InvalidOperation: "a copied row group without a copying writer")
-            }
-            (w, None) => {
-                // Input slices keep their own chunk layout per column; the batched writers
-                // expect every column chunked alike.
-                frame.rechunk_mut_par();
-                match w {
-                    Writer::Parquet(w) => w.write_batch(&frame),
-                    Writer::Csv(w) => w.write_batch(&frame),
-                    Writer::Copy(_) => unreachable!("handled above"),
-                }
-            }
+        if let Writer::Copy(w) = self {
+            w.add_scores(frame)?;
+            return raw.map_or(Ok(()), |raw| w.write(raw));
+        }
+        polars_ensure!(
+            raw.is_none(),
+            InvalidOperation: "a copied row group without a copying writer"
+        );
+        // Input slices keep their own chunk layout per column; the batched writers expect
+        // every column chunked alike.
+        frame.rechunk_mut_par();
+        match self {
+            Writer::Parquet(w) => w.write_batch(&frame),
+            Writer::Csv(w) => w.write_batch(&frame),
+            Writer::Copy(_) => Ok(()),
         }
     }
 
@@ -521,7 +512,7 @@ fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
                 reader
                     .with_slice(Some((offset, chunk_rows)))
                     .finish()
-                    .map_err(|e| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display()))
+                    .map_err(|e| parquet_copy::cannot_read(&path, e))
             });
             Ok((total, Box::new(iter)))
         }
@@ -569,7 +560,7 @@ fn copied_chunks(plan: &CopyPlan, opts: &BatchOptions) -> Result<(usize, SourceC
                 .with_columns(Some(columns.clone()))
                 .with_slice(Some((group.first_row, group.rows)))
                 .finish()
-                .map_err(|e| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display()))?;
+                .map_err(|e| parquet_copy::cannot_read(path, e))?;
             let raw = plan.read_raw(&group)?;
             Ok((path.display().to_string(), df, Some(raw)))
         }
@@ -910,7 +901,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                         Ok(match copy_plan {
                             // The input columns are copied as they are; only the scores are written.
                             Some(plan) => {
-                                let columns = score_columns(&scores, metric_names, &vocabulary)?;
+                                let columns = score_columns(&scores, metric_names, &vocabulary);
                                 ensure_new_columns(&columns, plan.column_names())?;
                                 DataFrame::new(scores.len(), columns)?
                             }
