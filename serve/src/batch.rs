@@ -19,7 +19,9 @@ use dagmm_datasets::read::{
 use dagmm_model::eval::{Detection, detection};
 use dagmm_model::scorer::{LANES, Scratch};
 use polars::prelude::*;
-use polars_arrow::bitmap::MutableBitmap;
+use polars_arrow::array::BooleanArray;
+use polars_arrow::bitmap::Bitmap;
+use polars_arrow::datatypes::ArrowDataType;
 use rayon::prelude::*;
 
 use crate::parquet_copy::{self, CopyPlan, CopyWriter, RawRowGroup};
@@ -101,19 +103,84 @@ impl Ord for ByEnergy {
     }
 }
 
-/// Scores of one row (all `None` when it could not be scored). Text values are codes into the
-/// run's [`Vocabulary`], so scoring a row allocates nothing.
-#[derive(Default, Clone)]
-struct RowScore {
-    energy: Option<f64>,
-    anomaly: Option<bool>,
-    severity: Option<u32>,
-    percentile: Option<f64>,
-    top_metric: Option<u32>,
-    /// In the order of the output's metric columns.
-    contributions: [Option<f64>; 4],
-    model: Option<u32>,
-    reason: Option<String>,
+/// A code that stands for no value in a code column.
+const NO_CODE: u32 = u32::MAX;
+
+/// Scores of a chunk, one vector per output column, so that each column is written from its
+/// own contiguous values. A row that was not scored has a NaN energy (a scored one never has:
+/// see `GmmParams::energies_lanes`) and its reason in `reasons`; a row not explained has NaN
+/// contributions and `NO_CODE` for its top metric. Text values are codes into the run's
+/// [`Vocabulary`], so scoring a row allocates nothing.
+struct ChunkScores {
+    energy: Vec<f64>,
+    /// Meaningful where the energy is.
+    anomaly: Vec<bool>,
+    severity: Vec<u32>,
+    percentile: Vec<f64>,
+    top_metric: Vec<u32>,
+    /// One vector per output metric column, in their order.
+    contributions: Vec<Vec<f64>>,
+    model: Vec<u32>,
+    /// (row, why) of the rows not scored, in row order.
+    reasons: Vec<(usize, String)>,
+}
+
+/// The score slots of a run of consecutive rows, filled by one scoring task.
+struct ScoreSlots<'a> {
+    energy: &'a mut [f64],
+    anomaly: &'a mut [bool],
+    severity: &'a mut [u32],
+    percentile: &'a mut [f64],
+    top_metric: &'a mut [u32],
+    contributions: Vec<&'a mut [f64]>,
+    model: &'a mut [u32],
+}
+
+impl ChunkScores {
+    /// Scores of `rows` rows, none scored yet.
+    fn new(rows: usize, metrics: usize) -> Self {
+        Self {
+            energy: vec![f64::NAN; rows],
+            anomaly: vec![false; rows],
+            severity: vec![NO_CODE; rows],
+            percentile: vec![f64::NAN; rows],
+            top_metric: vec![NO_CODE; rows],
+            contributions: vec![vec![f64::NAN; rows]; metrics],
+            model: vec![NO_CODE; rows],
+            reasons: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.energy.len()
+    }
+
+    /// The slots split into runs of `size` rows.
+    fn slots(&mut self, size: usize) -> Vec<ScoreSlots<'_>> {
+        let mut anomaly = self.anomaly.chunks_mut(size);
+        let mut severity = self.severity.chunks_mut(size);
+        let mut percentile = self.percentile.chunks_mut(size);
+        let mut top_metric = self.top_metric.chunks_mut(size);
+        let mut model = self.model.chunks_mut(size);
+        let mut contributions: Vec<_> = (self.contributions.iter_mut())
+            .map(|c| c.chunks_mut(size))
+            .collect();
+        // Every vector has one value per row, so each yields a run wherever `energy` does.
+        fn run<T>(next: Option<T>) -> T {
+            next.expect("score columns of equal length")
+        }
+        (self.energy.chunks_mut(size))
+            .map(|energy| ScoreSlots {
+                energy,
+                anomaly: run(anomaly.next()),
+                severity: run(severity.next()),
+                percentile: run(percentile.next()),
+                top_metric: run(top_metric.next()),
+                contributions: contributions.iter_mut().map(|c| run(c.next())).collect(),
+                model: run(model.next()),
+            })
+            .collect()
+    }
 }
 
 /// Every value the `severity`, `top_metric` and `model` columns can take, known before the
@@ -152,15 +219,17 @@ impl ColumnCategories {
         self.mapping.insert_cat(value)
     }
 
-    /// The value of a code; empty for none.
-    fn text(&self, code: Option<u32>) -> &str {
-        code.and_then(|c| self.mapping.cat_to_str(c))
-            .unwrap_or_default()
+    /// The value of a code; empty for `NO_CODE`.
+    fn text(&self, code: u32) -> &str {
+        self.mapping.cat_to_str(code).unwrap_or_default()
     }
 
-    /// A column of codes into these categories.
-    fn column(&self, name: &str, codes: impl ExactSizeIterator<Item = Option<u32>>) -> Column {
-        let codes = nullable::<UInt32Type>(name, codes);
+    /// A column of codes into these categories; `NO_CODE` is a null.
+    fn column(&self, name: &str, codes: &[u32]) -> Column {
+        let validity = validity_of(codes, |&c| c != NO_CODE);
+        // A null's slot holds a valid code all the same.
+        let values = codes.iter().map(|&c| if c == NO_CODE { 0 } else { c });
+        let codes = UInt32Chunked::from_vec_validity(name.into(), values.collect(), validity);
         // SAFETY: every code came from `code`, which inserted its value into this mapping.
         unsafe { Categorical32Chunked::from_cats_and_dtype_unchecked(codes, self.dtype.clone()) }
             .into_column()
@@ -235,26 +304,27 @@ fn score_rows(
     table: &dagmm_datasets::MetricTable,
     metric_names: &[String],
     explain: Explain,
-) -> Vec<RowScore> {
+) -> ChunkScores {
     let values = &table.values;
     const PAR_CHUNK: usize = 4096;
-    let mut out = vec![RowScore::default(); values.len()];
-    out.par_chunks_mut(PAR_CHUNK)
+    let mut out = ChunkScores::new(values.len(), metric_names.len());
+    let reasons: Vec<Vec<(usize, String)>> = (out.slots(PAR_CHUNK).into_par_iter())
         .enumerate()
-        .for_each(|(c, chunk)| {
+        .map(|(c, mut chunk)| {
             let first = c * PAR_CHUNK;
+            let mut reasons = Vec::new();
             // Valid rows with their model, grouped by model so they can be scored LANES at a
             // time (per-host exports interleave hosts row by row).
-            let mut routed: Vec<(&LoadedModel, usize)> = Vec::with_capacity(chunk.len());
-            for (i, slot) in chunk.iter_mut().enumerate() {
+            let mut routed: Vec<(&LoadedModel, usize)> = Vec::with_capacity(chunk.energy.len());
+            for i in 0..chunk.energy.len() {
                 let row = first + i;
                 let Some(model) = host_models[table.host_index[row] as usize] else {
-                    slot.reason = Some(format!("no model for host `{}`", table.host(row)));
+                    reasons.push((row, format!("no model for host `{}`", table.host(row))));
                     continue;
                 };
                 match model.explainer.validate(&values[row]) {
                     Ok(()) => routed.push((model, i)),
-                    Err(e) => slot.reason = Some(reason_of(e)),
+                    Err(e) => reasons.push((row, reason_of(e))),
                 }
             }
             routed.sort_by_key(|(m, _)| std::ptr::from_ref::<LoadedModel>(m) as usize);
@@ -275,20 +345,18 @@ fn score_rows(
                 let thresholds = &model_def.thresholds;
                 // Full verdict numbers for up to LANES rows, written into their slots.
                 let explain_full =
-                    |rows: &[&[f64]], slots: &[usize], chunk: &mut [RowScore], s: &mut Scratch| {
+                    |rows: &[&[f64]], slots: &[usize], chunk: &mut ScoreSlots, s: &mut Scratch| {
                         let assessed = explainer.assess_lanes::<LANES>(rows, s);
                         for (r, (&i, a)) in slots.iter().zip(&assessed).enumerate() {
-                            let slot = &mut chunk[i];
-                            slot.energy = Some(a.energy);
-                            slot.anomaly = Some(a.anomaly);
-                            slot.severity =
-                                Some(codes.severity[thresholds.severity_level(a.energy)]);
-                            slot.percentile = Some(a.percentile);
-                            slot.top_metric = Some(codes.top_metric[a.top]);
-                            for (c, j) in slot.contributions.iter_mut().zip(feature_of) {
-                                *c = j.map(|j| s.shares[r * d + j]);
+                            chunk.energy[i] = a.energy;
+                            chunk.anomaly[i] = a.anomaly;
+                            chunk.severity[i] = codes.severity[thresholds.severity_level(a.energy)];
+                            chunk.percentile[i] = a.percentile;
+                            chunk.top_metric[i] = codes.top_metric[a.top];
+                            for (column, j) in chunk.contributions.iter_mut().zip(feature_of) {
+                                column[i] = j.map_or(f64::NAN, |j| s.shares[r * d + j]);
                             }
-                            slot.model = Some(codes.model);
+                            chunk.model[i] = codes.model;
                         }
                     };
                 // Flagged rows waiting to fill a block of lanes (`--explain anomalies`).
@@ -304,7 +372,7 @@ fn score_rows(
                     }
                     let n = block.len();
                     if explain == Explain::All {
-                        explain_full(&rows[..n], &slots[..n], chunk, s);
+                        explain_full(&rows[..n], &slots[..n], &mut chunk, s);
                         continue;
                     }
                     let energies = explainer.energies_lanes::<LANES>(&rows[..n], s);
@@ -314,29 +382,31 @@ fn score_rows(
                             pending_slots[n_pending] = i;
                             n_pending += 1;
                             if n_pending == LANES {
-                                explain_full(&pending_rows, &pending_slots, chunk, s);
+                                explain_full(&pending_rows, &pending_slots, &mut chunk, s);
                                 n_pending = 0;
                             }
                             continue;
                         }
-                        let slot = &mut chunk[i];
-                        slot.energy = Some(energy);
-                        slot.anomaly = Some(false);
-                        slot.severity = Some(codes.severity[thresholds.severity_level(energy)]);
-                        slot.percentile = Some(thresholds.percentile_rank(energy));
-                        slot.model = Some(codes.model);
+                        chunk.energy[i] = energy;
+                        chunk.anomaly[i] = false;
+                        chunk.severity[i] = codes.severity[thresholds.severity_level(energy)];
+                        chunk.percentile[i] = thresholds.percentile_rank(energy);
+                        chunk.model[i] = codes.model;
                     }
                 }
                 if n_pending > 0 {
                     explain_full(
                         &pending_rows[..n_pending],
                         &pending_slots[..n_pending],
-                        chunk,
+                        &mut chunk,
                         s,
                     );
                 }
             }
-        });
+            reasons
+        })
+        .collect();
+    out.reasons = reasons.into_iter().flatten().collect();
     out
 }
 
@@ -353,61 +423,55 @@ fn reason_of(e: dagmm_model::ModelError) -> String {
     }
 }
 
-/// A nullable numeric column from one value per row, collected in one pass into a vector and
-/// a validity bitmap (polars' `from_iter_options` appends value by value through a builder).
-fn nullable<T: PolarsNumericType>(
-    name: &str,
-    values: impl ExactSizeIterator<Item = Option<T::Native>>,
-) -> ChunkedArray<T> {
-    let mut validity = MutableBitmap::with_capacity(values.len());
-    let values: Vec<T::Native> = values
-        .map(|v| {
-            validity.push(v.is_some());
-            v.unwrap_or_default()
-        })
-        .collect();
-    ChunkedArray::from_vec_validity(name.into(), values, Some(validity.into()))
+/// Validity of values where absent ones are marked: `None` when every value is present.
+fn validity_of<T>(values: &[T], present: impl Fn(&T) -> bool) -> Option<Bitmap> {
+    let validity: Bitmap = values.iter().map(present).collect();
+    (validity.unset_bits() > 0).then_some(validity)
+}
+
+/// A nullable float column from values where NaN marks a null.
+fn float_column(name: &str, values: &[f64]) -> Column {
+    let validity = validity_of(values, |v| !v.is_nan());
+    Float64Chunked::from_vec_validity(name.into(), values.to_vec(), validity).into_column()
 }
 
 /// The score columns of a chunk, in output order.
 fn score_columns(
-    scores: &[RowScore],
+    scores: &ChunkScores,
     metric_names: &[String],
     vocabulary: &Vocabulary,
 ) -> Vec<Column> {
-    let col_f64 = |name: &str, f: &dyn Fn(&RowScore) -> Option<f64>| {
-        nullable::<Float64Type>(name, scores.iter().map(f)).into_column()
-    };
-    let col_cat = |name: &str, cats: &ColumnCategories, f: &dyn Fn(&RowScore) -> Option<u32>| {
-        cats.column(name, scores.iter().map(f))
-    };
+    let scored = || validity_of(&scores.energy, |v| !v.is_nan());
     let metrics = metric_names.len();
-    // Each column is one pass over the rows; they are built side by side.
+    // Each column is one pass over its values; they are built side by side.
     (0..metrics + 7)
         .into_par_iter()
         .map(|c| match c {
-            0 => col_f64("energy", &|s| s.energy),
-            1 => BooleanChunked::from_iter_options(
-                "anomaly".into(),
-                scores.iter().map(|s| s.anomaly),
-            )
-            .into_column(),
-            2 => col_cat("severity", &vocabulary.severity, &|s| s.severity),
-            3 => col_f64("percentile", &|s| s.percentile),
-            4 => col_cat("top_metric", &vocabulary.top_metric, &|s| s.top_metric),
+            0 => float_column("energy", &scores.energy),
+            1 => {
+                let values: Bitmap = scores.anomaly.iter().copied().collect();
+                let array = BooleanArray::new(ArrowDataType::Boolean, values, scored());
+                BooleanChunked::with_chunk("anomaly".into(), array).into_column()
+            }
+            2 => vocabulary.severity.column("severity", &scores.severity),
+            3 => float_column("percentile", &scores.percentile),
+            4 => (vocabulary.top_metric).column("top_metric", &scores.top_metric),
             c if c < 5 + metrics => {
                 let j = c - 5;
                 let name = format!("contribution_{}", metric_names[j]);
-                col_f64(&name, &|s| s.contributions.get(j).copied().flatten())
+                float_column(&name, &scores.contributions[j])
             }
-            c if c == 5 + metrics => col_cat("model", &vocabulary.model, &|s| s.model),
-            _ => Column::new(
-                "reason".into(),
-                scores
-                    .iter()
-                    .map(|s| s.reason.as_deref())
-                    .collect::<Vec<_>>(),
-            ),
+            c if c == 5 + metrics => vocabulary.model.column("model", &scores.model),
+            _ if scores.reasons.is_empty() => {
+                StringChunked::full_null("reason".into(), scores.len()).into_column()
+            }
+            _ => {
+                let mut reasons = vec![None; scores.len()];
+                for (row, why) in &scores.reasons {
+                    reasons[*row] = Some(why.as_str());
+                }
+                Column::new("reason".into(), reasons)
+            }
         })
         .collect()
 }
@@ -426,7 +490,7 @@ fn ensure_new_columns<'a>(
 /// Append the score columns to a chunk of the input.
 fn with_scores(
     mut df: DataFrame,
-    scores: &[RowScore],
+    scores: &ChunkScores,
     metric_names: &[String],
     vocabulary: &Vocabulary,
 ) -> Result<DataFrame> {
@@ -642,27 +706,32 @@ impl<'a> Tally<'a> {
 
     fn add(
         &mut self,
-        scores: &[RowScore],
+        scores: &ChunkScores,
         table: &dagmm_datasets::MetricTable,
         labels: Option<&[bool]>,
         host_models: &[Option<&LoadedModel>],
     ) {
         let (summary, vocabulary) = (&mut self.summary, self.vocabulary);
         summary.rows_in += scores.len();
+        for (_, why) in &scores.reasons {
+            match summary.not_scored.get_mut(why) {
+                Some(n) => *n += 1,
+                None => {
+                    summary.not_scored.insert(why.clone(), 1);
+                }
+            }
+        }
         // Flagged rows per host index, named once at the end of the chunk.
         let mut flagged_by_host = vec![0usize; table.host_names.len()];
-        for (i, s) in scores.iter().enumerate() {
-            let host = table.host_index[i] as usize;
-            let Some(energy) = s.energy else {
-                if let Some(r) = &s.reason {
-                    *summary.not_scored.entry(r.clone()).or_default() += 1;
-                }
+        for (i, &energy) in scores.energy.iter().enumerate() {
+            if energy.is_nan() {
                 continue;
-            };
+            }
+            let host = table.host_index[i] as usize;
             summary.rows_scored += 1;
-            if s.anomaly == Some(true) {
+            if scores.anomaly[i] {
                 // No String per flagged row once its severity is counted.
-                let severity = vocabulary.severity.text(s.severity);
+                let severity = vocabulary.severity.text(scores.severity[i]);
                 match summary.anomalies_by_severity.get_mut(severity) {
                     Some(n) => *n += 1,
                     None => {
@@ -685,8 +754,8 @@ impl<'a> Tally<'a> {
                     energy,
                     timestamp: table.time_ms[i],
                     host: table.host_names[host].clone(),
-                    top_metric: vocabulary.top_metric.text(s.top_metric).to_string(),
-                    severity: vocabulary.severity.text(s.severity).to_string(),
+                    top_metric: vocabulary.top_metric.text(scores.top_metric[i]).to_string(),
+                    severity: vocabulary.severity.text(scores.severity[i]).to_string(),
                 });
                 self.top.push(Reverse(key));
                 if self.top.len() > TOP_ROWS {

@@ -237,8 +237,8 @@ pub struct CopyWriter<W: Write> {
 
 /// How the score columns are encoded.
 struct ScoreEncoder {
-    /// With page statistics and zstd.
-    options: WriteOptions,
+    /// By score column: zstd, with page statistics (null counts only for floats).
+    options: Vec<WriteOptions>,
     types: Vec<ParquetType>,
     encodings: Vec<Vec<Encoding>>,
 }
@@ -253,7 +253,7 @@ impl ScoreEncoder {
         array_to_columns(
             array,
             self.types[column].clone(),
-            self.options,
+            self.options[column],
             &self.encodings[column],
         )
     }
@@ -310,10 +310,28 @@ impl<W: Write> CopyWriter<W> {
             statistics: StatisticsOptions::empty(),
             ..encode
         };
+        // Energies, percentiles and contributions follow the metrics, not the row order, so
+        // every row group spans nearly their whole range and min/max would never let a reader
+        // skip one; over nullable columns they cost about 4 % of a run. Null counts stay.
+        let float_options = WriteOptions {
+            statistics: StatisticsOptions {
+                min_value: false,
+                max_value: false,
+                distinct_count: false,
+                ..StatisticsOptions::default()
+            },
+            ..encode
+        };
+        let score_options = (score_arrow.iter_values())
+            .map(|f| match f.dtype {
+                ArrowDataType::Float64 => float_options,
+                _ => encode,
+            })
+            .collect();
         let mut writer = Self {
             inner: FileWriter::new_with_parquet_schema(writer, arrow, parquet_schema, file_options),
             encoder: ScoreEncoder {
-                options: encode,
+                options: score_options,
                 types: score_types,
                 encodings: score_encodings,
             },
@@ -347,7 +365,7 @@ impl<W: Write> CopyWriter<W> {
                         let array = arrow_array(column.as_materialized_series())?;
                         for encoded in encoder.encode(c, &array)? {
                             for page in encoded {
-                                let compression = encoder.options.compression;
+                                let compression = encoder.options[c].compression;
                                 pages.push(compress(page?, Vec::new(), compression)?);
                             }
                         }
@@ -391,7 +409,7 @@ impl<W: Write> CopyWriter<W> {
                         let pages = pages.map(|page| {
                             page.map_err(|e| ParquetError::FeatureNotSupported(e.to_string()))
                         });
-                        let compression = self.encoder.options.compression;
+                        let compression = self.encoder.options[c].compression;
                         let compressed = Compressor::new_from_vec(pages, compression, Vec::new())
                             .map_err(PolarsError::from);
                         columns.push(Ok(DynStreamingIterator::new(compressed)));
