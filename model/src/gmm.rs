@@ -263,13 +263,16 @@ impl GmmParams {
     #[inline(always)]
     pub fn energies_lanes<const L: usize>(&self, z: &[[f64; L]], log_norms: &[f64]) -> [f64; L] {
         let d = self.d;
-        let mut log_components = [[0f64; L]; MAX_GMM_K];
+        // Only the first k are written and read: zeroing all MAX_GMM_K for every block of
+        // rows cost more than the mixture's arithmetic for small k.
+        let mut log_components = [const { std::mem::MaybeUninit::<[f64; L]>::uninit() }; MAX_GMM_K];
         let mut best = [f64::NEG_INFINITY; L];
+        // Forward substitution L y = z − μ_c (row j written before it is read), for each
+        // component in turn; the Mahalanobis distance is |y|².
+        let mut y = [[0f64; L]; MAX_Z_DIM];
         for c in 0..self.k {
             let l = &self.chol[c];
             let mu = &self.mu[c];
-            // Forward substitution L y = z − μ_c; the Mahalanobis distance is |y|².
-            let mut y = [[0f64; L]; MAX_Z_DIM];
             let mut maha = [0f64; L];
             for j in 0..d {
                 let inverse_pivot = l[j * d + j].recip();
@@ -282,14 +285,17 @@ impl GmmParams {
                     maha[r] += y[j][r] * y[j][r];
                 }
             }
+            let mut lc = [0f64; L];
             for r in 0..L {
-                let lc = log_norms[c] - 0.5 * maha[r];
-                log_components[c][r] = lc;
-                best[r] = best[r].max(lc);
+                lc[r] = log_norms[c] - 0.5 * maha[r];
+                best[r] = best[r].max(lc[r]);
             }
+            log_components[c].write(lc);
         }
         let mut sum = [0f64; L];
         for lc in &log_components[..self.k] {
+            // SAFETY: the loop above wrote each of the first k.
+            let lc = unsafe { lc.assume_init_ref() };
             for r in 0..L {
                 sum[r] += exp_non_positive(lc[r] - best[r]);
             }
