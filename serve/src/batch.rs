@@ -591,13 +591,27 @@ fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
     }
 }
 
-/// Chunks of all inputs, in order: source name, frame, and the row group as it is when the
-/// output copies it.
-type SourceChunks =
-    Box<dyn Iterator<Item = Result<(String, DataFrame, Option<RawRowGroup>)>> + Send>;
+/// Rows read from an input.
+enum Source {
+    /// A chunk with every column, written from its values.
+    Decoded(DataFrame),
+    /// Rows of a copied row group with the columns scoring needs; the group's columns as they
+    /// are come with its last rows.
+    Copied(DataFrame, Option<RawRowGroup>),
+}
 
-/// Whole row groups of the plan's files, each with the columns scoring needs decoded and
-/// every column as it is; with the total row count.
+/// Chunks of all inputs, in order, with the name of their source.
+type SourceChunks = Box<dyn Iterator<Item = Result<(String, Source)>> + Send>;
+
+/// Most chunks' worth of a copied row group decoded at once. A larger group is decoded in
+/// parts, so that only its raw bytes, not its decoded columns, are held whole: with the
+/// default chunk size a part is at most 320 Ki rows, so polars' groups of about 262 k rows
+/// are one part and pyarrow's of 1 Mi rows four. (Smaller parts cost more: the pages that
+/// straddle two parts are decompressed twice.)
+const DECODE_CHUNKS: usize = 5;
+
+/// The row groups of the plan's files, with the columns scoring needs decoded (in parts of at
+/// most [`DECODE_CHUNKS`] chunks) and every column as it is; with the total row count.
 fn copied_chunks(plan: &CopyPlan, opts: &BatchOptions) -> Result<(usize, SourceChunks)> {
     for (i, path) in plan.files.iter().enumerate() {
         if plan.metadata(i).num_rows == 0 {
@@ -617,20 +631,34 @@ fn copied_chunks(plan: &CopyPlan, opts: &BatchOptions) -> Result<(usize, SourceC
         }
     }
     let rows = plan.row_groups.iter().map(|g| g.rows).sum();
-    let chunks = plan.row_groups.clone().into_iter().map({
+    let most_rows = opts.chunk_rows.saturating_mul(DECODE_CHUNKS).max(1);
+    let parts = plan.row_groups.clone().into_iter().flat_map(move |group| {
+        let parts = group.rows.div_ceil(most_rows);
+        let part_rows = group.rows.div_ceil(parts);
+        (0..parts).map(move |p| {
+            let start = p * part_rows;
+            (group.clone(), start, part_rows.min(group.rows - start))
+        })
+    });
+    let chunks = parts.map({
         let plan = plan.clone();
-        move |group| {
+        move |(group, start, rows)| {
             let path = &plan.files[group.file];
             let file = File::open(path).with_context(|| path.display().to_string())?;
             let mut reader = ParquetReader::new(file);
             reader.set_metadata(plan.metadata(group.file));
             let df = reader
                 .with_columns(Some(columns.clone()))
-                .with_slice(Some((group.first_row, group.rows)))
+                .with_slice(Some((group.first_row + start, rows)))
                 .finish()
                 .map_err(|e| parquet_copy::cannot_read(path, e))?;
-            let raw = plan.read_raw(&group)?;
-            Ok((path.display().to_string(), df, Some(raw)))
+            // Read after the group's last part is decoded, to hold it no longer than needed.
+            let raw = if start + rows == group.rows {
+                Some(plan.read_raw(&group)?)
+            } else {
+                None
+            };
+            Ok((path.display().to_string(), Source::Copied(df, raw)))
         }
     });
     Ok((rows, Box::new(chunks)))
@@ -859,7 +887,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                 let (n, chunks) = chunks_of(f, opts.chunk_rows)?;
                 rows_total += n;
                 let source = f.display().to_string();
-                all.push(chunks.map(move |c| c.map(|df| (source.clone(), df, None))));
+                all.push(chunks.map(move |c| c.map(|df| (source.clone(), Source::Decoded(df)))));
             }
             (rows_total, Box::new(all.into_iter().flatten()))
         }
@@ -885,29 +913,28 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                 read_tx.send(item).is_ok() && !failed
             };
             for chunk in sources {
-                let (source, df, raw) = match chunk {
-                    Ok(chunk) => chunk,
+                let (source, df, mut raw) = match chunk {
+                    Ok((source, Source::Copied(df, raw))) => (source, df, raw),
+                    Ok((source, Source::Decoded(df))) => {
+                        if !send(read_chunk(
+                            df,
+                            &source,
+                            &mut first_schema,
+                            opts,
+                            metric_names,
+                        )) {
+                            return;
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         send(Err(e));
                         return;
                     }
                 };
-                let Some(raw) = raw else {
-                    if !send(read_chunk(
-                        df,
-                        &source,
-                        &mut first_schema,
-                        opts,
-                        metric_names,
-                    )) {
-                        return;
-                    }
-                    continue;
-                };
                 // A copied row group is scored in slices of the chunk size, so that scores
-                // in flight stay small; its raw columns travel with the last slice.
+                // in flight stay small; its raw columns travel with its last slice.
                 let rows = df.height();
-                let mut raw = Some(raw);
                 for offset in (0..rows).step_by(opts.chunk_rows.max(1)) {
                     let len = opts.chunk_rows.min(rows - offset);
                     let slice = df.slice(offset as i64, len);

@@ -6,9 +6,9 @@
 //! scoring, and none of it changes a value. Only the columns scoring needs are decoded.
 //!
 //! Used when every input is a Parquet file with the same flat schema, the output is Parquet,
-//! and no row group is larger than [`MAX_ROW_GROUP_ROWS`]; anything else goes through the
-//! general path that decodes and re-encodes. Copied columns keep their input codec; score
-//! columns are zstd.
+//! and no row group is larger than [`MAX_ROW_GROUP_ROWS`] or [`MAX_ROW_GROUP_BYTES`]; anything
+//! else goes through the general path that decodes and re-encodes. Copied columns keep their
+//! input codec; score columns are zstd, each slice encoded and compressed as it is scored.
 
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
@@ -23,18 +23,21 @@ use polars_parquet::parquet::read::{PageMetaData, PageReader};
 use polars_parquet::parquet::schema::Repetition;
 use polars_parquet::read::{FileMetadata, infer_schema};
 use polars_parquet::write::{
-    CompressedPage, CompressionOptions, Compressor, DynIter, DynStreamingIterator, Encoding,
-    FallibleStreamingIterator, FileWriter, Page, ParquetType, SchemaDescriptor, StatisticsOptions,
-    Version, WriteOptions, ZstdLevel, array_to_columns, compress, fallible_streaming_iterator,
-    get_dtype_encoding, to_parquet_schema,
+    CompressedPage, CompressionOptions, DynIter, DynStreamingIterator, Encoding, FileWriter, Page,
+    ParquetType, SchemaDescriptor, StatisticsOptions, Version, WriteOptions, ZstdLevel,
+    array_to_columns, compress, fallible_streaming_iterator, get_dtype_encoding, to_parquet_schema,
 };
 use rayon::prelude::*;
 
-/// Largest row group copied whole: its decoded metrics and raw bytes are held until its last
-/// slice is scored (at polars' row groups of about 262 144 rows a 10 M-row run peaks near
-/// 180 MB, at this size near 210 MB, at 512 Ki rows past 256 MB). Larger ones take the
-/// decoding path.
-pub const MAX_ROW_GROUP_ROWS: usize = 320 * 1024;
+/// Largest row group copied (pyarrow's default size): its raw bytes and its compressed score
+/// pages are held until its last slice is scored, about 75 MB at this size for the four
+/// metrics with every row explained (a 10 M-row run then peaks near 200 MB). Larger ones take
+/// the decoding path.
+pub const MAX_ROW_GROUP_ROWS: usize = 1024 * 1024;
+
+/// Largest row group copied, in compressed bytes: a group with many more columns than scoring
+/// needs would otherwise be held whole however few its rows.
+pub const MAX_ROW_GROUP_BYTES: u64 = 64 << 20;
 
 /// Pages are slices of a column chunk already in memory; this only bounds a corrupt header.
 const MAX_PAGE_BYTES: usize = 1 << 30;
@@ -74,7 +77,8 @@ pub(crate) fn cannot_read(path: &Path, e: impl std::fmt::Display) -> anyhow::Err
 
 /// A copy plan for these inputs, or `None` when they need the general path: a non-Parquet or
 /// nested input, inputs whose schemas differ, a column polars would write with another
-/// Parquet type than the input has, or a row group over [`MAX_ROW_GROUP_ROWS`].
+/// Parquet type than the input has, or a row group over [`MAX_ROW_GROUP_ROWS`] or
+/// [`MAX_ROW_GROUP_BYTES`].
 pub fn plan(files: &[PathBuf]) -> Result<Option<CopyPlan>> {
     let mut metadata = Vec::with_capacity(files.len());
     for path in files {
@@ -109,7 +113,8 @@ pub fn plan(files: &[PathBuf]) -> Result<Option<CopyPlan>> {
         let mut first_row = 0;
         for (index, group) in meta.row_groups.iter().enumerate() {
             let rows = group.num_rows();
-            if rows > MAX_ROW_GROUP_ROWS {
+            let span = group.full_byte_range();
+            if rows > MAX_ROW_GROUP_ROWS || span.end - span.start > MAX_ROW_GROUP_BYTES {
                 return Ok(None);
             }
             if rows > 0 {
@@ -230,8 +235,9 @@ fn stream(
 pub struct CopyWriter<W: Write> {
     inner: FileWriter<W>,
     encoder: ScoreEncoder,
-    /// Score columns of the row group being assembled, in schema order.
-    pending: Vec<PendingColumn>,
+    /// Score columns of the row group being assembled, in schema order: each slice is encoded
+    /// and compressed as it arrives, so only compressed pages wait for the row group.
+    pending: Vec<Vec<CompressedPage>>,
     pending_rows: usize,
 }
 
@@ -259,16 +265,6 @@ impl ScoreEncoder {
     }
 }
 
-/// A score column of the row group being assembled.
-enum PendingColumn {
-    /// Encoded and compressed as each slice arrived: plain columns may take any number of
-    /// pages, so only the compressed bytes wait for the row group.
-    Pages(Vec<CompressedPage>),
-    /// The values so far. A dictionary-encoded column is encoded in one go when the row group
-    /// is written, since a column chunk holds only one dictionary page.
-    Values(Option<Series>),
-}
-
 impl<W: Write> CopyWriter<W> {
     /// A writer for the plan's columns followed by score columns of this schema.
     pub fn new(writer: W, plan: &CopyPlan, scores: &Schema) -> PolarsResult<Self> {
@@ -288,11 +284,14 @@ impl<W: Write> CopyWriter<W> {
                 .collect(),
         );
         // Floats are written plain: polars would hash every value to find out that a
-        // dictionary does not pay, which it never does for energies.
+        // dictionary does not pay, which it never does for energies. So are the rare reasons,
+        // whose dictionary would differ from slice to slice.
         let score_encodings: Vec<Vec<Encoding>> = score_arrow
             .iter_values()
             .map(|f| match f.dtype {
-                ArrowDataType::Float64 => vec![Encoding::Plain],
+                ArrowDataType::Float64 | ArrowDataType::Utf8View | ArrowDataType::LargeUtf8 => {
+                    vec![Encoding::Plain]
+                }
                 ref other => get_dtype_encoding(other),
             })
             .collect();
@@ -328,27 +327,17 @@ impl<W: Write> CopyWriter<W> {
                 _ => encode,
             })
             .collect();
-        let mut writer = Self {
+        let pending = score_types.iter().map(|_| Vec::new()).collect();
+        Ok(Self {
             inner: FileWriter::new_with_parquet_schema(writer, arrow, parquet_schema, file_options),
             encoder: ScoreEncoder {
                 options: score_options,
                 types: score_types,
                 encodings: score_encodings,
             },
-            pending: Vec::new(),
+            pending,
             pending_rows: 0,
-        };
-        writer.pending = writer.empty_pending();
-        Ok(writer)
-    }
-
-    fn empty_pending(&self) -> Vec<PendingColumn> {
-        (self.encoder.encodings.iter())
-            .map(|e| match e.as_slice() {
-                [Encoding::RleDictionary] => PendingColumn::Values(None),
-                _ => PendingColumn::Pages(Vec::new()),
-            })
-            .collect()
+        })
     }
 
     /// Scores of the next rows of the row group being assembled (columns in the schema given
@@ -359,22 +348,20 @@ impl<W: Write> CopyWriter<W> {
         // Columns are encoded and compressed side by side.
         let added = (pending.par_iter_mut().zip(scores.columns().par_iter()))
             .enumerate()
-            .try_for_each(|(c, (slot, column))| -> PolarsResult<()> {
-                match slot {
-                    PendingColumn::Pages(pages) => {
-                        let array = arrow_array(column.as_materialized_series())?;
-                        for encoded in encoder.encode(c, &array)? {
-                            for page in encoded {
-                                let compression = encoder.options[c].compression;
-                                pages.push(compress(page?, Vec::new(), compression)?);
-                            }
+            .try_for_each(|(c, (pages, column))| -> PolarsResult<()> {
+                let array = arrow_array(column.as_materialized_series())?;
+                let compression = encoder.options[c].compression;
+                for encoded in encoder.encode(c, &array)? {
+                    for page in encoded {
+                        let page = page?;
+                        // A column chunk holds one dictionary page, first. Categorical score
+                        // columns are encoded over the run's whole vocabulary with codes as
+                        // they are, so every slice has the same dictionary and its keys mean
+                        // the same: the first slice's stands for all.
+                        if matches!(page, Page::Dict(_)) && !pages.is_empty() {
+                            continue;
                         }
-                    }
-                    PendingColumn::Values(Some(values)) => {
-                        values.append(column.as_materialized_series())?;
-                    }
-                    PendingColumn::Values(values) => {
-                        *values = Some(column.as_materialized_series().clone());
+                        pages.push(compress(page, Vec::new(), compression)?);
                     }
                 }
                 Ok(())
@@ -392,33 +379,11 @@ impl<W: Write> CopyWriter<W> {
             self.pending_rows == raw.rows,
             ShapeMismatch: "{} score rows for a row group of {}", self.pending_rows, raw.rows
         );
-        let fresh = self.empty_pending();
+        let fresh = self.pending.iter().map(|_| Vec::new()).collect();
         let pending = std::mem::replace(&mut self.pending, fresh);
         self.pending_rows = 0;
-        let mut columns: Vec<_> = raw.columns.iter().map(|pages| stream(pages)).collect();
-        for (c, slot) in pending.iter().enumerate() {
-            match slot {
-                PendingColumn::Pages(pages) => columns.push(stream(pages)),
-                PendingColumn::Values(values) => {
-                    // Row groups without rows are not planned, so every group has values.
-                    let Some(series) = values else {
-                        polars_bail!(ComputeError: "a row group without scores");
-                    };
-                    let array = arrow_array(series)?;
-                    for pages in self.encoder.encode(c, &array)? {
-                        let pages = pages.map(|page| {
-                            page.map_err(|e| ParquetError::FeatureNotSupported(e.to_string()))
-                        });
-                        let compression = self.encoder.options[c].compression;
-                        let compressed = Compressor::new_from_vec(pages, compression, Vec::new())
-                            .map_err(PolarsError::from);
-                        columns.push(Ok(DynStreamingIterator::new(compressed)));
-                    }
-                }
-            }
-        }
-        self.inner
-            .write(raw.rows as u64, DynIter::new(columns.into_iter()))
+        let columns = (raw.columns.iter().chain(&pending)).map(|pages| stream(pages));
+        self.inner.write(raw.rows as u64, DynIter::new(columns))
     }
 
     /// Write the footer.
