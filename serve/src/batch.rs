@@ -1,9 +1,11 @@
 //! Batch-scoring history: read exports in chunks, route each row to its model, score with the
 //! same verdict code as `POST /score`, and write every input column plus the scores.
 //!
-//! Memory is bounded by the chunk size for Parquet input (row slices are read one at a time and
-//! written through a batched writer); CSV and long-shape input are read whole. Rows that cannot
-//! be scored are kept with null scores and a `reason`.
+//! Memory is bounded for Parquet input: by the chunk size when every column is decoded and
+//! re-encoded (row slices are read one at a time and written through a batched writer), and
+//! also by the row-group size when the input is copied (`parquet_copy`), since a group's raw
+//! columns and compressed scores are written together. CSV and long-shape input are read
+//! whole. Rows that cannot be scored are kept with null scores and a `reason`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
