@@ -276,12 +276,20 @@ impl GmmParams {
             let mut maha = [0f64; L];
             for j in 0..d {
                 let inverse_pivot = l[j * d + j].recip();
+                // Each step runs across the lanes (so it vectorises), in the order a one-row
+                // substitution takes: z_j − μ_j, then minus L_jp y_p for p ascending.
+                let mut rhs = [0f64; L];
                 for r in 0..L {
-                    let mut rhs = z[j][r] - mu[j];
-                    for p in 0..j {
-                        rhs -= l[j * d + p] * y[p][r];
+                    rhs[r] = z[j][r] - mu[j];
+                }
+                for p in 0..j {
+                    let l_jp = l[j * d + p];
+                    for r in 0..L {
+                        rhs[r] -= l_jp * y[p][r];
                     }
-                    y[j][r] = rhs * inverse_pivot;
+                }
+                for r in 0..L {
+                    y[j][r] = rhs[r] * inverse_pivot;
                     maha[r] += y[j][r] * y[j][r];
                 }
             }
@@ -296,14 +304,17 @@ impl GmmParams {
         for lc in &log_components[..self.k] {
             // SAFETY: the loop above wrote each of the first k.
             let lc = unsafe { lc.assume_init_ref() };
+            let shifted: [f64; L] = std::array::from_fn(|r| lc[r] - best[r]);
+            let terms = exp_non_positive(shifted);
             for r in 0..L {
-                sum[r] += exp_non_positive(lc[r] - best[r]);
+                sum[r] += terms[r];
             }
         }
+        // The best component contributes exactly 1, so the sum lies in [1, K].
+        let log_sum = ln_at_least_one(sum);
         let mut energies = [0f64; L];
         for r in 0..L {
-            // The best component contributes exactly 1, so the sum lies in [1, K].
-            let e = -(best[r] + ln_at_least_one(sum[r]));
+            let e = -(best[r] + log_sum[r]);
             energies[r] = if e.is_finite() { e } else { f64::MAX };
         }
         energies
