@@ -352,10 +352,30 @@ fn run_stream(args: StreamArgs) -> Result<()> {
     })
 }
 
+/// Batch scoring allocates and frees buffers from a few hundred kilobytes to a few megabytes
+/// for every chunk. By default glibc maps the large ones fresh and hands freed memory back to
+/// the kernel, so each chunk paid page faults to have it zeroed again: about a tenth of a
+/// 10 M-row run. Keep freed memory in the heap for the next chunk instead; the process then
+/// holds its peak, which the chunk and row-group sizes bound.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: `mallopt` only sets allocator parameters, and this runs before batch scoring
+    // starts any thread. A refused value leaves glibc's default, which is merely slower.
+    unsafe {
+        // 32 MiB is the largest threshold glibc accepts on 64-bit targets.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn run_batch(args: ScoreArgs) -> Result<()> {
     use dagmm_datasets::read::{ReadOptions, ShapeOption};
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+    keep_freed_memory();
     anyhow::ensure!(args.chunk_rows > 0, "--chunk-rows must be at least 1");
     let registry = Registry::open(&args.models).map_err(|e| anyhow::anyhow!(e))?;
     let bar = ProgressBar::with_draw_target(
