@@ -239,6 +239,9 @@ pub struct CopyWriter<W: Write> {
     /// and compressed as it arrives, so only compressed pages wait for the row group.
     pending: Vec<Vec<CompressedPage>>,
     pending_rows: usize,
+    /// By score column, its dictionary page's bytes as first encoded: every later slice must
+    /// encode the same one (see `add_scores`).
+    dictionaries: Vec<Option<Vec<u8>>>,
 }
 
 /// How the score columns are encoded.
@@ -328,6 +331,7 @@ impl<W: Write> CopyWriter<W> {
             })
             .collect();
         let pending = score_types.iter().map(|_| Vec::new()).collect();
+        let dictionaries = score_types.iter().map(|_| None).collect();
         Ok(Self {
             inner: FileWriter::new_with_parquet_schema(writer, arrow, parquet_schema, file_options),
             encoder: ScoreEncoder {
@@ -337,6 +341,7 @@ impl<W: Write> CopyWriter<W> {
             },
             pending,
             pending_rows: 0,
+            dictionaries,
         })
     }
 
@@ -345,10 +350,13 @@ impl<W: Write> CopyWriter<W> {
     pub fn add_scores(&mut self, scores: DataFrame) -> PolarsResult<()> {
         let mut pending = std::mem::take(&mut self.pending);
         let encoder = &self.encoder;
+        let columns = (pending.par_iter_mut())
+            .zip(self.dictionaries.par_iter_mut())
+            .zip(scores.columns().par_iter());
         // Columns are encoded and compressed side by side.
-        let added = (pending.par_iter_mut().zip(scores.columns().par_iter()))
+        let added = columns
             .enumerate()
-            .try_for_each(|(c, (pages, column))| -> PolarsResult<()> {
+            .try_for_each(|(c, ((pages, dictionary), column))| -> PolarsResult<()> {
                 let array = arrow_array(column.as_materialized_series())?;
                 let compression = encoder.options[c].compression;
                 for encoded in encoder.encode(c, &array)? {
@@ -357,9 +365,19 @@ impl<W: Write> CopyWriter<W> {
                         // A column chunk holds one dictionary page, first. Categorical score
                         // columns are encoded over the run's whole vocabulary with codes as
                         // they are, so every slice has the same dictionary and its keys mean
-                        // the same: the first slice's stands for all.
-                        if matches!(page, Page::Dict(_)) && !pages.is_empty() {
-                            continue;
+                        // the same: the group's first slice's page stands for all.
+                        if let Page::Dict(dict) = &page {
+                            let bytes: &[u8] = dict.buffer.as_ref();
+                            match dictionary {
+                                Some(first) => polars_ensure!(
+                                    first.as_slice() == bytes,
+                                    ComputeError: "score column {c}: its dictionary changed between slices"
+                                ),
+                                None => *dictionary = Some(bytes.to_vec()),
+                            }
+                            if !pages.is_empty() {
+                                continue;
+                            }
                         }
                         pages.push(compress(page, Vec::new(), compression)?);
                     }
