@@ -514,3 +514,84 @@ fn an_export_split_across_files_is_copied_file_by_file_with_the_same_scores() {
     let single = score(sample_path().to_str().unwrap(), "single.parquet");
     assert!(split.equals_missing(&single), "same rows, same scores");
 }
+
+#[test]
+fn a_long_export_sorted_by_metric_scores_like_the_wide_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = web01_registry(dir.path(), 10);
+    let wide = read_file(&sample_path())
+        .unwrap()
+        .slice(0, 6000)
+        .select([
+            "timestamp",
+            "host",
+            "cpu_usage",
+            "mem_usage",
+            "disk_busy",
+            "net_in_bps",
+        ])
+        .unwrap();
+    // One metric after another: every chunk of the long file holds a single metric, so only a
+    // reader that pivots the whole file sees complete rows.
+    let blocks: Vec<LazyFrame> = dagmm_datasets::METRICS
+        .iter()
+        .map(|m| {
+            wide.clone().lazy().select([
+                col("timestamp"),
+                col("host"),
+                lit(*m).alias("metric"),
+                col(*m).alias("value"),
+            ])
+        })
+        .collect();
+    let mut long = concat(blocks, UnionArgs::default())
+        .unwrap()
+        .collect()
+        .unwrap();
+    let long_path = dir.path().join("long.parquet");
+    ParquetWriter::new(std::fs::File::create(&long_path).unwrap())
+        .finish(&mut long)
+        .unwrap();
+    let mut wide_copy = wide.clone();
+    let wide_path = dir.path().join("wide.parquet");
+    ParquetWriter::new(std::fs::File::create(&wide_path).unwrap())
+        .finish(&mut wide_copy)
+        .unwrap();
+    let score = |input: &Path, name: &str| {
+        let output = dir.path().join(name);
+        let opts = BatchOptions {
+            label_column: None,
+            chunk_rows: 1000,
+            ..options(input.to_str().unwrap(), &output)
+        };
+        let summary = run(&registry.snapshot(), &opts).unwrap();
+        let df = read_file(&output)
+            .unwrap()
+            .sort(["timestamp", "host"], SortMultipleOptions::default())
+            .unwrap();
+        (summary, df)
+    };
+    let (long_summary, from_long) = score(&long_path, "long-scored.parquet");
+    let (wide_summary, from_wide) = score(&wide_path, "wide-scored.parquet");
+    assert_eq!(
+        from_long.height(),
+        wide.height(),
+        "one row per time and host"
+    );
+    assert_eq!(long_summary.rows_scored, wide_summary.rows_scored);
+    assert!(
+        wide_summary.rows_scored > 5900,
+        "{} scored",
+        wide_summary.rows_scored
+    );
+    for name in ["energy", "percentile", "contribution_cpu_usage"] {
+        assert!(
+            from_long
+                .column(name)
+                .unwrap()
+                .as_materialized_series()
+                .equals_missing(from_wide.column(name).unwrap().as_materialized_series()),
+            "column {name} differs"
+        );
+    }
+}

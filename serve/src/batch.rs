@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use dagmm_datasets::read::{
-    FileFormat, ReadOptions, ShapeOption, format_time, frame_to_table, read_file, resolve_inputs,
+    FileFormat, ReadOptions, Shape, ShapeOption, detect_shape, format_time, frame_to_table,
+    read_file, resolve_inputs,
 };
 use dagmm_model::eval::{Detection, detection};
 use dagmm_model::scorer::{LANES, Scratch};
@@ -566,13 +567,26 @@ impl Writer {
 type Chunks = Box<dyn Iterator<Item = Result<DataFrame>> + Send>;
 
 /// Chunks of an input file: row slices of Parquet files; whole CSV files.
-fn chunks_of(path: &Path, chunk_rows: usize) -> Result<(usize, Chunks)> {
+fn chunks_of(path: &Path, chunk_rows: usize, read: &ReadOptions) -> Result<(usize, Chunks)> {
     match FileFormat::of(path) {
         Some(FileFormat::Parquet) => {
             let footer = dagmm_datasets::read::parquet_footer(path)?;
             let total = footer.num_rows;
             if total == 0 {
                 bail!("{}: no rows", path.display());
+            }
+            // A long export's rows for one time and host may lie on both sides of any chunk
+            // boundary (or far apart, if it is sorted by metric), and they are pivoted into
+            // one row together: such a file is read whole.
+            let head =
+                ParquetReader::new(File::open(path).with_context(|| path.display().to_string())?)
+                    .with_slice(Some((0, 0)))
+                    .finish()
+                    .map_err(|e| parquet_copy::cannot_read(path, e))?;
+            let source = path.display().to_string();
+            if detect_shape(&head, &read.columns, read.shape, &source)? == Shape::Long {
+                let df = read_file(path)?;
+                return Ok((df.height(), Box::new(std::iter::once(Ok(df)))));
             }
             let path = path.to_path_buf();
             let iter = (0..total).step_by(chunk_rows.max(1)).map(move |offset| {
@@ -886,7 +900,7 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
             let mut rows_total = 0;
             let mut all = Vec::new();
             for f in &files {
-                let (n, chunks) = chunks_of(f, opts.chunk_rows)?;
+                let (n, chunks) = chunks_of(f, opts.chunk_rows, &opts.read)?;
                 rows_total += n;
                 let source = f.display().to_string();
                 all.push(chunks.map(move |c| c.map(|df| (source.clone(), Source::Decoded(df)))));
