@@ -595,3 +595,54 @@ fn a_long_export_sorted_by_metric_scores_like_the_wide_one() {
         );
     }
 }
+
+#[test]
+fn a_csv_export_is_scored_chunk_by_chunk_like_the_parquet_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = web01_registry(dir.path(), 10);
+    let mut input = read_file(&sample_path()).unwrap();
+    let csv = dir.path().join("export.csv");
+    CsvWriter::new(std::fs::File::create(&csv).unwrap())
+        .finish(&mut input)
+        .unwrap();
+    let chunks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let score = |input: &Path, name: &str| {
+        let output = dir.path().join(name);
+        let seen = chunks.clone();
+        let opts = BatchOptions {
+            label_column: None,
+            chunk_rows: 3000,
+            progress: Some(Box::new(move |done, total| {
+                seen.lock().unwrap().push((done, total))
+            })),
+            ..options(input.to_str().unwrap(), &output)
+        };
+        let summary = run(&registry.snapshot(), &opts).unwrap();
+        (summary, read_file(&output).unwrap())
+    };
+    let (csv_summary, from_csv) = score(&csv, "from-csv.parquet");
+    let progress = std::mem::take(&mut *chunks.lock().unwrap());
+    let (parquet_summary, from_parquet) = score(&sample_path(), "from-parquet.parquet");
+    // Blocks hold about as many bytes as 3000 rows of four metrics take; the sample's rows
+    // carry a few more columns, so there are somewhat more, smaller chunks.
+    assert!(
+        progress.len() >= input.height() / 6000,
+        "read in chunks: {} progress steps for {} rows",
+        progress.len(),
+        input.height()
+    );
+    assert_eq!(progress.last(), Some(&(input.height(), input.height())));
+    assert_eq!(csv_summary.rows_scored, parquet_summary.rows_scored);
+    assert_eq!(csv_summary.not_scored, parquet_summary.not_scored);
+    assert_eq!(from_csv.height(), from_parquet.height());
+    for name in ["energy", "percentile", "contribution_disk_busy"] {
+        assert!(
+            from_csv
+                .column(name)
+                .unwrap()
+                .as_materialized_series()
+                .equals_missing(from_parquet.column(name).unwrap().as_materialized_series()),
+            "column {name} differs"
+        );
+    }
+}

@@ -600,11 +600,170 @@ fn chunks_of(path: &Path, chunk_rows: usize, read: &ReadOptions) -> Result<(usiz
             });
             Ok((total, Box::new(iter)))
         }
-        _ => {
-            let df = read_file(path)?;
-            Ok((df.height(), Box::new(std::iter::once(Ok(df)))))
+        Some(FileFormat::Csv) => csv_chunks(path, chunk_rows, read),
+        None => whole_file(path),
+    }
+}
+
+/// A whole file as one chunk.
+fn whole_file(path: &Path) -> Result<(usize, Chunks)> {
+    let df = read_file(path)?;
+    Ok((df.height(), Box::new(std::iter::once(Ok(df)))))
+}
+
+/// Chunks of a wide CSV export: blocks of whole lines read one after another and parsed with
+/// the schema polars infers from the file's start (as `read_file` does). A long export is read
+/// whole, as for Parquet, and so is a file whose path is not UTF-8 (polars' scan, which infers
+/// the schema, cannot take it).
+fn csv_chunks(path: &Path, chunk_rows: usize, read: &ReadOptions) -> Result<(usize, Chunks)> {
+    let source = path.display().to_string();
+    let bytes = std::fs::metadata(path)
+        .with_context(|| source.clone())?
+        .len();
+    let Some(text_path) = path.to_str().filter(|_| bytes > 0) else {
+        // An empty file gets `read_file`'s error.
+        return whole_file(path);
+    };
+    let schema = LazyCsvReader::new(PlRefPath::from(text_path))
+        .with_has_header(true)
+        .with_infer_schema_length(Some(10_000))
+        .finish()
+        .and_then(|mut lf| lf.collect_schema())
+        .map_err(|e| anyhow::anyhow!("{source}: cannot read as CSV: {e}"))?;
+    let head = DataFrame::empty_with_schema(&schema);
+    if detect_shape(&head, &read.columns, read.shape, &source)? == Shape::Long {
+        return whole_file(path);
+    }
+    let rows = csv_data_lines(path).with_context(|| source.clone())?;
+    let blocks = CsvBlocks {
+        file: File::open(path).with_context(|| source.clone())?,
+        source,
+        schema,
+        // About a chunk of rows at the width of a metrics export.
+        block_bytes: chunk_rows.saturating_mul(CSV_BYTES_PER_ROW).max(1 << 16),
+        pending: Vec::new(),
+        at_end: false,
+        first: true,
+    };
+    Ok((rows, Box::new(blocks)))
+}
+
+/// Bytes a CSV block is read in per chunk row: a timestamp, a host and four metrics take
+/// about 130.
+const CSV_BYTES_PER_ROW: usize = 128;
+
+/// A CSV file read as frames of whole records, each parsed from its own bytes: memory holds a
+/// block, not the file (polars' readers map the whole file, which then counts as resident).
+struct CsvBlocks {
+    file: File,
+    source: String,
+    schema: SchemaRef,
+    block_bytes: usize,
+    /// Bytes read after the last complete record so far.
+    pending: Vec<u8>,
+    at_end: bool,
+    /// The next block starts with the header line.
+    first: bool,
+}
+
+impl CsvBlocks {
+    /// Read up to one more block into `pending`; false at the end of the file.
+    fn fill(&mut self) -> std::io::Result<bool> {
+        use std::io::Read;
+        let start = self.pending.len();
+        self.pending.resize(start + self.block_bytes, 0);
+        let mut filled = start;
+        while filled < self.pending.len() {
+            match self.file.read(&mut self.pending[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending.truncate(filled);
+        Ok(filled > start)
+    }
+
+    /// Parse whole records (the header too, in the first block) with the file's schema.
+    fn parse(&mut self, records: Vec<u8>) -> Result<DataFrame> {
+        let has_header = std::mem::replace(&mut self.first, false);
+        CsvReadOptions::default()
+            .with_has_header(has_header)
+            .with_schema(Some(self.schema.clone()))
+            .into_reader_with_file_handle(std::io::Cursor::new(records))
+            .finish()
+            .map_err(|e| anyhow::anyhow!("{}: cannot read as CSV: {e}", self.source))
+    }
+}
+
+/// Where the last complete record of `bytes` ends (just past its line break), for bytes that
+/// start at a record: a line break inside a quoted field does not end one. A field's quotes
+/// come in pairs (an escaped quote is two), so a line break ends a record when an even number
+/// of quotes precede it.
+fn last_record_end(bytes: &[u8]) -> Option<usize> {
+    let mut quotes_before = bytes.iter().filter(|&&b| b == b'"').count();
+    for (i, &b) in bytes.iter().enumerate().rev() {
+        match b {
+            b'"' => quotes_before -= 1,
+            b'\n' if quotes_before % 2 == 0 => return Some(i + 1),
+            _ => {}
         }
     }
+    None
+}
+
+impl Iterator for CsvBlocks {
+    type Item = Result<DataFrame>;
+
+    fn next(&mut self) -> Option<Result<DataFrame>> {
+        loop {
+            if !self.at_end {
+                match self.fill() {
+                    Ok(more) => self.at_end = !more,
+                    Err(e) => {
+                        self.at_end = true;
+                        self.pending.clear();
+                        return Some(Err(anyhow::anyhow!("{}: {e}", self.source)));
+                    }
+                }
+            }
+            let end = if self.at_end {
+                self.pending.len()
+            } else {
+                match last_record_end(&self.pending) {
+                    Some(end) => end,
+                    // A record longer than a block: read on.
+                    None => continue,
+                }
+            };
+            if end == 0 && !self.first {
+                return None;
+            }
+            let rest = self.pending.split_off(end);
+            let records = std::mem::replace(&mut self.pending, rest);
+            return Some(self.parse(records));
+        }
+    }
+}
+
+/// Lines after the header: the row count for progress (a quoted field with a line break in
+/// it would make it an overestimate).
+fn csv_data_lines(path: &Path) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut lines, mut last) = (0, b'\n');
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        lines += buffer[..n].iter().filter(|&&b| b == b'\n').count();
+        last = buffer[n - 1];
+    }
+    // A last line without a line break still counts.
+    Ok((lines + usize::from(last != b'\n')).saturating_sub(1))
 }
 
 /// Rows read from an input.
@@ -1150,6 +1309,57 @@ impl BatchSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_csv_record_ends_at_a_line_break_outside_quotes() {
+        assert_eq!(last_record_end(b"a,b\n1,2\n3,"), Some(8));
+        // The last break is inside the open quoted field of the record being read.
+        assert_eq!(last_record_end(b"a,\"x\ny\"\n1,\"p\nq"), Some(8));
+        // Escaped quotes come in pairs and leave the field open.
+        assert_eq!(last_record_end(b"1,\"say \"\"hi\"\"\nthere\""), None);
+        assert_eq!(last_record_end(b"no break"), None);
+    }
+
+    #[test]
+    fn csv_blocks_give_the_whole_files_rows_whatever_the_block_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.csv");
+        let mut text = String::from("timestamp,host,cpu_usage,note\n");
+        for i in 0..200 {
+            let note = if i % 7 == 0 {
+                "\"two\nlines, \"\"quoted\"\"\""
+            } else {
+                "plain"
+            };
+            text.push_str(&format!("{i},web-{:02},{}.5,{note}\n", i % 3, i % 100));
+        }
+        std::fs::write(&path, &text).unwrap();
+        let whole = read_file(&path).unwrap();
+        for block_bytes in [1, 10, 100, 1000, 1 << 20] {
+            let mut blocks = CsvBlocks {
+                file: File::open(&path).unwrap(),
+                source: "export.csv".into(),
+                schema: Arc::new(whole.schema().as_ref().clone()),
+                block_bytes,
+                pending: Vec::new(),
+                at_end: false,
+                first: true,
+            };
+            let mut frames = Vec::new();
+            for frame in &mut blocks {
+                frames.push(frame.unwrap());
+            }
+            let mut joined = frames[0].clone();
+            for f in &frames[1..] {
+                joined.vstack_mut(f).unwrap();
+            }
+            assert!(joined.equals_missing(&whole), "block size {block_bytes}");
+            if block_bytes < 1000 {
+                assert!(frames.len() > 10, "{} frames", frames.len());
+            }
+        }
+        assert_eq!(csv_data_lines(&path).unwrap(), 200 + 200 / 7 + 1);
+    }
 
     #[test]
     fn summary_names_the_hosts_with_most_anomalies_first_and_counts_the_rest() {
