@@ -4,8 +4,9 @@
 //! Memory is bounded for Parquet input: by the chunk size when every column is decoded and
 //! re-encoded (row slices are read one at a time and written through a batched writer), and
 //! also by the row-group size when the input is copied (`parquet_copy`), since a group's raw
-//! columns and compressed scores are written together. CSV and long-shape input are read
-//! whole. Rows that cannot be scored are kept with null scores and a `reason`.
+//! columns and compressed scores are written together. CSV is read in blocks of whole
+//! records; a long-shape export is read whole, because it is pivoted. Rows that cannot be
+//! scored are kept with null scores and a `reason`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
