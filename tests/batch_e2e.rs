@@ -231,6 +231,10 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
     cut.extend_from_slice(&whole[whole.len() - 4096..]);
     let truncated = write("truncated.parquet", &cut);
     let empty = write("empty.csv", b"");
+    let header_only = write(
+        "header.csv",
+        b"timestamp,host,cpu_usage,mem_usage,disk_busy,net_in_bps\n",
+    );
     let no_cpu = write(
         "nocpu.csv",
         b"timestamp,host,mem_usage,disk_busy,net_in_bps\n1,web-01,1,2,3\n",
@@ -255,6 +259,7 @@ fn bad_batch_input_is_a_clear_error_and_leaves_no_output() {
             "b.csv: columns differ from the first input file",
         ),
         (options(&empty, &out), "empty.csv: no rows"),
+        (options(&header_only, &out), "header.csv: no rows"),
         (options(&no_cpu, &out), "`cpu_usage`"),
         (options("/nonexistent/*.parquet", &out), "no input files"),
         (

@@ -636,6 +636,9 @@ fn csv_chunks(path: &Path, chunk_rows: usize, read: &ReadOptions) -> Result<(usi
         return whole_file(path);
     }
     let rows = csv_data_lines(path).with_context(|| source.clone())?;
+    if rows == 0 {
+        bail!("{source}: no rows");
+    }
     let blocks = CsvBlocks {
         file: File::open(path).with_context(|| source.clone())?,
         source,
