@@ -33,6 +33,17 @@ fn options(input: &str, output: &Path) -> BatchOptions {
     }
 }
 
+/// Assert that these columns of two frames are equal, nulls included.
+fn assert_same_columns(a: &DataFrame, b: &DataFrame, names: &[&str]) {
+    for name in names {
+        let column = |df: &DataFrame| df.column(name).unwrap().as_materialized_series().clone();
+        assert!(
+            column(a).equals_missing(&column(b)),
+            "column {name} differs"
+        );
+    }
+}
+
 /// A registry holding one `web-01` model trained for `epochs` on the sample data, under `dir`.
 fn web01_registry(dir: &Path, epochs: usize) -> Registry {
     let models = dir.join("models");
@@ -60,6 +71,18 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
 
     let scored = read_file(&output).unwrap();
     let input = read_file(&sample_path()).unwrap();
+    // The summary's top rows are the output's highest energies, highest first.
+    let mut energies: Vec<f64> = scored
+        .column("energy")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .iter()
+        .flatten()
+        .collect();
+    energies.sort_by(|a, b| b.total_cmp(a));
+    let top: Vec<f64> = summary.top.iter().map(|r| r.energy).collect();
+    assert_eq!(top, energies[..20]);
     assert_eq!(
         scored.height(),
         input.height(),
@@ -342,24 +365,18 @@ fn explaining_only_anomalies_keeps_every_score_and_explains_the_flagged_rows() {
     let full = score(Explain::All, "all.parquet");
     let flagged_only = score(Explain::Anomalies, "anomalies.parquet");
     assert_eq!(full.height(), flagged_only.height());
-    for name in [
-        "energy",
-        "anomaly",
-        "severity",
-        "percentile",
-        "model",
-        "reason",
-    ] {
-        let (a, b) = (
-            full.column(name).unwrap(),
-            flagged_only.column(name).unwrap(),
-        );
-        assert!(
-            a.as_materialized_series()
-                .equals_missing(b.as_materialized_series()),
-            "column {name} differs"
-        );
-    }
+    assert_same_columns(
+        &full,
+        &flagged_only,
+        &[
+            "energy",
+            "anomaly",
+            "severity",
+            "percentile",
+            "model",
+            "reason",
+        ],
+    );
     let anomaly = full.column("anomaly").unwrap().bool().unwrap().clone();
     let flagged = (0..anomaly.len())
         .filter(|&i| anomaly.get(i) == Some(true))
@@ -589,16 +606,11 @@ fn a_long_export_sorted_by_metric_scores_like_the_wide_one() {
         "{} scored",
         wide_summary.rows_scored
     );
-    for name in ["energy", "percentile", "contribution_cpu_usage"] {
-        assert!(
-            from_long
-                .column(name)
-                .unwrap()
-                .as_materialized_series()
-                .equals_missing(from_wide.column(name).unwrap().as_materialized_series()),
-            "column {name} differs"
-        );
-    }
+    assert_same_columns(
+        &from_long,
+        &from_wide,
+        &["energy", "percentile", "contribution_cpu_usage"],
+    );
 }
 
 #[test]
@@ -640,14 +652,9 @@ fn a_csv_export_is_scored_chunk_by_chunk_like_the_parquet_one() {
     assert_eq!(csv_summary.rows_scored, parquet_summary.rows_scored);
     assert_eq!(csv_summary.not_scored, parquet_summary.not_scored);
     assert_eq!(from_csv.height(), from_parquet.height());
-    for name in ["energy", "percentile", "contribution_disk_busy"] {
-        assert!(
-            from_csv
-                .column(name)
-                .unwrap()
-                .as_materialized_series()
-                .equals_missing(from_parquet.column(name).unwrap().as_materialized_series()),
-            "column {name} differs"
-        );
-    }
+    assert_same_columns(
+        &from_csv,
+        &from_parquet,
+        &["energy", "percentile", "contribution_disk_busy"],
+    );
 }

@@ -18,20 +18,21 @@ fn horner<const L: usize, const N: usize>(x: [f64; L], coefficients: [f64; N]) -
     p
 }
 
-/// 1/(k + 1)! for k = 0…11: e^r − 1 = r · Σ_k r^k / (k + 1)!.
+/// 1/(k + 1)! for k = 11…0, highest degree first as `horner` takes them:
+/// e^r − 1 = r · Σ_k r^k / (k + 1)!.
 const EXPM1_SERIES: [f64; 12] = [
-    1.0,
-    1.0 / 2.0,
-    1.0 / 6.0,
-    1.0 / 24.0,
-    1.0 / 120.0,
-    1.0 / 720.0,
-    1.0 / 5040.0,
-    1.0 / 40_320.0,
-    1.0 / 362_880.0,
-    1.0 / 3_628_800.0,
-    1.0 / 39_916_800.0,
     1.0 / 479_001_600.0,
+    1.0 / 39_916_800.0,
+    1.0 / 3_628_800.0,
+    1.0 / 362_880.0,
+    1.0 / 40_320.0,
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    1.0 / 2.0,
+    1.0,
 ];
 
 /// e^y split as (2^n, e^r − 1) with y = n ln 2 + r and |r| ≤ ln 2 / 2, for |y| ≤ 708. Twelve
@@ -44,9 +45,7 @@ pub(crate) fn exp_split<const L: usize>(y: [f64; L]) -> ([f64; L], [f64; L]) {
         let n = shifted[lane] - SHIFTER;
         r[lane] = (-n).mul_add(std::f64::consts::LN_2, y[lane]);
     }
-    let mut series = EXPM1_SERIES;
-    series.reverse();
-    let series = horner(r, series);
+    let series = horner(r, EXPM1_SERIES);
     let (mut scale, mut expm1_r) = ([0f64; L], [0f64; L]);
     for lane in 0..L {
         // 2^n from n's bits: integer shifts vectorise, packed f64-to-integer conversion does

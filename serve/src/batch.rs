@@ -92,18 +92,28 @@ const HOSTS_LISTED: usize = 20;
 /// Number of highest-energy rows kept for the summary.
 const TOP_ROWS: usize = 20;
 
-/// (energy, row) ordered by energy, for the top-rows heap.
-#[derive(PartialEq)]
-struct ByEnergy(f64, usize);
-impl Eq for ByEnergy {}
-impl PartialOrd for ByEnergy {
+/// A candidate for the top rows, ordered by energy (and, among equal energies, the earlier
+/// row first).
+struct Candidate {
+    energy: f64,
+    /// The row's place in the whole input.
+    seq: usize,
+    row: TopRow,
+}
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for ByEnergy {
+impl Ord for Candidate {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+        (self.energy.total_cmp(&other.energy)).then(self.seq.cmp(&other.seq))
     }
 }
 
@@ -567,7 +577,8 @@ impl Writer {
 /// Frames of one input file, read lazily.
 type Chunks = Box<dyn Iterator<Item = Result<DataFrame>> + Send>;
 
-/// Chunks of an input file: row slices of Parquet files; whole CSV files.
+/// Chunks of an input file: row slices of a wide Parquet file, blocks of a wide CSV file, a
+/// long-shape file whole.
 fn chunks_of(path: &Path, chunk_rows: usize, read: &ReadOptions) -> Result<(usize, Chunks)> {
     match FileFormat::of(path) {
         Some(FileFormat::Parquet) => {
@@ -579,15 +590,14 @@ fn chunks_of(path: &Path, chunk_rows: usize, read: &ReadOptions) -> Result<(usiz
             // A long export's rows for one time and host may lie on both sides of any chunk
             // boundary (or far apart, if it is sorted by metric), and they are pivoted into
             // one row together: such a file is read whole.
-            let head =
-                ParquetReader::new(File::open(path).with_context(|| path.display().to_string())?)
-                    .with_slice(Some((0, 0)))
-                    .finish()
-                    .map_err(|e| parquet_copy::cannot_read(path, e))?;
+            let mut head =
+                ParquetReader::new(File::open(path).with_context(|| path.display().to_string())?);
+            head.set_metadata(footer.clone());
+            let head = (head.with_slice(Some((0, 0))).finish())
+                .map_err(|e| parquet_copy::cannot_read(path, e))?;
             let source = path.display().to_string();
             if detect_shape(&head, &read.columns, read.shape, &source)? == Shape::Long {
-                let df = read_file(path)?;
-                return Ok((df.height(), Box::new(std::iter::once(Ok(df)))));
+                return whole_file(path);
             }
             let path = path.to_path_buf();
             let iter = (0..total).step_by(chunk_rows.max(1)).map(move |offset| {
@@ -635,7 +645,7 @@ fn csv_chunks(path: &Path, chunk_rows: usize, read: &ReadOptions) -> Result<(usi
     if detect_shape(&head, &read.columns, read.shape, &source)? == Shape::Long {
         return whole_file(path);
     }
-    let rows = csv_data_lines(path).with_context(|| source.clone())?;
+    let rows = csv_rows_estimate(path, bytes).with_context(|| source.clone())?;
     if rows == 0 {
         bail!("{source}: no rows");
     }
@@ -751,23 +761,23 @@ impl Iterator for CsvBlocks {
     }
 }
 
-/// Lines after the header: the row count for progress (a quoted field with a line break in
-/// it would make it an overestimate).
-fn csv_data_lines(path: &Path) -> std::io::Result<usize> {
+/// Rows after the header, for progress: counted when the file is no larger than a 1 MiB
+/// sample of its start, else extrapolated from the sample's bytes per line (a second pass over
+/// a large file only to count its lines would delay the first chunk). 0 only for a file
+/// without data rows. (A quoted field with a line break in it counts as two lines.)
+fn csv_rows_estimate(path: &Path, bytes: u64) -> std::io::Result<usize> {
     use std::io::Read;
-    let mut file = File::open(path)?;
-    let mut buffer = vec![0u8; 1 << 20];
-    let (mut lines, mut last) = (0, b'\n');
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        lines += buffer[..n].iter().filter(|&&b| b == b'\n').count();
-        last = buffer[n - 1];
-    }
+    const SAMPLE: u64 = 1 << 20;
+    let mut sample = Vec::new();
+    File::open(path)?.take(SAMPLE).read_to_end(&mut sample)?;
     // A last line without a line break still counts.
-    Ok((lines + usize::from(last != b'\n')).saturating_sub(1))
+    let lines = sample.iter().filter(|&&b| b == b'\n').count()
+        + usize::from(sample.last().is_some_and(|&b| b != b'\n'));
+    if sample.len() as u64 >= bytes {
+        return Ok(lines.saturating_sub(1));
+    }
+    let estimate = lines as f64 * bytes as f64 / sample.len() as f64;
+    Ok((estimate as usize).saturating_sub(1).max(1))
 }
 
 /// Rows read from an input.
@@ -897,9 +907,8 @@ fn read_chunk(
 struct Tally<'a> {
     vocabulary: &'a Vocabulary,
     summary: BatchSummary,
-    /// The highest energies so far, lowest on top, indexing `top_rows`.
-    top: BinaryHeap<Reverse<ByEnergy>>,
-    top_rows: Vec<TopRow>,
+    /// The highest-energy rows so far (at most `TOP_ROWS`), lowest on top.
+    top: BinaryHeap<Reverse<Candidate>>,
     /// (energy − the row's model cutoff, label) of labelled rows.
     labelled: Vec<(f64, bool)>,
 }
@@ -910,7 +919,6 @@ impl<'a> Tally<'a> {
             vocabulary,
             summary: BatchSummary::default(),
             top: BinaryHeap::new(),
-            top_rows: Vec::new(),
             labelled: Vec::new(),
         }
     }
@@ -923,6 +931,7 @@ impl<'a> Tally<'a> {
         host_models: &[Option<&LoadedModel>],
     ) {
         let (summary, vocabulary) = (&mut self.summary, self.vocabulary);
+        let first_seq = summary.rows_in;
         summary.rows_in += scores.len();
         for (_, why) in &scores.reasons {
             match summary.not_scored.get_mut(why) {
@@ -959,16 +968,18 @@ impl<'a> Tally<'a> {
                 let cutoff = m.explainer.model().thresholds.cutoff;
                 self.labelled.push((energy - cutoff, l[i]));
             }
-            let key = ByEnergy(energy, self.top_rows.len());
-            if self.top.len() < TOP_ROWS || self.top.peek().is_some_and(|Reverse(m)| key.0 > m.0) {
-                self.top_rows.push(TopRow {
+            if self.top.len() < TOP_ROWS
+                || self.top.peek().is_some_and(|Reverse(m)| energy > m.energy)
+            {
+                let row = TopRow {
                     energy,
                     timestamp: table.time_ms[i],
                     host: table.host_names[host].clone(),
                     top_metric: vocabulary.top_metric.text(scores.top_metric[i]).to_string(),
                     severity: vocabulary.severity.text(scores.severity[i]).to_string(),
-                });
-                self.top.push(Reverse(key));
+                };
+                let seq = first_seq + i;
+                self.top.push(Reverse(Candidate { energy, seq, row }));
                 if self.top.len() > TOP_ROWS {
                     self.top.pop();
                 }
@@ -985,14 +996,10 @@ impl<'a> Tally<'a> {
     /// figures of the cutoff rule.
     fn finish(self, with_labels: bool) -> BatchSummary {
         let mut summary = self.summary;
-        let keep: std::collections::HashSet<usize> =
-            self.top.into_iter().map(|Reverse(k)| k.1).collect();
-        let mut best: Vec<TopRow> = (self.top_rows.into_iter().enumerate())
-            .filter(|(i, _)| keep.contains(i))
-            .map(|(_, r)| r)
-            .collect();
-        best.sort_by(|a, b| b.energy.total_cmp(&a.energy));
-        summary.top = best;
+        let mut best: Vec<Candidate> = self.top.into_iter().map(|Reverse(c)| c).collect();
+        // Highest first; equal energies in input order.
+        best.sort_by(|a, b| (b.energy.total_cmp(&a.energy)).then(a.seq.cmp(&b.seq)));
+        summary.top = best.into_iter().map(|c| c.row).collect();
         if with_labels {
             let (scores, labels): (Vec<f64>, Vec<bool>) = self.labelled.into_iter().unzip();
             summary.labels = Some(detection(&scores, &labels, 0.0));
@@ -1195,7 +1202,8 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
                     break;
                 }
                 if let Some(p) = &opts.progress {
-                    p(tally.summary.rows_in, rows_total);
+                    // A CSV file's total is an estimate, which the rows read may pass.
+                    p(tally.summary.rows_in, rows_total.max(tally.summary.rows_in));
                 }
             }
             Ok(())
@@ -1205,6 +1213,10 @@ pub fn run(models: &ModelMap, opts: &BatchOptions) -> Result<BatchSummary> {
         scored?;
         written
     })?;
+    if let Some(p) = &opts.progress {
+        // Every row is read: the total is known exactly now.
+        p(tally.summary.rows_in, tally.summary.rows_in);
+    }
     let mut summary = tally.finish(opts.label_column.is_some());
     #[cfg(unix)]
     {
@@ -1362,7 +1374,8 @@ mod tests {
                 assert!(frames.len() > 10, "{} frames", frames.len());
             }
         }
-        assert_eq!(csv_data_lines(&path).unwrap(), 200 + 200 / 7 + 1);
+        let bytes = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(csv_rows_estimate(&path, bytes).unwrap(), 200 + 200 / 7 + 1);
     }
 
     #[test]
