@@ -233,8 +233,8 @@ impl Explainer {
         self.verdict_of(raw, &a, &s.expected, &s.shares)
     }
 
-    /// Full verdicts on validated raw samples, eight per pass where there are enough (a
-    /// pass on eight lanes costs about two one-row passes). Each equals [`Explainer::verdict`]
+    /// Full verdicts on validated raw samples, [`LANES`] per pass where there are enough (a
+    /// pass on sixteen lanes costs about 2.5 one-row passes). Each equals [`Explainer::verdict`]
     /// on its row.
     pub fn verdicts(&self, rows: &[&[f64]], s: &mut Scratch) -> Vec<Verdict> {
         let d = self.model.preprocessor.features.len();

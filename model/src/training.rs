@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn rows_scored_in_lanes_get_exactly_their_one_row_numbers() {
         use crate::explain::Explainer;
-        use crate::scorer::LANES;
+        use crate::scorer::{Isa, LANES, Scorer};
         let rows = blob_rows(300, 4);
         let out = fit_rows(&rows, &quick(20, 5));
         let explainer = Explainer::new(out.model.clone());
@@ -489,6 +489,43 @@ mod tests {
             assert_eq!(
                 explainer.scorer().energy_scaled(row, &mut one_s).to_bits(),
                 e.to_bits()
+            );
+        }
+        // Every instruction set this CPU has gives those bits too, whatever the lane count.
+        fn energies_on<const L: usize>(scorer: &Scorer, isa: Isa, x: &[f32]) -> Vec<f64> {
+            let mut s = scorer.new_scratch();
+            let mut energies = Vec::new();
+            for rows in x.chunks(4 * L) {
+                let mut block = vec![0f32; 4 * L];
+                for (r, row) in rows.chunks_exact(4).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        block[j * L + r] = v;
+                    }
+                }
+                let used = rows.len() / 4;
+                energies.extend_from_slice(
+                    &scorer.energies_lanes_on::<L>(isa, &block, used, &mut s)[..used],
+                );
+            }
+            energies
+        }
+        let bits = |v: &[f64]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+        for isa in Isa::available() {
+            let scorer = explainer.scorer();
+            assert_eq!(
+                bits(&energies_on::<1>(scorer, isa, &x)),
+                bits(&blocked),
+                "{isa:?}, 1 lane"
+            );
+            assert_eq!(
+                bits(&energies_on::<8>(scorer, isa, &x)),
+                bits(&blocked),
+                "{isa:?}, 8 lanes"
+            );
+            assert_eq!(
+                bits(&energies_on::<16>(scorer, isa, &x)),
+                bits(&blocked),
+                "{isa:?}, 16 lanes"
             );
         }
     }

@@ -170,7 +170,7 @@ pub fn score_sample(
 }
 
 /// Score a parsed request against a model snapshot; the first bad sample fails the whole
-/// request, as HTTP callers expect. Samples of the same model are scored eight per pass; the
+/// request, as HTTP callers expect. Samples of the same model are scored `LANES` per pass; the
 /// numbers are those of scoring each alone.
 pub fn score_request(
     models: &ModelMap,
