@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::scorer::{LANES, Scorer, Scratch};
+use crate::thresholds::PercentileIndex;
 use crate::{DagmmModel, ModelError};
 
 /// Above or below what the model expected.
@@ -67,6 +68,7 @@ pub struct Assessment {
 pub struct Explainer {
     model: DagmmModel,
     scorer: Scorer,
+    percentiles: PercentileIndex,
 }
 
 /// Energies at or below this are treated as equal when comparing counterfactuals.
@@ -75,7 +77,12 @@ const MIN_DROP: f64 = 1e-12;
 impl Explainer {
     pub fn new(model: DagmmModel) -> Self {
         let scorer = Scorer::new(&model);
-        Self { model, scorer }
+        let percentiles = PercentileIndex::new(&model.thresholds);
+        Self {
+            model,
+            scorer,
+            percentiles,
+        }
     }
 
     pub fn model(&self) -> &DagmmModel {
@@ -84,6 +91,12 @@ impl Explainer {
 
     pub fn scorer(&self) -> &Scorer {
         &self.scorer
+    }
+
+    /// The model's [`Thresholds::percentile_rank`](crate::thresholds::Thresholds::percentile_rank)
+    /// of an energy, through a bucket index built once per model.
+    pub fn percentile_rank(&self, energy: f64) -> f64 {
+        self.percentiles.rank(energy)
     }
 
     /// Check one raw sample against each feature's valid range; the error names the feature.
@@ -215,7 +228,7 @@ impl Explainer {
             *a = Assessment {
                 energy,
                 anomaly: t.is_anomaly(energy),
-                percentile: t.percentile_rank(energy),
+                percentile: self.percentiles.rank(energy),
                 top,
             };
         }

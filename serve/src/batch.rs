@@ -404,7 +404,7 @@ fn score_rows(
                         chunk.energy[i] = energy;
                         chunk.anomaly[i] = false;
                         chunk.severity[i] = codes.severity[thresholds.severity_level(energy)];
-                        chunk.percentile[i] = thresholds.percentile_rank(energy);
+                        chunk.percentile[i] = explainer.percentile_rank(energy);
                         chunk.model[i] = codes.model;
                     }
                 }
