@@ -10,9 +10,13 @@ const SHIFTER: f64 = 6_755_399_441_055_744.0;
 #[inline(always)]
 fn horner<const L: usize, const N: usize>(x: [f64; L], coefficients: [f64; N]) -> [f64; L] {
     let mut p = [coefficients[0]; L];
-    for &c in &coefficients[1..] {
-        for r in 0..L {
-            p[r] = p[r].mul_add(x[r], c);
+    // Eight lanes at a time: LLVM splits a longer lane loop into odd pieces (eight, four, two
+    // and one lanes), half of them scalar.
+    for (p, x) in p.chunks_mut(8).zip(x.chunks(8)) {
+        for &c in &coefficients[1..] {
+            for (p, &x) in p.iter_mut().zip(x) {
+                *p = p.mul_add(x, c);
+            }
         }
     }
     p
