@@ -151,12 +151,14 @@ impl PercentileIndex {
     }
 
     /// [`Thresholds::percentile_rank`], found through the buckets.
+    #[inline]
     pub fn rank(&self, energy: f64) -> f64 {
         self.thresholds.rank_with(energy, |q| {
-            let bucket = ((energy - self.origin) * self.buckets_per_unit) as usize;
-            // One bucket of slack each side covers rounding in the bucket arithmetic.
-            let start = self.first[bucket.min(Self::BUCKETS).saturating_sub(1)];
-            let end = self.first[(bucket + 2).min(Self::BUCKETS)];
+            let bucket = (((energy - self.origin) * self.buckets_per_unit) as usize)
+                .min(Self::BUCKETS - 1);
+            // Rounding in the bucket arithmetic can pick a neighbouring bucket; the check below
+            // notices, and the full search answers.
+            let (start, end) = (self.first[bucket], self.first[bucket + 1]);
             let hi = start + q[start..end].partition_point(|&v| v < energy);
             let below_is_less = hi == 0 || q[hi - 1] < energy;
             let here_is_at_least = hi == q.len() || q[hi] >= energy;
