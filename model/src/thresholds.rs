@@ -154,8 +154,8 @@ impl PercentileIndex {
     #[inline]
     pub fn rank(&self, energy: f64) -> f64 {
         self.thresholds.rank_with(energy, |q| {
-            let bucket = (((energy - self.origin) * self.buckets_per_unit) as usize)
-                .min(Self::BUCKETS - 1);
+            let bucket =
+                (((energy - self.origin) * self.buckets_per_unit) as usize).min(Self::BUCKETS - 1);
             // Rounding in the bucket arithmetic can pick a neighbouring bucket; the check below
             // notices, and the full search answers.
             let (start, end) = (self.first[bucket], self.first[bucket + 1]);
