@@ -286,8 +286,9 @@ impl Scorer {
     /// Codes and reconstructions of L scaled rows given in lanes (`input_dim × L`), left in the
     /// scratch.
     fn code_lanes<const L: usize>(&self, isa: Isa, x: &[f32], s: &mut Scratch) {
+        assert!(isa.supported(), "{isa:?} is not supported by this CPU");
         match isa {
-            // SAFETY: `Isa::available` found the CPU features each variant needs.
+            // SAFETY: the CPU has the features each variant needs, asserted just above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { code_avx512::<L>(self, x, s) },
             #[cfg(target_arch = "x86_64")]
@@ -331,8 +332,9 @@ impl Scorer {
 
     fn mixture_energies<const L: usize>(&self, isa: Isa, code: &[[f64; L]]) -> [f64; L] {
         let (gmm, log_norms) = (&self.gmm, &self.log_norms);
+        assert!(isa.supported(), "{isa:?} is not supported by this CPU");
         match isa {
-            // SAFETY: `Isa::available` found the CPU features each variant needs.
+            // SAFETY: the CPU has the features each variant needs, asserted just above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { mixture_avx512::<L>(gmm, code, log_norms) },
             #[cfg(target_arch = "x86_64")]
