@@ -96,7 +96,7 @@ impl Explainer {
     /// The model's [`Thresholds::percentile_rank`](crate::thresholds::Thresholds::percentile_rank)
     /// of an energy, through a bucket index built once per model.
     pub fn percentile_rank(&self, energy: f64) -> f64 {
-        self.percentiles.rank(energy)
+        self.percentiles.rank(&self.model.thresholds, energy)
     }
 
     /// Check one raw sample against each feature's valid range; the error names the feature.
@@ -228,7 +228,7 @@ impl Explainer {
             *a = Assessment {
                 energy,
                 anomaly: t.is_anomaly(energy),
-                percentile: self.percentiles.rank(energy),
+                percentile: self.percentile_rank(energy),
                 top,
             };
         }

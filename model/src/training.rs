@@ -512,21 +512,14 @@ mod tests {
         let bits = |v: &[f64]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
         for isa in Isa::available() {
             let scorer = explainer.scorer();
-            assert_eq!(
-                bits(&energies_on::<1>(scorer, isa, &x)),
-                bits(&blocked),
-                "{isa:?}, 1 lane"
-            );
-            assert_eq!(
-                bits(&energies_on::<8>(scorer, isa, &x)),
-                bits(&blocked),
-                "{isa:?}, 8 lanes"
-            );
-            assert_eq!(
-                bits(&energies_on::<16>(scorer, isa, &x)),
-                bits(&blocked),
-                "{isa:?}, 16 lanes"
-            );
+            let by_lanes = [
+                (1, energies_on::<1>(scorer, isa, &x)),
+                (8, energies_on::<8>(scorer, isa, &x)),
+                (16, energies_on::<16>(scorer, isa, &x)),
+            ];
+            for (lanes, energies) in by_lanes {
+                assert_eq!(bits(&energies), bits(&blocked), "{isa:?}, {lanes} lanes");
+            }
         }
     }
 
