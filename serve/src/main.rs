@@ -178,6 +178,10 @@ struct ScoreArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Let the OS move the scoring threads between CPUs. By default each is pinned to a CPU
+    /// of its own (Linux with glibc); on a machine busy with other work, unpinned threads may do better.
+    #[arg(long)]
+    no_pin: bool,
 }
 
 #[derive(clap::Args)]
@@ -371,11 +375,54 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// Give each scoring thread (rayon's global pool) a CPU of its own. Scoring wakes the pool for
+/// every chunk, and Linux often placed both woken threads on the waking thread's CPU, where they
+/// took turns while the other CPU sat idle for milliseconds: pinned, a 10 M-row run took about
+/// 5 % less time. Threads past the number of allowed CPUs wrap around. A pool that cannot be
+/// set up (already built) stays as it is.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn pin_scoring_threads() {
+    fn cpu_set_size() -> usize {
+        std::mem::size_of::<libc::cpu_set_t>()
+    }
+    // SAFETY: `cpu_set_t` is plain bits, for which all zeros is the empty set, and each call
+    // gets a pointer to a live set of the size it is told.
+    let allowed: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, cpu_set_size(), &mut set) != 0 {
+            return;
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    };
+    if allowed.len() < 2 {
+        return;
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .start_handler(move |thread| {
+            let cpu = allowed[thread % allowed.len()];
+            // SAFETY: as above; a refused affinity leaves the thread unpinned.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, cpu_set_size(), &set);
+            }
+        })
+        .build_global();
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn pin_scoring_threads() {}
+
 fn run_batch(args: ScoreArgs) -> Result<()> {
     use dagmm_datasets::read::{ReadOptions, ShapeOption};
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
     keep_freed_memory();
+    if !args.no_pin {
+        pin_scoring_threads();
+    }
     anyhow::ensure!(args.chunk_rows > 0, "--chunk-rows must be at least 1");
     let registry = Registry::open(&args.models).map_err(|e| anyhow::anyhow!(e))?;
     let bar = ProgressBar::with_draw_target(
