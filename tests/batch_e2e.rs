@@ -226,7 +226,7 @@ fn batch_scores_flag_injected_anomalies_and_equal_the_servers_answers() {
             let c = scored
                 .column(&format!("contribution_{}", ex.metric))
                 .unwrap()
-                .f64()
+                .f32()
                 .unwrap()
                 .get(i);
             assert_eq!(Some(ex.contribution), c);
@@ -447,7 +447,12 @@ fn parquet_output_copies_the_input_and_scores_like_the_decoding_path() {
             .map(|m| format!("contribution_{m}")),
     );
     for name in &score_columns {
-        let (a, b) = (copied.column(name).unwrap(), decoded.column(name).unwrap());
+        // Contributions are f32, read back from the CSV as f64: compared in the Parquet
+        // column's own type (the CSV holds each f32's shortest decimal form).
+        let a = copied.column(name).unwrap();
+        let b = decoded.column(name).unwrap().cast(a.dtype()).unwrap();
+        let as_f64 = |c: &Column| c.cast(&DataType::Float64).unwrap();
+        let (a, b) = (as_f64(a), as_f64(&b));
         let (a, b) = (a.f64().unwrap(), b.f64().unwrap());
         assert!(a.null_count() < a.len(), "{name} has values");
         for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {

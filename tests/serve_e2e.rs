@@ -114,7 +114,8 @@ fn scores_samples_with_the_library_energies_and_reports_operations_state() {
             .iter()
             .map(|e| e["contribution"].as_f64().unwrap())
             .sum();
-        assert!((shares - 1.0).abs() < 1e-9);
+        // Each share is rounded to f32 on its own.
+        assert!((shares - 1.0).abs() < 1e-6, "shares sum to {shares}");
         assert!(r["percentile"].as_f64().unwrap() >= 0.0);
     }
     for r in &results[2..] {

@@ -31,8 +31,9 @@ pub struct MetricExplanation {
     /// What the model expected, in the metric's own unit (reconstruction, inverse-transformed).
     pub expected: f64,
     pub direction: Direction,
-    /// Share of the anomaly attributed to this metric; shares sum to 1.
-    pub contribution: f64,
+    /// Share of the anomaly attributed to this metric; shares sum to 1. In f32: seven
+    /// significant digits are more than a share needs, and batch output stores half the bytes.
+    pub contribution: f32,
     /// The value lies outside the range seen in training.
     pub out_of_range: bool,
 }
@@ -285,7 +286,7 @@ impl Explainer {
                     } else {
                         Direction::Below
                     },
-                    contribution: shares[j],
+                    contribution: shares[j] as f32,
                     out_of_range: p.out_of_range(j, raw[j]),
                 }
             })

@@ -123,7 +123,8 @@ const NO_CODE: u32 = u32::MAX;
 /// Scores of a chunk, one vector per output column, so that each column is written from its
 /// own contiguous values. A row that was not scored has a NaN energy (a scored one never has:
 /// see `GmmParams::energies_lanes`) and its reason in `reasons`; a row not explained has NaN
-/// contributions and `NO_CODE` for its top metric. Text values are codes into the run's
+/// contributions and `NO_CODE` for its top metric. Contributions are f32, as `POST /score`
+/// answers them. Text values are codes into the run's
 /// [`Vocabulary`], so scoring a row allocates nothing.
 struct ChunkScores {
     energy: Vec<f64>,
@@ -133,7 +134,7 @@ struct ChunkScores {
     percentile: Vec<f64>,
     top_metric: Vec<u32>,
     /// One vector per output metric column, in their order.
-    contributions: Vec<Vec<f64>>,
+    contributions: Vec<Vec<f32>>,
     model: Vec<u32>,
     /// (row, why) of the rows not scored, in row order.
     reasons: Vec<(usize, String)>,
@@ -146,7 +147,7 @@ struct ScoreSlots<'a> {
     severity: &'a mut [u32],
     percentile: &'a mut [f64],
     top_metric: &'a mut [u32],
-    contributions: Vec<&'a mut [f64]>,
+    contributions: Vec<&'a mut [f32]>,
     model: &'a mut [u32],
 }
 
@@ -159,7 +160,7 @@ impl ChunkScores {
             severity: vec![NO_CODE; rows],
             percentile: vec![f64::NAN; rows],
             top_metric: vec![NO_CODE; rows],
-            contributions: vec![vec![f64::NAN; rows]; metrics],
+            contributions: vec![vec![f32::NAN; rows]; metrics],
             model: vec![NO_CODE; rows],
             reasons: Vec::new(),
         }
@@ -368,7 +369,7 @@ fn score_rows(
                             chunk.percentile[i] = a.percentile;
                             chunk.top_metric[i] = codes.top_metric[a.top];
                             for (column, j) in chunk.contributions.iter_mut().zip(feature_of) {
-                                column[i] = j.map_or(f64::NAN, |j| s.shares[r * d + j]);
+                                column[i] = j.map_or(f32::NAN, |j| s.shares[r * d + j] as f32);
                             }
                             chunk.model[i] = codes.model;
                         }
@@ -449,6 +450,12 @@ fn float_column(name: &str, values: &[f64]) -> Column {
     Float64Chunked::from_vec_validity(name.into(), values.to_vec(), validity).into_column()
 }
 
+/// [`float_column`] for f32 values.
+fn float32_column(name: &str, values: &[f32]) -> Column {
+    let validity = validity_of(values, |v| !v.is_nan());
+    Float32Chunked::from_vec_validity(name.into(), values.to_vec(), validity).into_column()
+}
+
 /// The score columns of a chunk, in output order.
 fn score_columns(
     scores: &ChunkScores,
@@ -473,7 +480,7 @@ fn score_columns(
             c if c < 5 + metrics => {
                 let j = c - 5;
                 let name = format!("contribution_{}", metric_names[j]);
-                float_column(&name, &scores.contributions[j])
+                float32_column(&name, &scores.contributions[j])
             }
             c if c == 5 + metrics => vocabulary.model.column("model", &scores.model),
             _ if scores.reasons.is_empty() => {

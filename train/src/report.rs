@@ -843,9 +843,9 @@ fn contributions(area: DrawArea, d: &ReportData) -> Result<()> {
                 .draw_series(top.iter().enumerate().map(|(i, r)| {
                     let before: f64 = r.verdict.explanation[..j]
                         .iter()
-                        .map(|e| e.contribution)
+                        .map(|e| f64::from(e.contribution))
                         .sum();
-                    let share = r.verdict.explanation[j].contribution;
+                    let share = f64::from(r.verdict.explanation[j].contribution);
                     let y = (n - 1 - i) as f64;
                     Rectangle::new(
                         [(before, y + 0.15), (before + share, y + 0.85)],
