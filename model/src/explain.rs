@@ -184,6 +184,9 @@ impl Explainer {
         let d = p.features.len();
         let used = rows.len();
         let energies = self.energies_lanes::<L>(rows, s);
+        // The drops are taken in f32 from the same codes: the f64 energy above is the one
+        // reported, and the shares the drops become are f32.
+        let energies_f32 = self.scorer.last_energies_f32::<L>(used, s);
         let x = std::mem::take(&mut s.lanes_x);
         let mut x_hat = std::mem::take(&mut s.lanes_expected);
         x_hat.clear();
@@ -198,9 +201,11 @@ impl Explainer {
             counterfactual.clear();
             counterfactual.extend_from_slice(&x);
             counterfactual[j * L..(j + 1) * L].copy_from_slice(&x_hat[j * L..(j + 1) * L]);
-            let without_j = self.scorer.energies_lanes::<L>(&counterfactual, used, s);
+            let without_j = self
+                .scorer
+                .energies_f32_lanes::<L>(&counterfactual, used, s);
             for r in 0..used {
-                shares[r * d + j] = (energies[r] - without_j[r]).max(0.0);
+                shares[r * d + j] = f64::from((energies_f32[r] - without_j[r]).max(0.0));
             }
         }
 

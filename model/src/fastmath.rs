@@ -1,7 +1,10 @@
 //! Branch-free `exp` and `ln` that vectorise across scoring lanes (libm's are a call per
-//! element), for the mixture energy. Each takes one value per lane and loops over the lanes
-//! innermost, so every step is one vector operation; a lane's result does not depend on the
-//! other lanes.
+//! element), for the mixture energy: in f64 for the energies reported, in f32 for the energy
+//! drops that explain a verdict (whose shares are f32). Each takes one value per lane and
+//! loops over the lanes innermost, so every step is one vector operation; a lane's result does
+//! not depend on the other lanes.
+
+use std::ops::{Add, AddAssign, Mul, Neg, Sub, SubAssign};
 
 /// Adding 1.5 · 2^52 rounds an f64 to an integer held in its low mantissa bits.
 const SHIFTER: f64 = 6_755_399_441_055_744.0;
@@ -106,6 +109,185 @@ pub(crate) fn ln_at_least_one<const L: usize>(s: [f64; L]) -> [f64; L] {
     })
 }
 
+/// Adding 1.5 · 2^23 rounds an f32 to an integer held in its low mantissa bits.
+const SHIFTER_F32: f32 = 12_582_912.0;
+
+/// ln 2 as the nearest f32 and the remainder: with fused multiply-adds, t − n·ln 2 keeps f32
+/// precision for every n that occurs (|n| ≤ 126), where the f32 constant alone would be off
+/// by up to 2.4e-7.
+const LN_2_HI_F32: f32 = std::f32::consts::LN_2;
+const LN_2_LO_F32: f32 = -1.904_654_3e-9;
+
+/// 1/(k + 1)! for k = 6…0: e^r − 1 = r · Σ_k r^k / (k + 1)!, to 3e-9 relative for
+/// |r| ≤ ln 2 / 2, below f32's rounding.
+const EXPM1_SERIES_F32: [f32; 7] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    1.0 / 2.0,
+    1.0,
+];
+
+/// [`horner`] in f32. The f32 loops here all run eight lanes at a time, as `horner` does:
+/// LLVM left parts of sixteen-lane f32 loops scalar.
+#[inline(always)]
+fn horner_f32<const L: usize, const N: usize>(x: [f32; L], coefficients: [f32; N]) -> [f32; L] {
+    let mut p = [coefficients[0]; L];
+    for (p, x) in p.chunks_mut(8).zip(x.chunks(8)) {
+        for &c in &coefficients[1..] {
+            for (p, &x) in p.iter_mut().zip(x) {
+                *p = p.mul_add(x, c);
+            }
+        }
+    }
+    p
+}
+
+/// e^t for t ≤ 0 in f32 (within a few ulp). Below −87 the result is 0 in effect
+/// (e^−87 ≈ 1.6e−38).
+#[inline(always)]
+pub(crate) fn exp_non_positive_f32<const L: usize>(t: [f32; L]) -> [f32; L] {
+    let (mut shifted, mut r) = ([0f32; L], [0f32; L]);
+    for ((shifted, r), t) in shifted.chunks_mut(8).zip(r.chunks_mut(8)).zip(t.chunks(8)) {
+        for ((shifted, r), &t) in shifted.iter_mut().zip(r.iter_mut()).zip(t) {
+            let t = t.max(-87.0);
+            *shifted = t.mul_add(std::f32::consts::LOG2_E, SHIFTER_F32);
+            let n = *shifted - SHIFTER_F32;
+            *r = (-n).mul_add(LN_2_LO_F32, (-n).mul_add(LN_2_HI_F32, t));
+        }
+    }
+    let series = horner_f32(r, EXPM1_SERIES_F32);
+    // Plain loops rather than `array::from_fn`, whose closure may be compiled apart from the
+    // caller's target features, making each `mul_add` a library call.
+    let mut e = [0f32; L];
+    for (((e, shifted), r), series) in (e.chunks_mut(8))
+        .zip(shifted.chunks(8))
+        .zip(r.chunks(8))
+        .zip(series.chunks(8))
+    {
+        for (((e, &shifted), &r), &series) in e.iter_mut().zip(shifted).zip(r).zip(series) {
+            // 2^n from n's bits, as in `exp_split`.
+            let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
+            *e = scale.mul_add(r * series, scale);
+        }
+    }
+    e
+}
+
+/// ln s for 1 ≤ s < 2^64 in f32: as [`ln_at_least_one`], with the atanh series to u^9
+/// (error below 2e-9).
+#[inline(always)]
+pub(crate) fn ln_at_least_one_f32<const L: usize>(s: [f32; L]) -> [f32; L] {
+    const MANTISSA: u32 = (1 << 23) - 1;
+    const TWO_23: f32 = 8_388_608.0;
+    let (mut e, mut u, mut u2) = ([0f32; L], [0f32; L], [0f32; L]);
+    for (((e, u), u2), s) in (e.chunks_mut(8))
+        .zip(u.chunks_mut(8))
+        .zip(u2.chunks_mut(8))
+        .zip(s.chunks(8))
+    {
+        for (((e, u), u2), &s) in e.iter_mut().zip(u.iter_mut()).zip(u2.iter_mut()).zip(s) {
+            let bits = s.to_bits();
+            let exponent = f32::from_bits((bits >> 23) | TWO_23.to_bits()) - TWO_23 - 127.0;
+            let m = f32::from_bits((bits & MANTISSA) | 1f32.to_bits());
+            let big = m > std::f32::consts::SQRT_2;
+            let m = if big { 0.5 * m } else { m };
+            *e = if big { exponent + 1.0 } else { exponent };
+            *u = (m - 1.0) / (m + 1.0);
+            *u2 = *u * *u;
+        }
+    }
+    let series = horner_f32(u2, [1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0]);
+    let mut ln = [0f32; L];
+    for (((ln, e), u), series) in (ln.chunks_mut(8))
+        .zip(e.chunks(8))
+        .zip(u.chunks(8))
+        .zip(series.chunks(8))
+    {
+        for (((ln, &e), &u), &series) in ln.iter_mut().zip(e).zip(u).zip(series) {
+            *ln = e.mul_add(std::f32::consts::LN_2, 2.0 * u * series);
+        }
+    }
+    ln
+}
+
+/// What the lane mixture needs of its float type, so one implementation serves f64 and f32.
+pub(crate) trait LaneFloat:
+    Copy
+    + From<f32>
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+{
+    const ZERO: Self;
+    const HALF: Self;
+    const NEG_INFINITY: Self;
+    /// What a non-finite energy becomes.
+    const MAX: Self;
+    fn from_f64(v: f64) -> Self;
+    fn max(self, other: Self) -> Self;
+    fn is_finite(self) -> bool;
+    fn exp_non_positive<const L: usize>(t: [Self; L]) -> [Self; L];
+    fn ln_at_least_one<const L: usize>(s: [Self; L]) -> [Self; L];
+}
+
+impl LaneFloat for f64 {
+    const ZERO: Self = 0.0;
+    const HALF: Self = 0.5;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    const MAX: Self = f64::MAX;
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f64::max(self, other)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+    #[inline(always)]
+    fn exp_non_positive<const L: usize>(t: [Self; L]) -> [Self; L] {
+        exp_non_positive(t)
+    }
+    #[inline(always)]
+    fn ln_at_least_one<const L: usize>(s: [Self; L]) -> [Self; L] {
+        ln_at_least_one(s)
+    }
+}
+
+impl LaneFloat for f32 {
+    const ZERO: Self = 0.0;
+    const HALF: Self = 0.5;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    const MAX: Self = f32::MAX;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f32::max(self, other)
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+    #[inline(always)]
+    fn exp_non_positive<const L: usize>(t: [Self; L]) -> [Self; L] {
+        exp_non_positive_f32(t)
+    }
+    #[inline(always)]
+    fn ln_at_least_one<const L: usize>(s: [Self; L]) -> [Self; L] {
+        ln_at_least_one_f32(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +330,40 @@ mod tests {
             s += 0.000_731;
         }
         assert_eq!(ln_at_least_one([1.0])[0], 0.0);
+    }
+
+    /// Distance from libm's f64 result in units of the f32 spacing at that value.
+    fn f32_ulps(got: f32, want: f64) -> f64 {
+        let spacing =
+            f64::from((want as f32).abs().max(f32::MIN_POSITIVE)) * f64::from(f32::EPSILON);
+        (f64::from(got) - want).abs() / spacing
+    }
+
+    #[test]
+    fn lane_exp_and_ln_in_f32_are_within_a_few_ulp_of_libm() {
+        let mut t = -87.0f32;
+        while t <= 0.0 {
+            let got = exp_non_positive_f32([t])[0];
+            let ulps = f32_ulps(got, f64::from(t).exp());
+            assert!(ulps <= 2.0, "exp({t}) = {got}, {ulps} ulp off");
+            t += 0.003_7;
+        }
+        assert_eq!(exp_non_positive_f32([0.0])[0], 1.0);
+        assert!(
+            exp_non_positive_f32([-120.0, f32::NEG_INFINITY])
+                .iter()
+                .all(|&e| e < 1e-37)
+        );
+        let mut s = 1.0f32;
+        while s < 70.0 {
+            let got = ln_at_least_one_f32([s])[0];
+            let want = f64::from(s).ln();
+            // Near s = 1, ln is near 0: judged against f32's spacing at 1 there.
+            let ulps =
+                f32_ulps(got, want).min((f64::from(got) - want).abs() / f64::from(f32::EPSILON));
+            assert!(ulps <= 2.0, "ln({s}) = {got}, libm {want}, {ulps} ulp off");
+            s += 0.000_731;
+        }
+        assert_eq!(ln_at_least_one_f32([1.0])[0], 0.0);
     }
 }

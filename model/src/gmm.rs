@@ -1,8 +1,10 @@
 //! Gaussian mixture statistics and sample energy.
 //!
 //! Two forms of the same maths: a differentiable one on burn tensors used inside the training
-//! loss, and an f64 one used by the scorer. Both factorise Σ_k + cov_reg·I with Cholesky and
-//! take the log-sum-exp over components, so energies stay finite far from every component.
+//! loss, and one on scoring lanes used by the scorer (in f64 for the energies it reports, in
+//! f32 for the energy drops behind the f32 contribution shares). Both factorise
+//! Σ_k + cov_reg·I with Cholesky and take the log-sum-exp over components, so energies stay
+//! finite far from every component.
 
 // Index loops read closest to the textbook Cholesky and substitution formulas.
 #![allow(clippy::needless_range_loop)]
@@ -12,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
-use crate::fastmath::{exp_non_positive, ln_at_least_one};
+use crate::fastmath::LaneFloat;
 
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
 /// Floor for mixture weights and membership sums, so an empty component gives log(φ) = −27.6,
@@ -233,7 +235,11 @@ impl GmmParams {
 
     /// Energy of one code vector `z` (length `d`).
     pub fn energy(&self, z: &[f64]) -> f64 {
-        self.energy_with(z, &self.log_norms())
+        let mut lanes = [[0f64; 1]; MAX_Z_DIM];
+        for (l, &v) in lanes.iter_mut().zip(z) {
+            l[0] = v;
+        }
+        LaneMixture::<f64>::new(self).energies::<1>(&lanes[..self.d])[0]
     }
 
     /// Per-component constant of the log density: log φ_k − log|L_k| − d/2·log 2π. Scorers
@@ -247,38 +253,64 @@ impl GmmParams {
             })
             .collect()
     }
+}
 
-    /// Energy of `z` given the constants from [`GmmParams::log_norms`].
-    pub fn energy_with(&self, z: &[f64], log_norms: &[f64]) -> f64 {
-        let mut lanes = [[0f64; 1]; MAX_Z_DIM];
-        for (l, &v) in lanes.iter_mut().zip(z) {
-            l[0] = v;
+/// A mixture's parameters laid out for scoring lanes in one float type: f64 for the energies
+/// reported, f32 for the energy drops that explain a verdict (a register holds twice the lanes,
+/// and the polynomials are shorter).
+#[derive(Debug, Clone)]
+pub(crate) struct LaneMixture<T> {
+    k: usize,
+    d: usize,
+    /// Means, `k × d`.
+    mu: Vec<T>,
+    /// Cholesky factors, `k` row-major `d × d` matrices.
+    chol: Vec<T>,
+    /// 1 / L_jj, `k × d`.
+    inverse_pivots: Vec<T>,
+    /// [`GmmParams::log_norms`].
+    log_norms: Vec<T>,
+}
+
+impl<T: LaneFloat> LaneMixture<T> {
+    pub(crate) fn new(gmm: &GmmParams) -> Self {
+        let d = gmm.d;
+        let convert = |v: &[f64]| v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>();
+        let inverse_pivots: Vec<f64> = (gmm.chol.iter())
+            .flat_map(|l| (0..d).map(move |j| l[j * d + j].recip()))
+            .collect();
+        Self {
+            k: gmm.k,
+            d,
+            mu: convert(&gmm.mu.concat()),
+            chol: convert(&gmm.chol.concat()),
+            inverse_pivots: convert(&inverse_pivots),
+            log_norms: convert(&gmm.log_norms()),
         }
-        self.energies_lanes::<1>(&lanes[..self.d], log_norms)[0]
     }
 
     /// Energies of L codes side by side (`z[j][r]` is dimension j of code r): the mixture's
     /// negative log density by log-sum-exp, with branch-free `exp` and `ln` so the lanes
-    /// vectorise. A code far from every component gets `f64::MAX`, never infinity or NaN.
+    /// vectorise. A code far from every component gets `T::MAX`, never infinity or NaN.
     #[inline(always)]
-    pub fn energies_lanes<const L: usize>(&self, z: &[[f64; L]], log_norms: &[f64]) -> [f64; L] {
+    pub(crate) fn energies<const L: usize>(&self, z: &[[T; L]]) -> [T; L] {
         let d = self.d;
         // Only the first k are written and read: zeroing all MAX_GMM_K for every block of
         // rows cost more than the mixture's arithmetic for small k.
-        let mut log_components = [const { std::mem::MaybeUninit::<[f64; L]>::uninit() }; MAX_GMM_K];
-        let mut best = [f64::NEG_INFINITY; L];
+        let mut log_components = [const { std::mem::MaybeUninit::<[T; L]>::uninit() }; MAX_GMM_K];
+        let mut best = [T::NEG_INFINITY; L];
         // Forward substitution L y = z − μ_c (row j written before it is read), for each
         // component in turn; the Mahalanobis distance is |y|².
-        let mut y = [[0f64; L]; MAX_Z_DIM];
+        let mut y = [[T::ZERO; L]; MAX_Z_DIM];
         for c in 0..self.k {
-            let l = &self.chol[c];
-            let mu = &self.mu[c];
-            let mut maha = [0f64; L];
+            let l = &self.chol[c * d * d..(c + 1) * d * d];
+            let mu = &self.mu[c * d..(c + 1) * d];
+            let mut maha = [T::ZERO; L];
             for j in 0..d {
-                let inverse_pivot = l[j * d + j].recip();
+                let inverse_pivot = self.inverse_pivots[c * d + j];
                 // Each step runs across the lanes (so it vectorises), in the order a one-row
                 // substitution takes: z_j − μ_j, then minus L_jp y_p for p ascending.
-                let mut rhs = [0f64; L];
+                let mut rhs = [T::ZERO; L];
                 for r in 0..L {
                     rhs[r] = z[j][r] - mu[j];
                 }
@@ -293,29 +325,32 @@ impl GmmParams {
                     maha[r] += y[j][r] * y[j][r];
                 }
             }
-            let mut lc = [0f64; L];
+            let mut lc = [T::ZERO; L];
             for r in 0..L {
-                lc[r] = log_norms[c] - 0.5 * maha[r];
+                lc[r] = self.log_norms[c] - T::HALF * maha[r];
                 best[r] = best[r].max(lc[r]);
             }
             log_components[c].write(lc);
         }
-        let mut sum = [0f64; L];
+        let mut sum = [T::ZERO; L];
         for lc in &log_components[..self.k] {
             // SAFETY: the loop above wrote each of the first k.
             let lc = unsafe { lc.assume_init_ref() };
-            let shifted: [f64; L] = std::array::from_fn(|r| lc[r] - best[r]);
-            let terms = exp_non_positive(shifted);
+            let mut shifted = [T::ZERO; L];
+            for r in 0..L {
+                shifted[r] = lc[r] - best[r];
+            }
+            let terms = T::exp_non_positive(shifted);
             for r in 0..L {
                 sum[r] += terms[r];
             }
         }
         // The best component contributes exactly 1, so the sum lies in [1, K].
-        let log_sum = ln_at_least_one(sum);
-        let mut energies = [0f64; L];
+        let log_sum = T::ln_at_least_one(sum);
+        let mut energies = [T::ZERO; L];
         for r in 0..L {
             let e = -(best[r] + log_sum[r]);
-            energies[r] = if e.is_finite() { e } else { f64::MAX };
+            energies[r] = if e.is_finite() { e } else { T::MAX };
         }
         energies
     }

@@ -9,7 +9,8 @@
 
 use crate::DagmmModel;
 use crate::config::MAX_Z_DIM;
-use crate::gmm::GmmParams;
+use crate::fastmath::LaneFloat;
+use crate::gmm::LaneMixture;
 use crate::network::{LayerWeights, NORM_EPS, tanh_f32};
 
 /// Rows scored together in a block: sixteen f32 lanes fill an AVX-512 register or two AVX2
@@ -22,8 +23,10 @@ pub struct Scorer {
     encoder: Vec<LayerWeights>,
     decoder: Vec<LayerWeights>,
     estimation: Vec<LayerWeights>,
-    gmm: GmmParams,
-    log_norms: Vec<f64>,
+    /// The mixture for reported energies.
+    mixture: LaneMixture<f64>,
+    /// The same mixture in f32, for the energy drops that explain a verdict.
+    mixture_f32: LaneMixture<f32>,
     input_dim: usize,
     latent_dim: usize,
 }
@@ -188,8 +191,8 @@ fn mlp_fma<const L: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
-fn mixture_fma<const L: usize>(gmm: &GmmParams, code: &[[f64; L]], log_norms: &[f64]) -> [f64; L] {
-    gmm.energies_lanes::<L>(code, log_norms)
+fn mixture_fma<T: LaneFloat, const L: usize>(mixture: &LaneMixture<T>, code: &[[T; L]]) -> [T; L] {
+    mixture.energies::<L>(code)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -200,12 +203,11 @@ fn code_avx512<const L: usize>(scorer: &Scorer, x: &[f32], s: &mut Scratch) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma,avx2")]
-fn mixture_avx512<const L: usize>(
-    gmm: &GmmParams,
-    code: &[[f64; L]],
-    log_norms: &[f64],
-) -> [f64; L] {
-    gmm.energies_lanes::<L>(code, log_norms)
+fn mixture_avx512<T: LaneFloat, const L: usize>(
+    mixture: &LaneMixture<T>,
+    code: &[[T; L]],
+) -> [T; L] {
+    mixture.energies::<L>(code)
 }
 
 /// The instruction sets a pass is compiled for. All give the same bits: each lane performs the
@@ -268,8 +270,8 @@ impl Scorer {
             encoder: model.weights.encoder.clone(),
             decoder: model.weights.decoder.clone(),
             estimation: model.weights.estimation.clone(),
-            gmm: model.gmm.clone(),
-            log_norms: model.gmm.log_norms(),
+            mixture: LaneMixture::new(&model.gmm),
+            mixture_f32: LaneMixture::new(&model.gmm),
             input_dim: model.network.input_dim,
             latent_dim: model.network.latent_dim,
         }
@@ -317,29 +319,63 @@ impl Scorer {
         s: &mut Scratch,
     ) -> [f64; L] {
         self.code_lanes::<L>(isa, x, s);
+        self.last_energies_on::<f64, L>(isa, &self.mixture, used, s)
+    }
+
+    /// [`Scorer::energies_lanes`] in f32: what the energy drops that explain a verdict are
+    /// taken from.
+    pub(crate) fn energies_f32_lanes<const L: usize>(
+        &self,
+        x: &[f32],
+        used: usize,
+        s: &mut Scratch,
+    ) -> [f32; L] {
+        let isa = Isa::best(L);
+        self.code_lanes::<L>(isa, x, s);
+        self.last_energies_on::<f32, L>(isa, &self.mixture_f32, used, s)
+    }
+
+    /// The energies of the last pass's codes, which are still in the scratch, in f32.
+    pub(crate) fn last_energies_f32<const L: usize>(&self, used: usize, s: &Scratch) -> [f32; L] {
+        self.last_energies_on::<f32, L>(Isa::best(L), &self.mixture_f32, used, s)
+    }
+
+    /// Mixture energies of the first `used` codes the last pass left in the scratch; the
+    /// other lanes are padding and get 0.
+    fn last_energies_on<T: LaneFloat, const L: usize>(
+        &self,
+        isa: Isa,
+        mixture: &LaneMixture<T>,
+        used: usize,
+        s: &Scratch,
+    ) -> [T; L] {
         let z_dim = self.latent_dim + 2;
-        let mut code = [[0f64; L]; MAX_Z_DIM];
+        let mut code = [[T::ZERO; L]; MAX_Z_DIM];
         for (c, zj) in code.iter_mut().zip(lanes::<L>(&s.z)) {
             for r in 0..L {
                 // Padding lanes get a copy of the first row, so they cannot produce NaN work.
-                c[r] = f64::from(zj[if r < used { r } else { 0 }]);
+                c[r] = T::from(zj[if r < used { r } else { 0 }]);
             }
         }
-        let mut energies = self.mixture_energies::<L>(isa, &code[..z_dim]);
-        energies[used..].fill(0.0);
+        let mut energies = self.mixture_energies::<T, L>(isa, mixture, &code[..z_dim]);
+        energies[used..].fill(T::ZERO);
         energies
     }
 
-    fn mixture_energies<const L: usize>(&self, isa: Isa, code: &[[f64; L]]) -> [f64; L] {
-        let (gmm, log_norms) = (&self.gmm, &self.log_norms);
+    fn mixture_energies<T: LaneFloat, const L: usize>(
+        &self,
+        isa: Isa,
+        mixture: &LaneMixture<T>,
+        code: &[[T; L]],
+    ) -> [T; L] {
         assert!(isa.supported(), "{isa:?} is not supported by this CPU");
         match isa {
             // SAFETY: the CPU has the features each variant needs, asserted just above.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { mixture_avx512::<L>(gmm, code, log_norms) },
+            Isa::Avx512 => unsafe { mixture_avx512::<T, L>(mixture, code) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { mixture_fma::<L>(gmm, code, log_norms) },
-            _ => gmm.energies_lanes::<L>(code, log_norms),
+            Isa::Avx2 => unsafe { mixture_fma::<T, L>(mixture, code) },
+            _ => mixture.energies::<L>(code),
         }
     }
 

@@ -122,7 +122,7 @@ const NO_CODE: u32 = u32::MAX;
 
 /// Scores of a chunk, one vector per output column, so that each column is written from its
 /// own contiguous values. A row that was not scored has a NaN energy (a scored one never has:
-/// see `GmmParams::energies_lanes`) and its reason in `reasons`; a row not explained has NaN
+/// see `LaneMixture::energies`) and its reason in `reasons`; a row not explained has NaN
 /// contributions and `NO_CODE` for its top metric. Contributions are f32, as `POST /score`
 /// answers them. Text values are codes into the run's
 /// [`Vocabulary`], so scoring a row allocates nothing.
