@@ -1,6 +1,7 @@
 //! A plain-Rust forward pass and energy, with no burn in the loop: what serving and batch
 //! scoring use. It follows the burn graph operation by operation (f32 networks, f64 mixture),
-//! and a test holds it to burn's energies.
+//! and a test holds it to burn's energies. The energies behind an explanation's f32 shares
+//! come from the same mixture evaluated in f32.
 //!
 //! Rows go through the networks side by side, one per SIMD lane (`[f32; L]` per feature):
 //! batch scoring runs `L = LANES` rows per pass, a single request runs `L = 1`. Lanes never
