@@ -11,10 +11,10 @@ const SHIFTER: f64 = 6_755_399_441_055_744.0;
 
 /// p(x) for coefficients given highest degree first, by Horner with fused multiply-adds.
 #[inline(always)]
-fn horner<const L: usize, const N: usize>(x: [f64; L], coefficients: [f64; N]) -> [f64; L] {
+fn horner<T: LaneFloat, const L: usize, const N: usize>(x: [T; L], coefficients: [T; N]) -> [T; L] {
     let mut p = [coefficients[0]; L];
     // Eight lanes at a time: LLVM splits a longer lane loop into odd pieces (eight, four, two
-    // and one lanes), half of them scalar.
+    // and one lanes), half of them scalar. The f32 loops below run eight at a time too.
     for (p, x) in p.chunks_mut(8).zip(x.chunks(8)) {
         for &c in &coefficients[1..] {
             for (p, &x) in p.iter_mut().zip(x) {
@@ -130,21 +130,6 @@ const EXPM1_SERIES_F32: [f32; 7] = [
     1.0,
 ];
 
-/// [`horner`] in f32. The f32 loops here all run eight lanes at a time, as `horner` does:
-/// LLVM left parts of sixteen-lane f32 loops scalar.
-#[inline(always)]
-fn horner_f32<const L: usize, const N: usize>(x: [f32; L], coefficients: [f32; N]) -> [f32; L] {
-    let mut p = [coefficients[0]; L];
-    for (p, x) in p.chunks_mut(8).zip(x.chunks(8)) {
-        for &c in &coefficients[1..] {
-            for (p, &x) in p.iter_mut().zip(x) {
-                *p = p.mul_add(x, c);
-            }
-        }
-    }
-    p
-}
-
 /// e^t for t ≤ 0 in f32 (within a few ulp). Below −87 the result is 0 in effect
 /// (e^−87 ≈ 1.6e−38).
 #[inline(always)]
@@ -158,7 +143,7 @@ pub(crate) fn exp_non_positive_f32<const L: usize>(t: [f32; L]) -> [f32; L] {
             *r = (-n).mul_add(LN_2_LO_F32, (-n).mul_add(LN_2_HI_F32, t));
         }
     }
-    let series = horner_f32(r, EXPM1_SERIES_F32);
+    let series = horner(r, EXPM1_SERIES_F32);
     // Plain loops rather than `array::from_fn`, whose closure may be compiled apart from the
     // caller's target features, making each `mul_add` a library call.
     let mut e = [0f32; L];
@@ -199,7 +184,7 @@ pub(crate) fn ln_at_least_one_f32<const L: usize>(s: [f32; L]) -> [f32; L] {
             *u2 = *u * *u;
         }
     }
-    let series = horner_f32(u2, [1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0]);
+    let series = horner(u2, [1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0]);
     let mut ln = [0f32; L];
     for (((ln, e), u), series) in (ln.chunks_mut(8))
         .zip(e.chunks(8))
@@ -231,62 +216,50 @@ pub(crate) trait LaneFloat:
     const MAX: Self;
     fn from_f64(v: f64) -> Self;
     fn max(self, other: Self) -> Self;
+    /// self · a + b, rounded once.
+    fn mul_add(self, a: Self, b: Self) -> Self;
     fn is_finite(self) -> bool;
     fn exp_non_positive<const L: usize>(t: [Self; L]) -> [Self; L];
     fn ln_at_least_one<const L: usize>(s: [Self; L]) -> [Self; L];
 }
 
-impl LaneFloat for f64 {
-    const ZERO: Self = 0.0;
-    const HALF: Self = 0.5;
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    const MAX: Self = f64::MAX;
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        f64::max(self, other)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
-    }
-    #[inline(always)]
-    fn exp_non_positive<const L: usize>(t: [Self; L]) -> [Self; L] {
-        exp_non_positive(t)
-    }
-    #[inline(always)]
-    fn ln_at_least_one<const L: usize>(s: [Self; L]) -> [Self; L] {
-        ln_at_least_one(s)
-    }
+/// The trait's methods are the float type's own, and the lane functions of its precision.
+macro_rules! lane_float {
+    ($float:ident, $exp:ident, $ln:ident) => {
+        impl LaneFloat for $float {
+            const ZERO: Self = 0.0;
+            const HALF: Self = 0.5;
+            const NEG_INFINITY: Self = $float::NEG_INFINITY;
+            const MAX: Self = $float::MAX;
+            fn from_f64(v: f64) -> Self {
+                v as $float
+            }
+            #[inline(always)]
+            fn max(self, other: Self) -> Self {
+                $float::max(self, other)
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                $float::mul_add(self, a, b)
+            }
+            #[inline(always)]
+            fn is_finite(self) -> bool {
+                $float::is_finite(self)
+            }
+            #[inline(always)]
+            fn exp_non_positive<const L: usize>(t: [Self; L]) -> [Self; L] {
+                $exp(t)
+            }
+            #[inline(always)]
+            fn ln_at_least_one<const L: usize>(s: [Self; L]) -> [Self; L] {
+                $ln(s)
+            }
+        }
+    };
 }
 
-impl LaneFloat for f32 {
-    const ZERO: Self = 0.0;
-    const HALF: Self = 0.5;
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    const MAX: Self = f32::MAX;
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        f32::max(self, other)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
-    }
-    #[inline(always)]
-    fn exp_non_positive<const L: usize>(t: [Self; L]) -> [Self; L] {
-        exp_non_positive_f32(t)
-    }
-    #[inline(always)]
-    fn ln_at_least_one<const L: usize>(s: [Self; L]) -> [Self; L] {
-        ln_at_least_one_f32(s)
-    }
-}
+lane_float!(f64, exp_non_positive, ln_at_least_one);
+lane_float!(f32, exp_non_positive_f32, ln_at_least_one_f32);
 
 #[cfg(test)]
 mod tests {
