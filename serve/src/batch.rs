@@ -22,6 +22,7 @@ use dagmm_datasets::read::{
 };
 use dagmm_model::eval::{Detection, detection};
 use dagmm_model::scorer::{LANES, Scratch};
+use polars::polars_utils::float::IsFloat;
 use polars::prelude::*;
 use polars_arrow::array::BooleanArray;
 use polars_arrow::bitmap::Bitmap;
@@ -444,16 +445,14 @@ fn validity_of<T>(values: &[T], present: impl Fn(&T) -> bool) -> Option<Bitmap> 
     (validity.unset_bits() > 0).then_some(validity)
 }
 
-/// A nullable float column from values where NaN marks a null.
-fn float_column(name: &str, values: &[f64]) -> Column {
-    let validity = validity_of(values, |v| !v.is_nan());
-    Float64Chunked::from_vec_validity(name.into(), values.to_vec(), validity).into_column()
-}
-
-/// [`float_column`] for f32 values.
-fn float32_column(name: &str, values: &[f32]) -> Column {
-    let validity = validity_of(values, |v| !v.is_nan());
-    Float32Chunked::from_vec_validity(name.into(), values.to_vec(), validity).into_column()
+/// A nullable float column (f64 or f32) from values where NaN marks a null.
+fn float_column<T>(name: &str, values: &[T::Native]) -> Column
+where
+    T: PolarsFloatType,
+    ChunkedArray<T>: IntoColumn,
+{
+    let validity = validity_of(values, |v| !IsFloat::is_nan(v));
+    ChunkedArray::<T>::from_vec_validity(name.into(), values.to_vec(), validity).into_column()
 }
 
 /// The score columns of a chunk, in output order.
@@ -468,19 +467,19 @@ fn score_columns(
     (0..metrics + 7)
         .into_par_iter()
         .map(|c| match c {
-            0 => float_column("energy", &scores.energy),
+            0 => float_column::<Float64Type>("energy", &scores.energy),
             1 => {
                 let values: Bitmap = scores.anomaly.iter().copied().collect();
                 let array = BooleanArray::new(ArrowDataType::Boolean, values, scored());
                 BooleanChunked::with_chunk("anomaly".into(), array).into_column()
             }
             2 => vocabulary.severity.column("severity", &scores.severity),
-            3 => float_column("percentile", &scores.percentile),
+            3 => float_column::<Float64Type>("percentile", &scores.percentile),
             4 => (vocabulary.top_metric).column("top_metric", &scores.top_metric),
             c if c < 5 + metrics => {
                 let j = c - 5;
                 let name = format!("contribution_{}", metric_names[j]);
-                float32_column(&name, &scores.contributions[j])
+                float_column::<Float32Type>(&name, &scores.contributions[j])
             }
             c if c == 5 + metrics => vocabulary.model.column("model", &scores.model),
             _ if scores.reasons.is_empty() => {
