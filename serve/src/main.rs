@@ -378,7 +378,7 @@ fn keep_freed_memory() {}
 /// Give each scoring thread (rayon's global pool) a CPU of its own. Scoring wakes the pool for
 /// every chunk, and Linux often placed both woken threads on the waking thread's CPU, where they
 /// took turns while the other CPU sat idle for milliseconds: pinned, a 10 M-row run took about
-/// 5 % less time. Threads past the number of allowed CPUs wrap around. Nothing is pinned where
+/// 4 % less time. Threads past the number of allowed CPUs wrap around. Nothing is pinned where
 /// the process may use fewer CPUs than it may run on (a container's CPU quota on a larger
 /// machine), since fixed CPUs there may be busy with others' work while free ones idle. A pool
 /// that cannot be set up (already built) stays as it is.
