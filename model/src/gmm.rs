@@ -104,16 +104,16 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
         l[j][j] = Some(l_jj);
     }
 
-    // Forward substitution L y = z − μ_k for every sample and component at once.
-    let centred = z.unsqueeze_dim::<3>(1) - gmm.mu.clone().unsqueeze_dim::<3>(0); // [n, k, d]
+    // Forward substitution L y = z − μ_k for every sample and component at once, one
+    // dimension j at a time: z_j − μ_kj as [n, k] from a column of z and a column of μ (slicing
+    // an [n, k, d] difference instead would make each slice's gradient a zero-filled
+    // [n, k, d] tensor).
     let mut ys: Vec<Tensor<2>> = Vec::with_capacity(d);
     let mut mahalanobis = zeros([n, k]);
     let mut half_log_det = zeros([1, k]);
     for j in 0..d {
-        let mut rhs = centred
-            .clone()
-            .slice([0..n, 0..k, j..j + 1])
-            .reshape([n, k]);
+        let mut rhs = z.clone().slice([0..n, j..j + 1])
+            - gmm.mu.clone().slice([0..k, j..j + 1]).reshape([1, k]);
         for (p, y_p) in ys.iter().enumerate() {
             rhs = rhs - y_p.clone() * l[j][p].clone().unwrap();
         }
