@@ -2,8 +2,9 @@
 
 PyTorch's single-threaded float32 matrix product (oneDNN/MKL-class kernels) on the layer shapes
 of one training step with a batch of 1024, and on a large square product for comparison. It
-bounds what any training loop on this core can reach: a whole epoch also has element-wise work
-and the mixture, which run slower than these products.
+bounds what the PyTorch reference's training can reach: a whole epoch also has element-wise work
+and the mixture, which run slower than these products. The same shapes through burn flex:
+`cargo bench -p dagmm-benches --bench matmul`.
 
     $DAGMM_TORCH_VENV/bin/python benches/sgemm_ceiling.py
 """

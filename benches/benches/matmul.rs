@@ -38,9 +38,10 @@ fn bench(c: &mut Criterion) {
     for (m, k, n) in SHAPES {
         let (a, b) = (matrix(m, k, &device), matrix(k, n, &device));
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
-        group.bench_function(BenchmarkId::from_parameter(format!("{m}x{k}x{n}")), |bench| {
-            pool.install(|| bench.iter(|| black_box(a.clone().matmul(b.clone()))))
-        });
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{m}x{k}x{n}")),
+            |bench| pool.install(|| bench.iter(|| black_box(a.clone().matmul(b.clone())))),
+        );
     }
     group.finish();
 }

@@ -1,7 +1,7 @@
 //! Samples per second of the plain-Rust scorer, energy alone and full verdicts (energy plus
 //! per-metric explanation), at batch sizes 1, 64 and 4096: one row per pass (what a `/score`
 //! request does) and sixteen rows per pass in SIMD lanes (what batch scoring does).
-//! `cargo bench -p dagmm-benches`.
+//! `cargo bench -p dagmm-benches --bench scorer`.
 
 use std::hint::black_box;
 
