@@ -278,8 +278,7 @@ fn dropout_masks(
 
 /// `len` draws of `rng.random_bool(keep)`, as `scale` (kept) or 0. The u64 draws are taken in
 /// one fill and compared with the cut `Bernoulli` uses, 2⁶⁴·keep: the same stream and the same
-/// outcomes (unit test), without a call into the generator per unit, which cost 6 % of a
-/// 4-metric training step.
+/// outcomes (unit test), without a call into the generator per unit (4 % of a 4-metric fit).
 fn keep_mask(keep: f64, scale: f32, len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let cut = (keep * 2f64.powi(64)) as u64;
     let mut draws = vec![0u64; len];
