@@ -330,6 +330,16 @@ mod tests {
         for (&x, &y) in xs.iter().zip(&ys) {
             assert_eq!(tanh_f32(x).to_bits(), y.to_bits(), "tanh({x})");
         }
+
+        // A transposed (strided) input keeps each value in its place.
+        let grid: Vec<f32> = (0..15).map(|i| i as f32 * 0.37 - 2.5).collect();
+        // Row i, column j of the 5 × 3 transpose is grid[j · 5 + i].
+        let want: Vec<f32> = (0..5)
+            .flat_map(|i| (0..3).map(move |j| j * 5 + i))
+            .map(|at| tanh_f32(grid[at]))
+            .collect();
+        let input = Tensor::<2>::from_data(TensorData::new(grid, [3, 5]), &Device::flex());
+        assert_eq!(values(tanh(input.transpose())), want);
     }
 
     #[test]
