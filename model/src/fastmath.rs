@@ -25,22 +25,23 @@ fn horner<T: LaneFloat, const L: usize, const N: usize>(x: [T; L], coefficients:
     p
 }
 
-/// 1/(k + 1)! for k = 11…0, highest degree first as `horner` takes them:
-/// e^r − 1 = r · Σ_k r^k / (k + 1)!.
-const EXPM1_SERIES: [f64; 12] = [
-    1.0 / 479_001_600.0,
-    1.0 / 39_916_800.0,
-    1.0 / 3_628_800.0,
-    1.0 / 362_880.0,
-    1.0 / 40_320.0,
-    1.0 / 5040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    1.0 / 2.0,
-    1.0,
-];
+/// 1/(k + 1)! for k = N − 1…0, highest degree first as `horner` takes them:
+/// e^r − 1 = r · Σ_k r^k / (k + 1)!. Each factorial up to 12! is exact in f64, so each entry is
+/// the correctly rounded reciprocal, as a written-out `1.0 / 479_001_600.0` would be.
+const fn expm1_series<const N: usize>() -> [f64; N] {
+    let mut series = [0.0; N];
+    let mut factorial = 1.0;
+    let mut k = 0;
+    while k < N {
+        factorial *= (k + 1) as f64;
+        series[N - 1 - k] = 1.0 / factorial;
+        k += 1;
+    }
+    series
+}
+
+/// Twelve terms: f64 precision for |r| ≤ ln 2 / 2.
+const EXPM1_SERIES: [f64; 12] = expm1_series();
 
 /// e^y split as (2^n, e^r − 1) with y = n ln 2 + r and |r| ≤ ln 2 / 2, for |y| ≤ 708. Twelve
 /// terms of the series for e^r − 1 give a relative error near 1e-15.
@@ -118,17 +119,18 @@ const SHIFTER_F32: f32 = 12_582_912.0;
 const LN_2_HI_F32: f32 = std::f32::consts::LN_2;
 const LN_2_LO_F32: f32 = -1.904_654_3e-9;
 
-/// 1/(k + 1)! for k = 6…0: e^r − 1 = r · Σ_k r^k / (k + 1)!, to 3e-9 relative for
-/// |r| ≤ ln 2 / 2, below f32's rounding.
-const EXPM1_SERIES_F32: [f32; 7] = [
-    1.0 / 5040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    1.0 / 2.0,
-    1.0,
-];
+/// Seven terms of [`expm1_series`]: to 3e-9 relative for |r| ≤ ln 2 / 2, below f32's
+/// rounding. (Rounding the f64 reciprocals to f32 gives the same bits as dividing in f32.)
+const EXPM1_SERIES_F32: [f32; 7] = {
+    let wide = expm1_series::<7>();
+    let mut narrow = [0f32; 7];
+    let mut k = 0;
+    while k < 7 {
+        narrow[k] = wide[k] as f32;
+        k += 1;
+    }
+    narrow
+};
 
 /// e^t for t ≤ 0 in f32 (within a few ulp). Below −87 the result is 0 in effect
 /// (e^−87 ≈ 1.6e−38).
