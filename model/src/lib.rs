@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod dense;
 mod error;
 pub mod eval;
 pub mod explain;

@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::NetworkConfig;
+use crate::dense::dense;
 
 /// Added under square roots of squared norms so empty or zero rows keep finite gradients.
 pub const NORM_EPS: f32 = 1e-10;
@@ -178,12 +179,11 @@ impl DagmmNet {
         let mut h = z.clone();
         let last = self.estimation.len() - 1;
         for (i, layer) in self.estimation.iter().enumerate() {
-            h = layer.forward(h);
-            if i < last {
-                h = tanh(h);
-                if let Some(masks) = dropout_masks {
-                    h = h * masks[i].clone();
-                }
+            h = dense(layer, h, i < last);
+            if i < last
+                && let Some(masks) = dropout_masks
+            {
+                h = h * masks[i].clone();
             }
         }
         let gamma = softmax(h, 1);
@@ -200,10 +200,7 @@ impl DagmmNet {
 fn mlp(layers: &[Linear], mut h: Tensor<2>) -> Tensor<2> {
     let last = layers.len() - 1;
     for (i, layer) in layers.iter().enumerate() {
-        h = layer.forward(h);
-        if i < last {
-            h = tanh(h);
-        }
+        h = dense(layer, h, i < last);
     }
     h
 }
@@ -222,36 +219,6 @@ const TANH_P: [f32; 6] = [
     2.204_982e-11,
 ];
 const TANH_Q: [f32; 4] = [1.0, 0.463_023_45, 2.398_233e-2, 2.355_045_1e-4];
-
-/// tanh with the gradient 1 − tanh². flex's own `tanh` calls libm once per element, which took
-/// a third of every training step, so the values come from [`tanh_f32`] (the plain scorer's
-/// function, so serving and training agree to the bit) in one loop over the detached input,
-/// with 1 − y² alongside. Autodiff then records only y + (x − x̄)·(1 − y²), x̄ = detached x:
-/// the value is y exactly (x − x̄ = 0) and the gradient is tanh's. Building y from the
-/// element-wise tensor operations instead took sixteen of them per call, two of them clamps
-/// that flex runs as compare-and-fill.
-pub fn tanh(x: Tensor<2>) -> Tensor<2> {
-    let detached = x.clone().detach();
-    let dims = detached.dims();
-    let device = detached.device();
-    let inputs = detached
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("converted to f32");
-    let (values, slopes) = tanh_with_slopes(&inputs);
-    let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, dims), &device);
-    tensor(values) + (x - detached) * tensor(slopes)
-}
-
-/// [`tanh_f32`] of every input and its derivative 1 − y², computed as the tensor
-/// operations (−(y·y)) + 1 did.
-fn tanh_with_slopes(inputs: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let values: Vec<f32> = inputs.iter().map(|&v| tanh_f32(v)).collect();
-    let slopes = values.iter().map(|&y| -(y * y) + 1.0).collect();
-    (values, slopes)
-}
 
 /// tanh(x) ≈ x·P(x²)/Q(x²) on one number: the values of training's [`tanh`] and the plain
 /// scorer's. Plain multiplies and adds (Rust never fuses them), so every build gives the same
@@ -285,10 +252,6 @@ pub fn reconstruction_features(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
 mod tests {
     use super::*;
 
-    fn values(t: Tensor<2>) -> Vec<f32> {
-        t.into_data().try_into_vec::<f32>().unwrap()
-    }
-
     #[test]
     fn tanh_is_within_six_ulp_of_the_correctly_rounded_value_and_bounded() {
         let xs: Vec<f32> = (-48_000..=48_000)
@@ -296,13 +259,9 @@ mod tests {
             .chain((1..60).flat_map(|k| [2f32.powi(-k), -(2f32.powi(-k))]))
             .collect();
         let n = xs.len();
-        let device = Device::flex();
-        let ys = values(tanh(Tensor::from_data(
-            TensorData::new(xs.clone(), [n, 1]),
-            &device,
-        )));
         let mut within_one = 0;
-        for (&x, &y) in xs.iter().zip(&ys) {
+        for &x in &xs {
+            let y = tanh_f32(x);
             let want = (x as f64).tanh() as f32;
             let ulps = (y.to_bits() as i32 - want.to_bits() as i32).unsigned_abs();
             assert!(ulps <= 6, "tanh({x}) = {y}, correctly rounded {want}");
@@ -313,47 +272,8 @@ mod tests {
             within_one * 100 >= n * 85,
             "{within_one} of {n} within 1 ulp"
         );
-    }
-
-    #[test]
-    fn tensor_tanh_values_are_the_scalar_tanh_bit_for_bit() {
-        let xs: Vec<f32> = (-40_000..=40_000)
-            .map(|i| i as f32 / 3000.0)
-            .chain((1..60).flat_map(|k| [2f32.powi(-k), -(2f32.powi(-k))]))
-            .chain([0.0, -0.0, 1e30, -1e30, f32::MAX, f32::MIN])
-            .collect();
-        let n = xs.len();
-        let ys = values(tanh(Tensor::from_data(
-            TensorData::new(xs.clone(), [n, 1]),
-            &Device::flex(),
-        )));
-        for (&x, &y) in xs.iter().zip(&ys) {
-            assert_eq!(tanh_f32(x).to_bits(), y.to_bits(), "tanh({x})");
-        }
-
-        // A transposed (strided) input keeps each value in its place.
-        let grid: Vec<f32> = (0..15).map(|i| i as f32 * 0.37 - 2.5).collect();
-        // Row i, column j of the 5 × 3 transpose is grid[j · 5 + i].
-        let want: Vec<f32> = (0..5)
-            .flat_map(|i| (0..3).map(move |j| j * 5 + i))
-            .map(|at| tanh_f32(grid[at]))
-            .collect();
-        let input = Tensor::<2>::from_data(TensorData::new(grid, [3, 5]), &Device::flex());
-        assert_eq!(values(tanh(input.transpose())), want);
-    }
-
-    #[test]
-    fn tanh_gradient_is_one_minus_tanh_squared() {
-        let xs = vec![-20.0f32, -3.0, -0.5, -1e-3, 0.0, 2e-4, 0.7, 4.0, 9.0];
-        let n = xs.len();
-        let device = Device::flex().autodiff();
-        let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [n, 1]), &device).require_grad();
-        let y = tanh(x.clone());
-        let grads = (y.clone() * 3.0).sum().backward();
-        let dx = values(x.grad(&grads).expect("gradient of x"));
-        for ((&x, &y), &g) in xs.iter().zip(&values(y)).zip(&dx) {
-            let want = 3.0 * (1.0 - y * y);
-            assert!((g - want).abs() <= 1e-6, "d tanh({x}): {g} against {want}");
+        for x in [1e30, -1e30, f32::MAX, f32::MIN] {
+            assert_eq!(tanh_f32(x), x.signum());
         }
     }
 }

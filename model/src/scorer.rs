@@ -238,7 +238,7 @@ impl Isa {
 
     /// Whether this CPU has the features (detection is cached by the standard library).
     #[inline]
-    fn supported(self) -> bool {
+    pub(crate) fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 =
