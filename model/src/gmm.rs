@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::ModelError;
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
 use crate::fastmath::LaneFloat;
+use crate::mixture_energy::mixture_energy;
 
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
 /// Floor for mixture weights and membership sums, so an empty component gives log(φ) = −27.6,
@@ -58,7 +59,40 @@ pub fn gmm_stats(z: Tensor<2>, gamma: Tensor<2>) -> GmmTensors {
 /// components, whose variances are tiny, from dominating. It still grows without bound as a
 /// component narrows onto a point, which is what the penalty is for.
 pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tensor<1>) {
-    let [n, d] = z.dims();
+    let d = z.dims()[1];
+    let k = gmm.phi.dims()[0];
+    let factors = factors(&z, gmm, cov_reg);
+    // The factors as [k, d, d], zero above the diagonal: row-major entries stacked as [d·d, k].
+    let zeros = Tensor::<2>::zeros([1, k], &z.device()).cast(z.dtype());
+    let chol = Tensor::cat(
+        (0..d * d)
+            .map(|at| {
+                factors.l[at / d][at % d]
+                    .clone()
+                    .unwrap_or_else(|| zeros.clone())
+            })
+            .collect(),
+        0,
+    )
+    .transpose()
+    .reshape([k, d, d]);
+    let log_norm = factors.log_norm.reshape([k]);
+    let energies = mixture_energy(z, gmm.mu.clone(), chol, log_norm);
+    (energies, factors.penalty)
+}
+
+/// What [`energy`] needs besides z and μ, as differentiable tensors.
+struct Factors {
+    /// Cholesky factor entries L_ij (i ≥ j) of Σ_k + cov_reg·I across components, each `[1, k]`.
+    l: Vec<Vec<Option<Tensor<2>>>>,
+    /// log φ_k − log|L_k| − d/2·log 2π, `[1, k]`.
+    log_norm: Tensor<2>,
+    /// The covariance penalty, `[1]`.
+    penalty: Tensor<1>,
+}
+
+fn factors(z: &Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> Factors {
+    let d = z.dims()[1];
     let k = gmm.phi.dims()[0];
     let device = z.device();
     // Work in z's element type (f32 in training, f64 for reference checks).
@@ -103,34 +137,18 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
         }
         l[j][j] = Some(l_jj);
     }
-
-    // Forward substitution L y = z − μ_k for every sample and component at once, one
-    // dimension j at a time: z_j − μ_kj as [n, k] from a column of z and a column of μ (slicing
-    // an [n, k, d] difference instead would make each slice's gradient a zero-filled
-    // [n, k, d] tensor).
-    let mut ys: Vec<Tensor<2>> = Vec::with_capacity(d);
-    let mut mahalanobis = zeros([n, k]);
-    let mut half_log_det = zeros([1, k]);
-    for j in 0..d {
-        let mut rhs = z.clone().slice([0..n, j..j + 1])
-            - gmm.mu.clone().slice([0..k, j..j + 1]).reshape([1, k]);
-        for (p, y_p) in ys.iter().enumerate() {
-            rhs = rhs - y_p.clone() * l[j][p].clone().unwrap();
-        }
-        let l_jj = l[j][j].clone().unwrap();
-        let y_j = rhs / l_jj.clone();
-        mahalanobis = mahalanobis + y_j.clone() * y_j.clone();
-        half_log_det = half_log_det + l_jj.log();
-        ys.push(y_j);
-    }
+    let half_log_det = (0..d)
+        .map(|j| l[j][j].clone().unwrap().log())
+        .reduce(|sum, term| sum + term)
+        .expect("d ≥ 1");
     let penalty = (inverse_diagonals * gmm.phi.clone().detach().reshape([1, k])).sum();
     let log_phi = gmm.phi.clone().clamp_min(MIN_WEIGHT).log().reshape([1, k]);
-    let log_component =
-        log_phi - mahalanobis.mul_scalar(0.5) - half_log_det - 0.5 * d as f64 * LN_2PI;
-    // log-sum-exp over components; the shift is a constant for the gradient.
-    let shift = log_component.clone().max_dim(1).detach();
-    let lse = (log_component - shift.clone()).exp().sum_dim(1).log() + shift;
-    (lse.neg().reshape([n]), penalty)
+    let log_norm = log_phi - half_log_det - 0.5 * d as f64 * LN_2PI;
+    Factors {
+        l,
+        log_norm,
+        penalty,
+    }
 }
 
 fn identity(d: usize) -> TensorData {
@@ -274,18 +292,29 @@ pub(crate) struct LaneMixture<T> {
 
 impl<T: LaneFloat> LaneMixture<T> {
     pub(crate) fn new(gmm: &GmmParams) -> Self {
-        let d = gmm.d;
+        Self::from_parts(
+            gmm.d,
+            &gmm.mu.concat(),
+            &gmm.chol.concat(),
+            &gmm.log_norms(),
+        )
+    }
+
+    /// From means (`k × d`), row-major Cholesky factors (`k` of `d × d`) and
+    /// [`GmmParams::log_norms`]; k is the number of log norms.
+    pub(crate) fn from_parts(d: usize, mu: &[f64], chol: &[f64], log_norms: &[f64]) -> Self {
         let convert = |v: &[f64]| v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>();
-        let inverse_pivots: Vec<f64> = (gmm.chol.iter())
+        let inverse_pivots: Vec<f64> = chol
+            .chunks_exact(d * d)
             .flat_map(|l| (0..d).map(move |j| l[j * d + j].recip()))
             .collect();
         Self {
-            k: gmm.k,
+            k: log_norms.len(),
             d,
-            mu: convert(&gmm.mu.concat()),
-            chol: convert(&gmm.chol.concat()),
+            mu: convert(mu),
+            chol: convert(chol),
             inverse_pivots: convert(&inverse_pivots),
-            log_norms: convert(&gmm.log_norms()),
+            log_norms: convert(log_norms),
         }
     }
 
@@ -384,6 +413,31 @@ pub fn cholesky(sigma: &[f64], d: usize, reg: f64) -> Option<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The energy as burn's general operations compute it, from the same factors: the
+    /// reference for the fused step.
+    fn energy_composed(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tensor<1>) {
+        let [n, d] = z.dims();
+        let k = gmm.phi.dims()[0];
+        let factors = factors(&z, gmm, cov_reg);
+        let mut ys: Vec<Tensor<2>> = Vec::with_capacity(d);
+        let mut mahalanobis = Tensor::<2>::zeros([n, k], &z.device()).cast(z.dtype());
+        for j in 0..d {
+            let mut rhs = z.clone().slice([0..n, j..j + 1])
+                - gmm.mu.clone().slice([0..k, j..j + 1]).reshape([1, k]);
+            for (p, y_p) in ys.iter().enumerate() {
+                rhs = rhs - y_p.clone() * factors.l[j][p].clone().unwrap();
+            }
+            let y_j = rhs / factors.l[j][j].clone().unwrap();
+            mahalanobis = mahalanobis + y_j.clone() * y_j.clone();
+            ys.push(y_j);
+        }
+        let log_component = factors.log_norm - mahalanobis.mul_scalar(0.5);
+        let shift = log_component.clone().max_dim(1).detach();
+        let lse = (log_component - shift.clone()).exp().sum_dim(1).log() + shift;
+        (lse.neg().reshape([n]), factors.penalty)
+    }
+
     use burn::tensor::Device;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -470,6 +524,56 @@ mod tests {
                 (f64::from(e) - expected).abs() <= 1e-4 * expected.abs().max(1.0),
                 "{e} vs {expected}"
             );
+        }
+    }
+
+    /// Energies, penalty and the gradients of a weighted loss with respect to z and the
+    /// membership logits, through `gmm_stats` and either energy.
+    fn energy_and_gradients(fused: bool, dtype: burn::tensor::DType) -> [Vec<f64>; 4] {
+        use rand::{Rng, SeedableRng};
+        let (n, d, k) = (64, 3, 4);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut draw = |count: usize, scale: f64| -> Vec<f64> {
+            (0..count)
+                .map(|_| rng.random_range(-scale..scale))
+                .collect()
+        };
+        let device = Device::flex().autodiff();
+        let tensor = |v: Vec<f64>, dims: [usize; 2]| crate::testing::leaf(v, dims, dtype, &device);
+        let z = tensor(draw(n * d, 2.0), [n, d]);
+        let logits = tensor(draw(n * k, 3.0), [n, k]);
+        let weights =
+            Tensor::<1>::from_data(TensorData::new(draw(n, 1.0), [n]), &device).cast(dtype);
+        let stats = gmm_stats(
+            z.clone(),
+            burn::tensor::activation::softmax(logits.clone(), 1),
+        );
+        let (energies, penalty) = if fused {
+            energy(z.clone(), &stats, 1e-2)
+        } else {
+            energy_composed(z.clone(), &stats, 1e-2)
+        };
+        let values = |t: Tensor<1>| {
+            t.into_data()
+                .convert::<f64>()
+                .try_into_vec::<f64>()
+                .unwrap()
+        };
+        let grads = ((energies.clone() * weights).sum() + penalty.clone()).backward();
+        let grad =
+            |t: &Tensor<2>| values(t.grad(&grads).unwrap().reshape([t.dims()[0] * t.dims()[1]]));
+        [values(energies), values(penalty), grad(&z), grad(&logits)]
+    }
+
+    #[test]
+    fn fused_energy_matches_the_composed_operations_and_their_gradients() {
+        use burn::tensor::DType::{F32, F64};
+        // f64: the two differ by rounding only. f32: training's precision.
+        for (dtype, tolerance) in [(F64, 1e-10), (F32, 2e-4)] {
+            let fused = energy_and_gradients(true, dtype);
+            let composed = energy_and_gradients(false, dtype);
+            let names = ["energy", "penalty", "dz", "dlogits"];
+            crate::testing::assert_close_to_reference(&names, &fused, &composed, tolerance);
         }
     }
 

@@ -12,9 +12,13 @@ pub mod eval;
 pub mod explain;
 mod fastmath;
 pub mod gmm;
+pub mod mixture_energy;
 pub mod network;
 pub mod preprocess;
+pub mod reconstruction;
 pub mod scorer;
+#[cfg(test)]
+mod testing;
 pub mod thresholds;
 pub mod training;
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::NetworkConfig;
 use crate::dense::dense;
+use crate::reconstruction::{COSINE, RELATIVE_DISTANCE, SQUARED_ERROR, reconstruction_terms};
 
 /// Added under square roots of squared norms so empty or zero rows keep finite gradients.
 pub const NORM_EPS: f32 = 1e-10;
@@ -29,8 +30,8 @@ pub struct DagmmNet {
 pub struct Forward {
     /// Compressed code z_c, `[n, latent_dim]`.
     pub z_c: Tensor<2>,
-    /// Reconstruction x', `[n, input_dim]`.
-    pub x_hat: Tensor<2>,
+    /// Squared reconstruction error ‖x − x'‖² per row, `[n, 1]`.
+    pub squared_error: Tensor<2>,
     /// z = [z_c, relative Euclidean distance, cosine similarity], `[n, latent_dim + 2]`.
     pub z: Tensor<2>,
     /// Soft mixture memberships γ, `[n, gmm_k]`.
@@ -172,10 +173,11 @@ impl DagmmNet {
     /// hidden layer during training, and is `None` for evaluation.
     pub fn forward(&self, x: Tensor<2>, dropout_masks: Option<&[Tensor<2>]>) -> Forward {
         let (z_c, x_hat) = self.compress(x.clone());
-        let z = Tensor::cat(
-            vec![z_c.clone(), reconstruction_features(x, x_hat.clone())],
-            1,
-        );
+        let n = z_c.dims()[0];
+        let terms = reconstruction_terms(x, x_hat);
+        let features = terms.clone().slice([0..n, RELATIVE_DISTANCE..COSINE + 1]);
+        let squared_error = terms.slice([0..n, SQUARED_ERROR..SQUARED_ERROR + 1]);
+        let z = Tensor::cat(vec![z_c.clone(), features], 1);
         let mut h = z.clone();
         let last = self.estimation.len() - 1;
         for (i, layer) in self.estimation.iter().enumerate() {
@@ -189,7 +191,7 @@ impl DagmmNet {
         let gamma = softmax(h, 1);
         Forward {
             z_c,
-            x_hat,
+            squared_error,
             z,
             gamma,
         }
@@ -237,15 +239,6 @@ pub(crate) fn tanh_f32(x: f32) -> f32 {
     };
     // + 0 turns −0 into +0, as adding the tensor version's gradient term (zero in value) does.
     (x * polynomial(&TANH_P) / polynomial(&TANH_Q)).clamp(-1.0, 1.0) + 0.0
-}
-
-/// [‖x − x'‖ / ‖x‖, cos(x, x')] per row, `[n, 2]`.
-pub fn reconstruction_features(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
-    let norm = |t: Tensor<2>| (t.clone() * t).sum_dim(1).add_scalar(NORM_EPS).sqrt();
-    let x_norm = norm(x.clone());
-    let relative_distance = norm(x.clone() - x_hat.clone()) / x_norm.clone();
-    let cosine = (x * x_hat.clone()).sum_dim(1) / (x_norm * norm(x_hat));
-    Tensor::cat(vec![relative_distance, cosine], 1)
 }
 
 #[cfg(test)]

@@ -142,6 +142,28 @@ fn mlp_body<const L: usize>(
     }
 }
 
+/// Adds one value x of a row and its reconstruction x' to the row's sums ‖x‖², ‖x − x'‖²,
+/// ‖x'‖² and x·x'.
+#[inline(always)]
+pub(crate) fn add_to_sums(x: f32, x_hat: f32, [xx, dd, hh, xh]: [&mut f32; 4]) {
+    *xx += x * x;
+    *dd += (x - x_hat) * (x - x_hat);
+    *hh += x_hat * x_hat;
+    *xh += x * x_hat;
+}
+
+/// The relative distance ‖x − x'‖ / ‖x‖ and the cosine similarity from a row's sums
+/// ‖x‖², ‖x − x'‖², ‖x'‖² and x·x' (each summed in f32 over the row in order). Training's
+/// reconstruction step calls it too, so both give the same bits for the same x'.
+#[inline(always)]
+pub(crate) fn features_from_sums(xx: f32, dd: f32, hh: f32, xh: f32) -> (f32, f32) {
+    let x_norm = (xx + NORM_EPS).sqrt();
+    (
+        (dd + NORM_EPS).sqrt() / x_norm,
+        xh / (x_norm * (hh + NORM_EPS).sqrt()),
+    )
+}
+
 /// Encoder, decoder and the reconstruction features of L rows: z = [z_c, relative distance,
 /// cosine] into `z`, x' into `x_hat` (both in lanes).
 #[inline(always)]
@@ -155,18 +177,16 @@ fn code_body<const L: usize>(scorer: &Scorer, x: &[f32], s: &mut Scratch) {
     let (mut xx, mut dd, mut hh, mut xh) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
     for (xi, hi) in lanes::<L>(x).iter().zip(lanes::<L>(&s.x_hat)) {
         for r in 0..L {
-            let (xv, hv) = (xi[r], hi[r]);
-            xx[r] += xv * xv;
-            dd[r] += (xv - hv) * (xv - hv);
-            hh[r] += hv * hv;
-            xh[r] += xv * hv;
+            add_to_sums(
+                xi[r],
+                hi[r],
+                [&mut xx[r], &mut dd[r], &mut hh[r], &mut xh[r]],
+            );
         }
     }
     let (mut distance, mut cosine) = ([0f32; L], [0f32; L]);
     for r in 0..L {
-        let x_norm = (xx[r] + NORM_EPS).sqrt();
-        distance[r] = (dd[r] + NORM_EPS).sqrt() / x_norm;
-        cosine[r] = xh[r] / (x_norm * (hh[r] + NORM_EPS).sqrt());
+        (distance[r], cosine[r]) = features_from_sums(xx[r], dd[r], hh[r], xh[r]);
     }
     s.z.extend_from_slice(&distance);
     s.z.extend_from_slice(&cosine);
@@ -211,6 +231,24 @@ fn mixture_avx512<T: LaneFloat, const L: usize>(
     mixture.energies::<L>(code)
 }
 
+/// [`LaneMixture::energies`] compiled for `isa`; training's energy step calls it too, so the
+/// energies training optimises are the ones the scorer reports.
+pub(crate) fn mixture_energies<T: LaneFloat, const L: usize>(
+    isa: Isa,
+    mixture: &LaneMixture<T>,
+    code: &[[T; L]],
+) -> [T; L] {
+    assert!(isa.supported(), "{isa:?} is not supported by this CPU");
+    match isa {
+        // SAFETY: the CPU has the features each variant needs, asserted just above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { mixture_avx512::<T, L>(mixture, code) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { mixture_fma::<T, L>(mixture, code) },
+        _ => mixture.energies::<L>(code),
+    }
+}
+
 /// The instruction sets a pass is compiled for. All give the same bits: each lane performs the
 /// same IEEE operations (fused multiply-adds included) whichever registers hold it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,7 +264,7 @@ impl Isa {
     /// What this CPU runs for L lanes. AVX-512 pays from sixteen lanes on; below that the
     /// AVX2 code already fills its registers.
     #[inline]
-    fn best(lanes: usize) -> Self {
+    pub(crate) fn best(lanes: usize) -> Self {
         if lanes >= 16 && Isa::Avx512.supported() {
             Isa::Avx512
         } else if Isa::Avx2.supported() {
@@ -358,26 +396,9 @@ impl Scorer {
                 c[r] = T::from(zj[if r < used { r } else { 0 }]);
             }
         }
-        let mut energies = self.mixture_energies::<T, L>(isa, mixture, &code[..z_dim]);
+        let mut energies = mixture_energies::<T, L>(isa, mixture, &code[..z_dim]);
         energies[used..].fill(T::ZERO);
         energies
-    }
-
-    fn mixture_energies<T: LaneFloat, const L: usize>(
-        &self,
-        isa: Isa,
-        mixture: &LaneMixture<T>,
-        code: &[[T; L]],
-    ) -> [T; L] {
-        assert!(isa.supported(), "{isa:?} is not supported by this CPU");
-        match isa {
-            // SAFETY: the CPU has the features each variant needs, asserted just above.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { mixture_avx512::<T, L>(mixture, code) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { mixture_fma::<T, L>(mixture, code) },
-            _ => mixture.energies::<L>(code),
-        }
     }
 
     /// Reconstructions of the last pass, in lanes.

@@ -143,9 +143,8 @@ fn fit_on_one_thread(
             let xb =
                 Tensor::<2>::from_data(TensorData::new(batch.clone(), [rows.len(), d]), &device);
             let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
-            let out = net.forward(xb.clone(), masks.as_deref());
-            let diff = xb - out.x_hat;
-            let reconstruction = (diff.clone() * diff).sum_dim(1).mean();
+            let out = net.forward(xb, masks.as_deref());
+            let reconstruction = out.squared_error.mean();
             let gmm = gmm_stats(out.z.clone(), out.gamma);
             let (energies, penalty) = energy(out.z, &gmm, cfg.cov_reg);
             let mean_energy = energies.mean();

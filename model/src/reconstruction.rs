@@ -1,0 +1,423 @@
+//! The reconstruction terms of each row, recorded as a single autodiff step: the relative
+//! Euclidean distance ‖x − x'‖ / ‖x‖ and the cosine similarity cos(x, x') (the two features
+//! the estimation network sees), and the squared error ‖x − x'‖² (the reconstruction loss).
+//!
+//! Composed from burn's operations these took fifteen `[n, d]` or `[n, 1]` tensor operations
+//! and their backward steps per batch; here each pass is one loop over the rows. The forward
+//! pass gives the plain scorer's features bit for bit; the gradients are summed in f64.
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
+};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::network::NORM_EPS;
+use crate::scorer::{Isa, add_to_sums, features_from_sums};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait ReconstructionBackend: Backend {
+    /// `[n, 3]`: relative distance, cosine similarity and squared error of each row of x
+    /// `[n, d]` and its reconstruction x' `[n, d]`.
+    fn reconstruction_terms(x: FloatTensor<Self>, x_hat: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Gradient of Σ grad ⊙ terms with respect to x' (`of_x_hat`) or x. Values only: the
+    /// autodiff step calls it on the inner backend, for the inputs that need one.
+    fn reconstruction_terms_backward(
+        x: FloatTensor<Self>,
+        x_hat: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        of_x_hat: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// Columns of [`reconstruction_terms`].
+pub const RELATIVE_DISTANCE: usize = 0;
+pub const COSINE: usize = 1;
+pub const SQUARED_ERROR: usize = 2;
+
+/// `[n, 3]`: ‖x − x'‖ / ‖x‖, cos(x, x') and ‖x − x'‖² per row (norms carry
+/// [`NORM_EPS`] under the square root, so zero rows keep finite gradients).
+pub fn reconstruction_terms(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as ReconstructionBackend>::reconstruction_terms(
+        x.into_dispatch(),
+        x_hat.into_dispatch(),
+    ))
+}
+
+/// A row's sums ‖x‖², ‖x − x'‖², ‖x'‖² and x·x'.
+type RowSums<T> = [T; 4];
+
+/// The sums of f64 rows (reference checks), each in order.
+fn row_sums_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<RowSums<f64>> {
+    x.chunks_exact(d)
+        .zip(x_hat.chunks_exact(d))
+        .map(|(x, x_hat)| {
+            let mut sums = [0f64; 4];
+            for (&a, &b) in x.iter().zip(x_hat) {
+                sums[0] += a * a;
+                sums[1] += (a - b) * (a - b);
+                sums[2] += b * b;
+                sums[3] += a * b;
+            }
+            sums
+        })
+        .collect()
+}
+
+/// The sums of f32 rows (training), each in f32 over its row in order as the scorer sums
+/// them, so [`features_from_sums`] gives the scorer's features to the bit. Sixteen rows go
+/// side by side so the in-order sums still vectorise; CPUs with AVX-512 get their own copy of
+/// the loop.
+fn row_sums_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.supported() {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { row_sums_f32_avx512(x, x_hat, d) };
+    }
+    row_sums_f32_body(x, x_hat, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn row_sums_f32_avx512(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
+    row_sums_f32_body(x, x_hat, d)
+}
+
+#[inline(always)]
+fn row_sums_f32_body(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
+    const L: usize = 16;
+    let n = x.len() / d;
+    let mut sums = Vec::with_capacity(n);
+    for start in (0..n).step_by(L) {
+        let used = L.min(n - start);
+        // Padding lanes repeat the block's first row; their sums are dropped.
+        let offsets: [usize; L] =
+            std::array::from_fn(|r| (start + if r < used { r } else { 0 }) * d);
+        let (mut xx, mut dd, mut hh, mut xh) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+        for j in 0..d {
+            // Column j of sixteen rows: one gather each where the CPU has them.
+            let xj: [f32; L] = std::array::from_fn(|r| x[offsets[r] + j]);
+            let hj: [f32; L] = std::array::from_fn(|r| x_hat[offsets[r] + j]);
+            for r in 0..L {
+                add_to_sums(
+                    xj[r],
+                    hj[r],
+                    [&mut xx[r], &mut dd[r], &mut hh[r], &mut xh[r]],
+                );
+            }
+        }
+        sums.extend((0..used).map(|r| [xx[r], dd[r], hh[r], xh[r]]));
+    }
+    sums
+}
+
+/// The terms of f64 rows (reference checks).
+fn terms_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<f64> {
+    let eps = f64::from(NORM_EPS);
+    row_sums_f64(x, x_hat, d)
+        .into_iter()
+        .flat_map(|[xx, dd, hh, xh]| {
+            let x_norm = (xx + eps).sqrt();
+            [
+                (dd + eps).sqrt() / x_norm,
+                xh / (x_norm * (hh + eps).sqrt()),
+                dd,
+            ]
+        })
+        .collect()
+}
+
+/// The terms of f32 rows (training): the scorer's features and the squared error.
+fn terms_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<f32> {
+    row_sums_f32(x, x_hat, d)
+        .into_iter()
+        .flat_map(|[xx, dd, hh, xh]| {
+            let (distance, cosine) = features_from_sums(xx, dd, hh, xh);
+            [distance, cosine, dd]
+        })
+        .collect()
+}
+
+/// One row's gradient coefficients: the gradient with respect to x' is
+/// `along_error·(x − x') + cross·x + own·x'` with `along_error` negated, and with respect to x
+/// `along_error·(x − x') + own_x·x + cross·x'`.
+struct Coefficients {
+    along_error: f64,
+    cross: f64,
+    own_x: f64,
+    own_x_hat: f64,
+}
+
+/// With e = x − x', a = ‖x‖, r = ‖e‖, h = ‖x'‖ (each with NORM_EPS under the root), p = x·x':
+///   ∂(r/a)/∂x = e/(a·r) − r·x/a³,           ∂(r/a)/∂x' = −e/(a·r)
+///   ∂(p/(a·h))/∂x = x'/(a·h) − p·x/(a³·h),  ∂(p/(a·h))/∂x' = x/(a·h) − p·x'/(a·h³)
+///   ∂‖e‖²/∂x = 2e,                          ∂‖e‖²/∂x' = −2e
+fn coefficients([xx, dd, hh, xh]: RowSums<f64>, g: &[f64]) -> Coefficients {
+    let eps = f64::from(NORM_EPS);
+    let (a, r, h) = ((xx + eps).sqrt(), (dd + eps).sqrt(), (hh + eps).sqrt());
+    let (g_distance, g_cosine, g_squared) = (g[RELATIVE_DISTANCE], g[COSINE], g[SQUARED_ERROR]);
+    Coefficients {
+        along_error: g_distance / (a * r) + 2.0 * g_squared,
+        cross: g_cosine / (a * h),
+        own_x: -g_distance * r / (a * a * a) - g_cosine * xh / (a * a * a * h),
+        own_x_hat: -g_cosine * xh / (a * h * h * h),
+    }
+}
+
+/// The gradient with respect to x' (`of_x_hat`) or x, row by row from the sums.
+fn gradient<E: Copy + Into<f64>, O>(
+    x: &[E],
+    x_hat: &[E],
+    sums: impl Iterator<Item = RowSums<f64>>,
+    grad: &[f64],
+    d: usize,
+    of_x_hat: bool,
+    convert: impl Fn(f64) -> O,
+) -> Vec<O> {
+    let mut out = Vec::with_capacity(x.len());
+    let rows = x.chunks_exact(d).zip(x_hat.chunks_exact(d));
+    for (((x, x_hat), sums), g) in rows.zip(sums).zip(grad.chunks_exact(3)) {
+        let c = coefficients(sums, g);
+        let (along, own_x, own_x_hat) = if of_x_hat {
+            (-c.along_error, c.cross, c.own_x_hat)
+        } else {
+            (c.along_error, c.own_x, c.cross)
+        };
+        out.extend(x.iter().zip(x_hat).map(|(&xj, &hj)| {
+            let (xj, hj): (f64, f64) = (xj.into(), hj.into());
+            convert(along * (xj - hj) + own_x * xj + own_x_hat * hj)
+        }));
+    }
+    out
+}
+
+/// Calls `work` with the values of x and x' (and their row length) as f32 or f64 slices.
+fn with_values<R>(
+    x: &FlexTensor,
+    x_hat: &FlexTensor,
+    f32_work: impl FnOnce(&[f32], &[f32], usize) -> R,
+    f64_work: impl FnOnce(&[f64], &[f64], usize) -> R,
+) -> R {
+    let [_, d] = x.shape().dims();
+    let contiguous = |t: &FlexTensor| {
+        if t.is_contiguous() {
+            t.clone()
+        } else {
+            t.to_contiguous()
+        }
+    };
+    let (x, x_hat) = (contiguous(x), contiguous(x_hat));
+    match (x.as_slice::<f32>(), x_hat.as_slice::<f32>()) {
+        (Some(a), Some(b)) => f32_work(a, b, d),
+        _ => {
+            let as_f64 = |t: FlexTensor| {
+                t.into_data()
+                    .convert::<f64>()
+                    .try_into_vec::<f64>()
+                    .expect("a float tensor converts to f64")
+            };
+            f64_work(&as_f64(x), &as_f64(x_hat), d)
+        }
+    }
+}
+
+impl ReconstructionBackend for Flex {
+    fn reconstruction_terms(x: FlexTensor, x_hat: FlexTensor) -> FlexTensor {
+        let n = x.shape().dims::<2>()[0];
+        let data = with_values(
+            &x,
+            &x_hat,
+            |a, b, d| TensorData::new(terms_f32(a, b, d), [n, 3]),
+            |a, b, d| TensorData::new(terms_f64(a, b, d), [n, 3]),
+        );
+        FlexTensor::from_data(data)
+    }
+
+    fn reconstruction_terms_backward(
+        x: FlexTensor,
+        x_hat: FlexTensor,
+        grad: FlexTensor,
+        of_x_hat: bool,
+    ) -> FlexTensor {
+        let shape = x.shape();
+        let grad = grad
+            .to_contiguous()
+            .into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .expect("a float gradient converts to f64");
+        let data = with_values(
+            &x,
+            &x_hat,
+            |a, b, d| {
+                let sums = row_sums_f32(a, b, d).into_iter().map(|s| s.map(f64::from));
+                let values = gradient(a, b, sums, &grad, d, of_x_hat, |v| v as f32);
+                TensorData::new(values, shape.clone())
+            },
+            |a, b, d| {
+                let sums = row_sums_f64(a, b, d).into_iter();
+                let values = gradient(a, b, sums, &grad, d, of_x_hat, |v| v);
+                TensorData::new(values, shape.clone())
+            },
+        );
+        FlexTensor::from_data(data)
+    }
+}
+
+#[derive(Debug)]
+struct ReconstructionStep;
+
+impl<B: Backend + ReconstructionBackend> Backward<B, 2> for ReconstructionStep {
+    /// x and x', checkpointed.
+    type State = [NodeId; 2];
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [x, x_hat] = ops
+            .state
+            .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+        let [node_x, node_x_hat] = ops.parents;
+        if let Some(node) = node_x {
+            let value =
+                B::reconstruction_terms_backward(x.clone(), x_hat.clone(), grad.clone(), false);
+            grads.register::<B>(node.id, value);
+        }
+        if let Some(node) = node_x_hat {
+            grads.register::<B>(
+                node.id,
+                B::reconstruction_terms_backward(x, x_hat, grad, true),
+            );
+        }
+    }
+}
+
+impl<B: Backend + ReconstructionBackend, C: CheckpointStrategy> ReconstructionBackend
+    for Autodiff<B, C>
+{
+    fn reconstruction_terms(x: FloatTensor<Self>, x_hat: FloatTensor<Self>) -> FloatTensor<Self> {
+        match ReconstructionStep
+            .prepare::<C>([x.node(), x_hat.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = [&x, &x_hat].map(|t| prep.checkpoint(t));
+                let output = B::reconstruction_terms(x.into_primitive(), x_hat.into_primitive());
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::reconstruction_terms(
+                x.into_primitive(),
+                x_hat.into_primitive(),
+            )),
+        }
+    }
+
+    fn reconstruction_terms_backward(
+        x: FloatTensor<Self>,
+        x_hat: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        of_x_hat: bool,
+    ) -> FloatTensor<Self> {
+        // A constant: the training loss needs no second derivative.
+        Self::from_inner(B::reconstruction_terms_backward(
+            x.into_primitive(),
+            x_hat.into_primitive(),
+            grad.into_primitive(),
+            of_x_hat,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::assert_close_to_reference;
+    use burn::tensor::{DType, Device};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The terms as burn's general operations compute them: the reference for the fused step.
+    fn composed(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
+        let norm = |t: Tensor<2>| (t.clone() * t).sum_dim(1).add_scalar(NORM_EPS).sqrt();
+        let x_norm = norm(x.clone());
+        let error = x.clone() - x_hat.clone();
+        let relative_distance = norm(error.clone()) / x_norm.clone();
+        let cosine = (x * x_hat.clone()).sum_dim(1) / (x_norm * norm(x_hat));
+        let squared_error = (error.clone() * error).sum_dim(1);
+        Tensor::cat(vec![relative_distance, cosine, squared_error], 1)
+    }
+
+    /// Terms and the gradients of a weighted sum of them with respect to x and x'.
+    fn terms_and_gradients(fused: bool, dtype: DType) -> [Vec<f64>; 3] {
+        let (n, d) = (40, 7);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut draw = |count: usize| -> Vec<f64> {
+            (0..count).map(|_| rng.random_range(-1.5..1.5)).collect()
+        };
+        let device = Device::flex().autodiff();
+        let tensor = |v: Vec<f64>, dims: [usize; 2]| crate::testing::leaf(v, dims, dtype, &device);
+        let x = tensor(draw(n * d), [n, d]);
+        let x_hat = tensor(draw(n * d), [n, d]);
+        let weights = tensor(draw(n * 3), [n, 3]).detach();
+        let terms = if fused {
+            reconstruction_terms(x.clone(), x_hat.clone())
+        } else {
+            composed(x.clone(), x_hat.clone())
+        };
+        let values = |t: Tensor<2>| {
+            let [rows, cols] = t.dims();
+            t.reshape([rows * cols])
+                .into_data()
+                .convert::<f64>()
+                .try_into_vec::<f64>()
+                .unwrap()
+        };
+        let grads = (terms.clone() * weights).sum().backward();
+        [
+            values(terms),
+            values(x.grad(&grads).unwrap()),
+            values(x_hat.grad(&grads).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn fused_terms_match_the_composed_operations_and_their_gradients() {
+        // f64: the two differ by rounding only. f32: training's precision.
+        for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let fused = terms_and_gradients(true, dtype);
+            let composed = terms_and_gradients(false, dtype);
+            assert_close_to_reference(&["terms", "dx", "dx'"], &fused, &composed, tolerance);
+        }
+    }
+
+    #[test]
+    fn a_zero_row_keeps_finite_terms_and_gradients() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<2>::zeros([2, 4], &device).require_grad();
+        let x_hat = Tensor::<2>::zeros([2, 4], &device).require_grad();
+        let terms = reconstruction_terms(x.clone(), x_hat.clone());
+        let grads = terms.clone().sum().backward();
+        let all_finite = |t: Tensor<2>| {
+            t.into_data()
+                .try_into_vec::<f32>()
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite())
+        };
+        assert!(all_finite(terms));
+        assert!(all_finite(x.grad(&grads).unwrap()));
+        assert!(all_finite(x_hat.grad(&grads).unwrap()));
+    }
+}
