@@ -16,11 +16,12 @@ use crate::ModelError;
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
 use crate::fastmath::LaneFloat;
 use crate::mixture_energy::mixture_energy;
+use crate::mixture_stats::mixture_stats;
 
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
 /// Floor for mixture weights and membership sums, so an empty component gives log(φ) = −27.6,
 /// not −∞, and its mean is not 0/0.
-const MIN_WEIGHT: f64 = 1e-12;
+pub(crate) const MIN_WEIGHT: f64 = 1e-12;
 
 /// Mixture parameters as differentiable tensors.
 pub struct GmmTensors {
@@ -34,19 +35,16 @@ pub struct GmmTensors {
 
 /// φ, μ, Σ from memberships γ `[n, k]` and codes z `[n, d]` (paper eq. 5).
 pub fn gmm_stats(z: Tensor<2>, gamma: Tensor<2>) -> GmmTensors {
-    let [n, d] = z.dims();
+    let d = z.dims()[1];
     let k = gamma.dims()[1];
-    let gamma_sum = gamma.clone().sum_dim(0).add_scalar(MIN_WEIGHT); // [1, k]
-    let phi = gamma_sum.clone().div_scalar(n as f64).reshape([k]);
-    let mu = gamma.clone().transpose().matmul(z.clone()) / gamma_sum.clone().reshape([k, 1]);
-    let centred = z.unsqueeze_dim::<3>(1) - mu.clone().unsqueeze_dim::<3>(0); // [n, k, d]
-    let weighted = centred.clone() * gamma.unsqueeze_dim::<3>(2); // [n, k, d]
-    let cov = weighted
-        .permute([1, 2, 0]) // [k, d, n]
-        .matmul(centred.swap_dims(0, 1)) // [k, n, d]
-        / gamma_sum.reshape([k, 1, 1]);
-    let _ = d;
-    GmmTensors { phi, mu, cov }
+    let packed = mixture_stats(z, gamma);
+    GmmTensors {
+        phi: packed.clone().slice([0..k, 0..1]).reshape([k]),
+        mu: packed.clone().slice([0..k, 1..1 + d]),
+        cov: packed
+            .slice([0..k, 1 + d..1 + d + d * d])
+            .reshape([k, d, d]),
+    }
 }
 
 /// Per-sample energy E(z) = −log Σ_k φ_k N(z | μ_k, Σ_k + cov_reg·I), `[n]`, and the penalty

@@ -21,10 +21,11 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
 };
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
 use crate::fastmath::exp_non_positive;
+use crate::flex_values::{from_f64, to_f64};
 use crate::gmm::LaneMixture;
 use crate::scorer::{Isa, mixture_energies};
 
@@ -220,44 +221,6 @@ impl Mixture {
         }
         [z_bar, mu_bar, chol_bar, log_norm_bar]
     }
-}
-
-/// A flex tensor's values as f64, whatever its float type and layout.
-fn to_f64(tensor: &FlexTensor) -> Vec<f64> {
-    let contiguous;
-    let tensor = if tensor.is_contiguous() {
-        tensor
-    } else {
-        contiguous = tensor.to_contiguous();
-        &contiguous
-    };
-    match tensor.dtype() {
-        DType::F64 => tensor.as_slice::<f64>().map(<[f64]>::to_vec),
-        DType::F32 => tensor
-            .as_slice::<f32>()
-            .map(|v| v.iter().map(|&x| f64::from(x)).collect()),
-        _ => None,
-    }
-    .or_else(|| {
-        // Any other float type, or a view narrower than its buffer: burn converts.
-        tensor
-            .to_contiguous()
-            .into_data()
-            .convert::<f64>()
-            .try_into_vec::<f64>()
-            .ok()
-    })
-    .expect("a float tensor converts to f64")
-}
-
-/// f64 values as a flex tensor of `dtype` (f32 or f64).
-fn from_f64(values: Vec<f64>, shape: impl Into<burn::tensor::Shape>, dtype: DType) -> FlexTensor {
-    let data = TensorData::new(values, shape.into());
-    FlexTensor::from_data(if dtype == DType::F64 {
-        data
-    } else {
-        data.convert_dtype(dtype)
-    })
 }
 
 fn mixture(z: &FlexTensor, mu: &FlexTensor, chol: &FlexTensor, log_norm: &FlexTensor) -> Mixture {

@@ -1,0 +1,369 @@
+//! The mixture's weights, means and covariances from memberships (paper eq. 5), recorded as a
+//! single autodiff step:
+//! s_c = Σ_i γ_ic + ε, φ_c = s_c / n, μ_c = Σ_i γ_ic z_i / s_c,
+//! Σ_c = Σ_i γ_ic (z_i − μ_c)(z_i − μ_c)ᵀ / s_c.
+//!
+//! Composed from burn's operations this built and differentiated `[n, k, d]` tensors; here each
+//! pass is two loops over the samples, in f64 whatever the element type. The output packs the
+//! three per component, `[k, 1 + d + d·d]`; [`crate::gmm::gmm_stats`] slices them apart.
+
+// Index loops read closest to the formulas.
+#![allow(clippy::needless_range_loop)]
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
+};
+use burn::tensor::Tensor;
+
+use crate::config::MAX_Z_DIM;
+use crate::flex_values::{from_f64, to_f64};
+use crate::gmm::MIN_WEIGHT;
+
+#[backend_extension(Flex, Autodiff)]
+pub trait MixtureStatsBackend: Backend {
+    /// `[k, 1 + d + d·d]`: φ_c, μ_c and row-major Σ_c of each component, from z `[n, d]` and
+    /// memberships γ `[n, k]`.
+    fn mixture_stats(z: FloatTensor<Self>, gamma: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// Gradients of Σ grad ⊙ stats with respect to z and γ. Values only: the autodiff step
+    /// calls it on the inner backend.
+    fn mixture_stats_backward(
+        z: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// `[k, 1 + d + d·d]`: each component's weight, mean and row-major covariance.
+pub fn mixture_stats(z: Tensor<2>, gamma: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as MixtureStatsBackend>::mixture_stats(
+        z.into_dispatch(),
+        gamma.into_dispatch(),
+    ))
+}
+
+/// The inputs as plain f64 values, and the statistics.
+struct Stats {
+    n: usize,
+    d: usize,
+    k: usize,
+    z: Vec<f64>,
+    gamma: Vec<f64>,
+    /// s_c, `[k]`.
+    sums: Vec<f64>,
+    /// μ, `[k, d]`.
+    mu: Vec<f64>,
+    /// Σ, `[k, d, d]`.
+    cov: Vec<f64>,
+}
+
+impl Stats {
+    fn new(z: Vec<f64>, gamma: Vec<f64>, n: usize, d: usize, k: usize) -> Self {
+        let mut sums = vec![MIN_WEIGHT; k];
+        let mut mu = vec![0.0; k * d];
+        for i in 0..n {
+            for c in 0..k {
+                let g = gamma[i * k + c];
+                sums[c] += g;
+                for j in 0..d {
+                    mu[c * d + j] += g * z[i * d + j];
+                }
+            }
+        }
+        for c in 0..k {
+            for j in 0..d {
+                mu[c * d + j] /= sums[c];
+            }
+        }
+        let mut cov = vec![0.0; k * d * d];
+        let mut r = vec![0.0; d];
+        for i in 0..n {
+            for c in 0..k {
+                let g = gamma[i * k + c];
+                for j in 0..d {
+                    r[j] = z[i * d + j] - mu[c * d + j];
+                }
+                for a in 0..d {
+                    for b in 0..d {
+                        cov[(c * d + a) * d + b] += g * r[a] * r[b];
+                    }
+                }
+            }
+        }
+        for c in 0..k {
+            for v in &mut cov[c * d * d..(c + 1) * d * d] {
+                *v /= sums[c];
+            }
+        }
+        Self {
+            n,
+            d,
+            k,
+            z,
+            gamma,
+            sums,
+            mu,
+            cov,
+        }
+    }
+
+    fn packed(&self) -> Vec<f64> {
+        let (n, d) = (self.n, self.d);
+        (0..self.k)
+            .flat_map(|c| {
+                std::iter::once(self.sums[c] / n as f64)
+                    .chain(self.mu[c * d..(c + 1) * d].iter().copied())
+                    .chain(self.cov[c * d * d..(c + 1) * d * d].iter().copied())
+            })
+            .collect()
+    }
+
+    /// The gradients with respect to z and γ for the packed output gradient `grad`.
+    ///
+    /// With r_ic = z_i − μ_c and S̄_c + S̄_cᵀ = Ŝ_c (S̄ the covariance gradient):
+    /// - μ's gradient, including Σ's dependence on μ: M̄'_c = M̄_c − Ŝ_c (Σ_i γ_ic r_ic) / s_c;
+    /// - ∂/∂γ_ic = Φ̄_c / n + M̄'_c · r_ic / s_c + ⟨S̄_c, r_ic r_icᵀ − Σ_c⟩ / s_c;
+    /// - ∂/∂z_i = Σ_c γ_ic (M̄'_c + Ŝ_c r_ic) / s_c.
+    fn gradients(&self, grad: &[f64]) -> [Vec<f64>; 2] {
+        let (n, d, k) = (self.n, self.d, self.k);
+        let width = 1 + d + d * d;
+        let cov_bar = |c: usize| &grad[c * width + 1 + d..(c + 1) * width];
+        // Ŝ_c, and ⟨S̄_c, Σ_c⟩ (the part of the γ gradient that does not depend on i).
+        let mut symmetric = vec![0.0; k * d * d];
+        let mut cov_dot = vec![0.0; k];
+        for c in 0..k {
+            let (bar, cov) = (cov_bar(c), &self.cov[c * d * d..(c + 1) * d * d]);
+            for a in 0..d {
+                for b in 0..d {
+                    symmetric[c * d * d + a * d + b] = bar[a * d + b] + bar[b * d + a];
+                    cov_dot[c] += bar[a * d + b] * cov[a * d + b];
+                }
+            }
+        }
+        // Σ_i γ_ic r_ic (zero up to the ε in s_c), then M̄'.
+        let mut weighted_residuals = vec![0.0; k * d];
+        for i in 0..n {
+            for c in 0..k {
+                let g = self.gamma[i * k + c];
+                for j in 0..d {
+                    weighted_residuals[c * d + j] += g * (self.z[i * d + j] - self.mu[c * d + j]);
+                }
+            }
+        }
+        let mut mu_bar = vec![0.0; k * d];
+        for c in 0..k {
+            for a in 0..d {
+                let mut through_cov = 0.0;
+                for b in 0..d {
+                    through_cov += symmetric[c * d * d + a * d + b] * weighted_residuals[c * d + b];
+                }
+                mu_bar[c * d + a] = grad[c * width + 1 + a] - through_cov / self.sums[c];
+            }
+        }
+        let inverse_sums: Vec<f64> = self.sums.iter().map(|s| s.recip()).collect();
+        let mut z_bar = vec![0.0; n * d];
+        let mut gamma_bar = vec![0.0; n * k];
+        let mut r = [0.0; MAX_Z_DIM];
+        for i in 0..n {
+            let z = &self.z[i * d..(i + 1) * d];
+            for c in 0..k {
+                let (inverse_sum, g) = (inverse_sums[c], self.gamma[i * k + c]);
+                let (bar, sym) = (cov_bar(c), &symmetric[c * d * d..(c + 1) * d * d]);
+                for j in 0..d {
+                    r[j] = z[j] - self.mu[c * d + j];
+                }
+                let mut value = grad[c * width] / n as f64 - cov_dot[c] * inverse_sum;
+                for a in 0..d {
+                    let mut through_cov = 0.0;
+                    let mut quadratic = 0.0;
+                    for b in 0..d {
+                        through_cov += sym[a * d + b] * r[b];
+                        quadratic += bar[a * d + b] * r[b];
+                    }
+                    z_bar[i * d + a] += g * (mu_bar[c * d + a] + through_cov) * inverse_sum;
+                    value += (mu_bar[c * d + a] + quadratic) * r[a] * inverse_sum;
+                }
+                gamma_bar[i * k + c] = value;
+            }
+        }
+        [z_bar, gamma_bar]
+    }
+}
+
+fn stats(z: &FlexTensor, gamma: &FlexTensor) -> Stats {
+    let [n, d] = z.shape().dims();
+    let k = gamma.shape().dims::<2>()[1];
+    Stats::new(to_f64(z), to_f64(gamma), n, d, k)
+}
+
+impl MixtureStatsBackend for Flex {
+    fn mixture_stats(z: FlexTensor, gamma: FlexTensor) -> FlexTensor {
+        let s = stats(&z, &gamma);
+        from_f64(s.packed(), [s.k, 1 + s.d + s.d * s.d], z.dtype())
+    }
+
+    fn mixture_stats_backward(
+        z: FlexTensor,
+        gamma: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let s = stats(&z, &gamma);
+        let [z_bar, gamma_bar] = s.gradients(&to_f64(&grad));
+        (
+            from_f64(z_bar, [s.n, s.d], z.dtype()),
+            from_f64(gamma_bar, [s.n, s.k], gamma.dtype()),
+        )
+    }
+}
+
+#[derive(Debug)]
+struct StatsStep;
+
+impl<B: Backend + MixtureStatsBackend> Backward<B, 2> for StatsStep {
+    /// z and γ, checkpointed.
+    type State = [NodeId; 2];
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [z, gamma] = ops
+            .state
+            .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+        let (z_bar, gamma_bar) = B::mixture_stats_backward(z, gamma, grad);
+        for (parent, value) in ops.parents.into_iter().zip([z_bar, gamma_bar]) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, value);
+            }
+        }
+    }
+}
+
+impl<B: Backend + MixtureStatsBackend, C: CheckpointStrategy> MixtureStatsBackend
+    for Autodiff<B, C>
+{
+    fn mixture_stats(z: FloatTensor<Self>, gamma: FloatTensor<Self>) -> FloatTensor<Self> {
+        match StatsStep
+            .prepare::<C>([z.node(), gamma.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = [&z, &gamma].map(|t| prep.checkpoint(t));
+                let output = B::mixture_stats(z.into_primitive(), gamma.into_primitive());
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::mixture_stats(z.into_primitive(), gamma.into_primitive()))
+            }
+        }
+    }
+
+    fn mixture_stats_backward(
+        z: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // Constants: the training loss needs no second derivative.
+        let (z_bar, gamma_bar) = B::mixture_stats_backward(
+            z.into_primitive(),
+            gamma.into_primitive(),
+            grad.into_primitive(),
+        );
+        (Self::from_inner(z_bar), Self::from_inner(gamma_bar))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gmm::gmm_stats;
+    use crate::testing::{assert_close_to_reference, leaf};
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{DType, Device, TensorData};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// φ, μ, Σ as burn's general operations compute them: the reference for the fused step.
+    fn composed(z: Tensor<2>, gamma: Tensor<2>) -> [Tensor<1>; 3] {
+        let [n, d] = z.dims();
+        let k = gamma.dims()[1];
+        let gamma_sum = gamma.clone().sum_dim(0).add_scalar(MIN_WEIGHT); // [1, k]
+        // Divided by a tensor: div_scalar's gradient rounds 1/n to f32, even for f64 tensors.
+        let count = Tensor::<2>::full([1, k], n as f64, &z.device()).cast(z.dtype());
+        let phi = (gamma_sum.clone() / count).reshape([k]);
+        let mu = gamma.clone().transpose().matmul(z.clone()) / gamma_sum.clone().reshape([k, 1]);
+        let centred = z.unsqueeze_dim::<3>(1) - mu.clone().unsqueeze_dim::<3>(0); // [n, k, d]
+        let weighted = centred.clone() * gamma.unsqueeze_dim::<3>(2);
+        let cov = weighted.permute([1, 2, 0]).matmul(centred.swap_dims(0, 1))
+            / gamma_sum.reshape([k, 1, 1]);
+        [phi, mu.reshape([k * d]), cov.reshape([k * d * d])]
+    }
+
+    /// The statistics and the gradients of a weighted sum of them with respect to z and the
+    /// membership logits.
+    fn stats_and_gradients(fused: bool, dtype: DType) -> [Vec<f64>; 5] {
+        let (n, d, k) = (50, 3, 4);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut draw = |count: usize| -> Vec<f64> {
+            (0..count).map(|_| rng.random_range(-2.0..2.0)).collect()
+        };
+        let device = Device::flex().autodiff();
+        let z = leaf(draw(n * d), [n, d], dtype, &device);
+        let logits = leaf(draw(n * k), [n, k], dtype, &device);
+        let gamma = softmax(logits.clone(), 1);
+        let [phi, mu, cov] = if fused {
+            let s = gmm_stats(z.clone(), gamma);
+            [s.phi, s.mu.reshape([k * d]), s.cov.reshape([k * d * d])]
+        } else {
+            composed(z.clone(), gamma)
+        };
+        let weights = |len: usize, draw: &mut dyn FnMut(usize) -> Vec<f64>| {
+            Tensor::<1>::from_data(TensorData::new(draw(len), [len]), &device).cast(dtype)
+        };
+        let loss = (phi.clone() * weights(k, &mut draw)).sum()
+            + (mu.clone() * weights(k * d, &mut draw)).sum()
+            + (cov.clone() * weights(k * d * d, &mut draw)).sum();
+        let grads = loss.backward();
+        let values = |t: Tensor<1>| {
+            t.into_data()
+                .convert::<f64>()
+                .try_into_vec::<f64>()
+                .unwrap()
+        };
+        let grad = |t: &Tensor<2>| {
+            let [rows, cols] = t.dims();
+            values(t.grad(&grads).unwrap().reshape([rows * cols]))
+        };
+        [
+            values(phi),
+            values(mu),
+            values(cov),
+            grad(&z),
+            grad(&logits),
+        ]
+    }
+
+    #[test]
+    fn fused_stats_match_the_composed_operations_and_their_gradients() {
+        // f64: the two differ by rounding only. f32: training's precision.
+        for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            assert_close_to_reference(
+                &["phi", "mu", "cov", "dz", "dlogits"],
+                &stats_and_gradients(true, dtype),
+                &stats_and_gradients(false, dtype),
+                tolerance,
+            );
+        }
+    }
+}
