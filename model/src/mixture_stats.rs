@@ -32,11 +32,12 @@ pub trait MixtureStatsBackend: Backend {
     /// memberships γ `[n, k]`.
     fn mixture_stats(z: FloatTensor<Self>, gamma: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// Gradients of Σ grad ⊙ stats with respect to z and γ. Values only: the autodiff step
-    /// calls it on the inner backend.
+    /// Gradients of Σ grad ⊙ stats with respect to z and γ, given the forward pass's `stats`.
+    /// Values only: the autodiff step calls it on the inner backend.
     fn mixture_stats_backward(
         z: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
@@ -111,6 +112,26 @@ impl Stats {
             sums,
             mu,
             cov,
+        }
+    }
+
+    /// The statistics a forward pass packed, instead of computing them again.
+    fn unpack(z: Vec<f64>, gamma: Vec<f64>, packed: &[f64], n: usize, d: usize, k: usize) -> Self {
+        let width = 1 + d + d * d;
+        let component = |c: usize| &packed[c * width..(c + 1) * width];
+        Self {
+            n,
+            d,
+            k,
+            z,
+            gamma,
+            sums: (0..k).map(|c| component(c)[0] * n as f64).collect(),
+            mu: (0..k)
+                .flat_map(|c| component(c)[1..1 + d].to_vec())
+                .collect(),
+            cov: (0..k)
+                .flat_map(|c| component(c)[1 + d..].to_vec())
+                .collect(),
         }
     }
 
@@ -212,13 +233,16 @@ impl MixtureStatsBackend for Flex {
     fn mixture_stats_backward(
         z: FlexTensor,
         gamma: FlexTensor,
+        stats: FlexTensor,
         grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor) {
-        let s = stats(&z, &gamma);
+        let [n, d] = z.shape().dims();
+        let k = gamma.shape().dims::<2>()[1];
+        let s = Stats::unpack(to_f64(&z), to_f64(&gamma), &to_f64(&stats), n, d, k);
         let [z_bar, gamma_bar] = s.gradients(&to_f64(&grad));
         (
-            from_f64(z_bar, [s.n, s.d], z.dtype()),
-            from_f64(gamma_bar, [s.n, s.k], gamma.dtype()),
+            from_f64(z_bar, [n, d], z.dtype()),
+            from_f64(gamma_bar, [n, k], gamma.dtype()),
         )
     }
 }
@@ -227,8 +251,8 @@ impl MixtureStatsBackend for Flex {
 struct StatsStep;
 
 impl<B: Backend + MixtureStatsBackend> Backward<B, 2> for StatsStep {
-    /// z and γ, checkpointed.
-    type State = [NodeId; 2];
+    /// z and γ, checkpointed, and the statistics computed from them.
+    type State = ([NodeId; 2], FloatTensor<B>);
 
     fn backward(
         self,
@@ -237,10 +261,9 @@ impl<B: Backend + MixtureStatsBackend> Backward<B, 2> for StatsStep {
         checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let [z, gamma] = ops
-            .state
-            .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
-        let (z_bar, gamma_bar) = B::mixture_stats_backward(z, gamma, grad);
+        let (inputs, stats) = ops.state;
+        let [z, gamma] = inputs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+        let (z_bar, gamma_bar) = B::mixture_stats_backward(z, gamma, stats, grad);
         for (parent, value) in ops.parents.into_iter().zip([z_bar, gamma_bar]) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, value);
@@ -259,9 +282,9 @@ impl<B: Backend + MixtureStatsBackend, C: CheckpointStrategy> MixtureStatsBacken
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let state = [&z, &gamma].map(|t| prep.checkpoint(t));
+                let inputs = [&z, &gamma].map(|t| prep.checkpoint(t));
                 let output = B::mixture_stats(z.into_primitive(), gamma.into_primitive());
-                prep.finish(state, output)
+                prep.finish((inputs, output.clone()), output)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::mixture_stats(z.into_primitive(), gamma.into_primitive()))
@@ -272,12 +295,14 @@ impl<B: Backend + MixtureStatsBackend, C: CheckpointStrategy> MixtureStatsBacken
     fn mixture_stats_backward(
         z: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         // Constants: the training loss needs no second derivative.
         let (z_bar, gamma_bar) = B::mixture_stats_backward(
             z.into_primitive(),
             gamma.into_primitive(),
+            stats.into_primitive(),
             grad.into_primitive(),
         );
         (Self::from_inner(z_bar), Self::from_inner(gamma_bar))
