@@ -16,9 +16,10 @@ use crate::ModelError;
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
 use crate::fastmath::LaneFloat;
 use crate::mixture_energy::mixture_energy;
+use crate::mixture_factors::mixture_factors;
 use crate::mixture_stats::mixture_stats;
 
-const LN_2PI: f64 = 1.837_877_066_409_345_5;
+pub(crate) const LN_2PI: f64 = 1.837_877_066_409_345_5;
 /// Floor for mixture weights and membership sums, so an empty component gives log(φ) = −27.6,
 /// not −∞, and its mean is not 0/0.
 pub(crate) const MIN_WEIGHT: f64 = 1e-12;
@@ -59,102 +60,19 @@ pub fn gmm_stats(z: Tensor<2>, gamma: Tensor<2>) -> GmmTensors {
 pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tensor<1>) {
     let d = z.dims()[1];
     let k = gmm.phi.dims()[0];
-    let factors = factors(&z, gmm, cov_reg);
-    // The factors as [k, d, d], zero above the diagonal: row-major entries stacked as [d·d, k].
-    let zeros = Tensor::<2>::zeros([1, k], &z.device()).cast(z.dtype());
-    let chol = Tensor::cat(
-        (0..d * d)
-            .map(|at| {
-                factors.l[at / d][at % d]
-                    .clone()
-                    .unwrap_or_else(|| zeros.clone())
-            })
-            .collect(),
-        0,
-    )
-    .transpose()
-    .reshape([k, d, d]);
-    let log_norm = factors.log_norm.reshape([k]);
-    let energies = mixture_energy(z, gmm.mu.clone(), chol, log_norm);
-    (energies, factors.penalty)
-}
-
-/// What [`energy`] needs besides z and μ, as differentiable tensors.
-struct Factors {
-    /// Cholesky factor entries L_ij (i ≥ j) of Σ_k + cov_reg·I across components, each `[1, k]`.
-    l: Vec<Vec<Option<Tensor<2>>>>,
-    /// log φ_k − log|L_k| − d/2·log 2π, `[1, k]`.
-    log_norm: Tensor<2>,
-    /// The covariance penalty, `[1]`.
-    penalty: Tensor<1>,
-}
-
-fn factors(z: &Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> Factors {
-    let d = z.dims()[1];
-    let k = gmm.phi.dims()[0];
-    let device = z.device();
-    // Work in z's element type (f32 in training, f64 for reference checks).
-    let dtype = z.dtype();
-    let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device).cast(dtype);
-    let eye = Tensor::<2>::from_data(identity(d), &device)
-        .cast(dtype)
-        .unsqueeze_dim::<3>(0);
-    let cov = gmm.cov.clone() + eye.mul_scalar(cov_reg);
-    let entry = |i: usize, j: usize| {
-        cov.clone()
-            .slice([0..k, i..i + 1, j..j + 1])
-            .reshape([1, k])
-    };
-
-    // Cholesky Σ = L Lᵀ entry by entry on [1, k] tensors: differentiable and tiny (d ≤ 12).
-    // Each pivot is at least cov_reg in exact arithmetic; the clamp only absorbs f32 rounding.
-    let mut l: Vec<Vec<Option<Tensor<2>>>> = vec![vec![None; d]; d];
     // Population variance (n, not n − 1), so a one-row batch gives 0 rather than NaN.
     let detached = z.clone().detach();
-    let centred_z = detached.clone() - detached.mean_dim(0);
-    let spread = (centred_z.clone() * centred_z)
+    let centred = detached.clone() - detached.mean_dim(0);
+    let spread = (centred.clone() * centred)
         .mean_dim(0)
-        .add_scalar(cov_reg); // [1, d]
-    let mut inverse_diagonals = zeros([1, k]);
-    for j in 0..d {
-        let c_jj = entry(j, j);
-        let v_j = spread.clone().slice([0..1, j..j + 1]); // [1, 1]
-        inverse_diagonals = inverse_diagonals + v_j / c_jj.clone();
-        let mut pivot = c_jj;
-        for p in 0..j {
-            let l_jp = l[j][p].clone().unwrap();
-            pivot = pivot - l_jp.clone() * l_jp;
-        }
-        let l_jj = pivot.clamp_min(cov_reg).sqrt();
-        for i in j + 1..d {
-            let mut off = entry(i, j);
-            for p in 0..j {
-                off = off - l[i][p].clone().unwrap() * l[j][p].clone().unwrap();
-            }
-            l[i][j] = Some(off / l_jj.clone());
-        }
-        l[j][j] = Some(l_jj);
-    }
-    let half_log_det = (0..d)
-        .map(|j| l[j][j].clone().unwrap().log())
-        .reduce(|sum, term| sum + term)
-        .expect("d ≥ 1");
-    let penalty = (inverse_diagonals * gmm.phi.clone().detach().reshape([1, k])).sum();
-    let log_phi = gmm.phi.clone().clamp_min(MIN_WEIGHT).log().reshape([1, k]);
-    let log_norm = log_phi - half_log_det - 0.5 * d as f64 * LN_2PI;
-    Factors {
-        l,
-        log_norm,
-        penalty,
-    }
-}
-
-fn identity(d: usize) -> TensorData {
-    let mut v = vec![0f32; d * d];
-    for i in 0..d {
-        v[i * d + i] = 1.0;
-    }
-    TensorData::new(v, [d, d])
+        .add_scalar(cov_reg)
+        .reshape([d]);
+    let factors = mixture_factors(gmm.phi.clone(), gmm.cov.clone(), spread, cov_reg);
+    let chol = factors.clone().slice([0..k, 0..d * d]).reshape([k, d, d]);
+    let log_norm = factors.clone().slice([0..k, d * d..d * d + 1]).reshape([k]);
+    let penalty = factors.slice([0..k, d * d + 1..d * d + 2]).sum();
+    let energies = mixture_energy(z, gmm.mu.clone(), chol, log_norm);
+    (energies, penalty)
 }
 
 /// Fitted mixture parameters in f64, with each regularised covariance's Cholesky factor.
@@ -522,6 +440,85 @@ mod tests {
                 (f64::from(e) - expected).abs() <= 1e-4 * expected.abs().max(1.0),
                 "{e} vs {expected}"
             );
+        }
+    }
+
+    fn identity(d: usize) -> TensorData {
+        let mut v = vec![0f32; d * d];
+        for i in 0..d {
+            v[i * d + i] = 1.0;
+        }
+        TensorData::new(v, [d, d])
+    }
+
+    /// The Cholesky factors, log normalisers and penalty as burn's general operations compute
+    /// them: with [`energy_composed`], the reference for the fused steps.
+    struct Factors {
+        /// Cholesky factor entries L_ij (i ≥ j) of Σ_k + cov_reg·I across components, each `[1, k]`.
+        l: Vec<Vec<Option<Tensor<2>>>>,
+        /// log φ_k − log|L_k| − d/2·log 2π, `[1, k]`.
+        log_norm: Tensor<2>,
+        /// The covariance penalty, `[1]`.
+        penalty: Tensor<1>,
+    }
+
+    fn factors(z: &Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> Factors {
+        let d = z.dims()[1];
+        let k = gmm.phi.dims()[0];
+        let device = z.device();
+        // Work in z's element type (f32 in training, f64 for reference checks).
+        let dtype = z.dtype();
+        let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device).cast(dtype);
+        let eye = Tensor::<2>::from_data(identity(d), &device)
+            .cast(dtype)
+            .unsqueeze_dim::<3>(0);
+        let cov = gmm.cov.clone() + eye.mul_scalar(cov_reg);
+        let entry = |i: usize, j: usize| {
+            cov.clone()
+                .slice([0..k, i..i + 1, j..j + 1])
+                .reshape([1, k])
+        };
+
+        // Cholesky Σ = L Lᵀ entry by entry on [1, k] tensors: differentiable and tiny (d ≤ 12).
+        // Each pivot is at least cov_reg in exact arithmetic; the clamp only absorbs f32 rounding.
+        let mut l: Vec<Vec<Option<Tensor<2>>>> = vec![vec![None; d]; d];
+        // Population variance (n, not n − 1), so a one-row batch gives 0 rather than NaN.
+        let detached = z.clone().detach();
+        let centred_z = detached.clone() - detached.mean_dim(0);
+        let spread = (centred_z.clone() * centred_z)
+            .mean_dim(0)
+            .add_scalar(cov_reg); // [1, d]
+        let mut inverse_diagonals = zeros([1, k]);
+        for j in 0..d {
+            let c_jj = entry(j, j);
+            let v_j = spread.clone().slice([0..1, j..j + 1]); // [1, 1]
+            inverse_diagonals = inverse_diagonals + v_j / c_jj.clone();
+            let mut pivot = c_jj;
+            for p in 0..j {
+                let l_jp = l[j][p].clone().unwrap();
+                pivot = pivot - l_jp.clone() * l_jp;
+            }
+            let l_jj = pivot.clamp_min(cov_reg).sqrt();
+            for i in j + 1..d {
+                let mut off = entry(i, j);
+                for p in 0..j {
+                    off = off - l[i][p].clone().unwrap() * l[j][p].clone().unwrap();
+                }
+                l[i][j] = Some(off / l_jj.clone());
+            }
+            l[j][j] = Some(l_jj);
+        }
+        let half_log_det = (0..d)
+            .map(|j| l[j][j].clone().unwrap().log())
+            .reduce(|sum, term| sum + term)
+            .expect("d ≥ 1");
+        let penalty = (inverse_diagonals * gmm.phi.clone().detach().reshape([1, k])).sum();
+        let log_phi = gmm.phi.clone().clamp_min(MIN_WEIGHT).log().reshape([1, k]);
+        let log_norm = log_phi - half_log_det - 0.5 * d as f64 * LN_2PI;
+        Factors {
+            l,
+            log_norm,
+            penalty,
         }
     }
 

@@ -14,6 +14,7 @@ mod fastmath;
 mod flex_values;
 pub mod gmm;
 pub mod mixture_energy;
+pub mod mixture_factors;
 pub mod mixture_stats;
 pub mod network;
 pub mod preprocess;
