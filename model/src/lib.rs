@@ -11,7 +11,6 @@ mod error;
 pub mod eval;
 pub mod explain;
 mod fastmath;
-mod flex_values;
 pub mod gmm;
 pub mod mixture_energy;
 pub mod mixture_factors;
@@ -20,6 +19,7 @@ pub mod network;
 pub mod preprocess;
 pub mod reconstruction;
 pub mod scorer;
+mod step_support;
 #[cfg(test)]
 mod testing;
 pub mod thresholds;

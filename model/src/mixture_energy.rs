@@ -25,9 +25,9 @@ use burn::tensor::Tensor;
 
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
 use crate::fastmath::exp_non_positive;
-use crate::flex_values::{from_f64, to_f64};
 use crate::gmm::LaneMixture;
 use crate::scorer::{Isa, mixture_energies};
+use crate::step_support::{from_f64, register_gradients, to_f64};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait MixtureEnergyBackend: Backend {
@@ -285,15 +285,11 @@ impl<B: Backend + MixtureEnergyBackend> Backward<B, 4> for EnergyStep {
             .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
         let (z_bar, mu_bar, chol_bar, log_norm_bar) =
             B::mixture_energy_backward(z, mu, chol, log_norm, grad);
-        for (parent, value) in ops
-            .parents
-            .into_iter()
-            .zip([z_bar, mu_bar, chol_bar, log_norm_bar])
-        {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, value);
-            }
-        }
+        register_gradients::<B, _>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [z_bar, mu_bar, chol_bar, log_norm_bar],
+        );
     }
 }
 

@@ -24,8 +24,8 @@ use burn::backend::{
 };
 use burn::tensor::Tensor;
 
-use crate::flex_values::{from_f64, to_f64};
 use crate::gmm::{LN_2PI, MIN_WEIGHT};
+use crate::step_support::{from_f64, register_gradients, to_f64};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait MixtureFactorsBackend: Backend {
@@ -219,11 +219,11 @@ impl<B: Backend + MixtureFactorsBackend> Backward<B, 2> for FactorsStep {
         let [phi, cov] = inputs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
         let (phi_bar, cov_bar) =
             B::mixture_factors_backward(phi, cov, spread, factors, grad, cov_reg);
-        for (parent, value) in ops.parents.into_iter().zip([phi_bar, cov_bar]) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, value);
-            }
-        }
+        register_gradients::<B, _>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [phi_bar, cov_bar],
+        );
     }
 }
 

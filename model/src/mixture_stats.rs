@@ -23,8 +23,8 @@ use burn::backend::{
 use burn::tensor::Tensor;
 
 use crate::config::MAX_Z_DIM;
-use crate::flex_values::{from_f64, to_f64};
 use crate::gmm::MIN_WEIGHT;
+use crate::step_support::{from_f64, register_gradients, to_f64};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait MixtureStatsBackend: Backend {
@@ -264,11 +264,11 @@ impl<B: Backend + MixtureStatsBackend> Backward<B, 2> for StatsStep {
         let (inputs, stats) = ops.state;
         let [z, gamma] = inputs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
         let (z_bar, gamma_bar) = B::mixture_stats_backward(z, gamma, stats, grad);
-        for (parent, value) in ops.parents.into_iter().zip([z_bar, gamma_bar]) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, value);
-            }
-        }
+        register_gradients::<B, _>(
+            grads,
+            ops.parents.map(|p| p.map(|node| node.id)),
+            [z_bar, gamma_bar],
+        );
     }
 }
 

@@ -1,7 +1,11 @@
-//! Reading and writing flex tensors as plain f64 values, for the training steps whose passes
-//! are loops of our own.
+//! What the training steps with passes of our own share: reading and writing flex tensors as
+//! plain f64 values, and handing gradients to the parents that need them.
 
+use burn::backend::Backend;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::grads::Gradients;
 use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
 use burn::tensor::{DType, TensorData};
 
 /// A flex tensor's values as f64, whatever its float type and layout.
@@ -44,4 +48,17 @@ pub(crate) fn from_f64(
     } else {
         data.convert_dtype(dtype)
     })
+}
+
+/// Registers each gradient with its parent, skipping parents that need none (`None`).
+pub(crate) fn register_gradients<B: Backend, const N: usize>(
+    grads: &mut Gradients,
+    parents: [Option<NodeId>; N],
+    values: [FloatTensor<B>; N],
+) {
+    for (parent, value) in parents.into_iter().zip(values) {
+        if let Some(id) = parent {
+            grads.register::<B>(id, value);
+        }
+    }
 }
