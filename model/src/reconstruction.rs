@@ -20,18 +20,25 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::network::NORM_EPS;
 use crate::scorer::{Isa, add_to_sums, features_from_sums};
+use crate::step_support::to_f64;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ReconstructionBackend: Backend {
     /// `[n, 3]`: relative distance, cosine similarity and squared error of each row of x
     /// `[n, d]` and its reconstruction x' `[n, d]`.
-    fn reconstruction_terms(x: FloatTensor<Self>, x_hat: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// The row sums the terms come from, `[n, 4]`, go with them for the backward pass.
+    fn reconstruction_terms(
+        x: FloatTensor<Self>,
+        x_hat: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// Gradient of Σ grad ⊙ terms with respect to x' (`of_x_hat`) or x. Values only: the
-    /// autodiff step calls it on the inner backend, for the inputs that need one.
+    /// Gradient of Σ grad ⊙ terms with respect to x' (`of_x_hat`) or x, given the forward
+    /// pass's row sums. Values only: the autodiff step calls it on the inner backend, for the
+    /// inputs that need one.
     fn reconstruction_terms_backward(
         x: FloatTensor<Self>,
         x_hat: FloatTensor<Self>,
+        sums: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         of_x_hat: bool,
     ) -> FloatTensor<Self>;
@@ -45,10 +52,11 @@ pub const SQUARED_ERROR: usize = 2;
 /// `[n, 3]`: ‖x − x'‖ / ‖x‖, cos(x, x') and ‖x − x'‖² per row (norms carry
 /// [`NORM_EPS`] under the square root, so zero rows keep finite gradients).
 pub fn reconstruction_terms(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
-    Tensor::from_dispatch(<Dispatch as ReconstructionBackend>::reconstruction_terms(
+    let (terms, _sums) = <Dispatch as ReconstructionBackend>::reconstruction_terms(
         x.into_dispatch(),
         x_hat.into_dispatch(),
-    ))
+    );
+    Tensor::from_dispatch(terms)
 }
 
 /// A row's sums ‖x‖², ‖x − x'‖², ‖x'‖² and x·x'.
@@ -118,12 +126,13 @@ fn row_sums_f32_body(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
     sums
 }
 
-/// The terms of f64 rows (reference checks).
-fn terms_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<f64> {
+/// The terms `[n, 3]` and sums `[n, 4]` of f64 rows (reference checks).
+fn terms_f64(x: &[f64], x_hat: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
     let eps = f64::from(NORM_EPS);
-    row_sums_f64(x, x_hat, d)
-        .into_iter()
-        .flat_map(|[xx, dd, hh, xh]| {
+    let sums = row_sums_f64(x, x_hat, d);
+    let terms = sums
+        .iter()
+        .flat_map(|&[xx, dd, hh, xh]| {
             let x_norm = (xx + eps).sqrt();
             [
                 (dd + eps).sqrt() / x_norm,
@@ -131,18 +140,22 @@ fn terms_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<f64> {
                 dd,
             ]
         })
-        .collect()
+        .collect();
+    (terms, sums.concat())
 }
 
-/// The terms of f32 rows (training): the scorer's features and the squared error.
-fn terms_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<f32> {
-    row_sums_f32(x, x_hat, d)
-        .into_iter()
-        .flat_map(|[xx, dd, hh, xh]| {
+/// The terms `[n, 3]` and sums `[n, 4]` of f32 rows (training): the scorer's features and the
+/// squared error.
+fn terms_f32(x: &[f32], x_hat: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let sums = row_sums_f32(x, x_hat, d);
+    let terms = sums
+        .iter()
+        .flat_map(|&[xx, dd, hh, xh]| {
             let (distance, cosine) = features_from_sums(xx, dd, hh, xh);
             [distance, cosine, dd]
         })
-        .collect()
+        .collect();
+    (terms, sums.concat())
 }
 
 /// One row's gradient coefficients: the gradient with respect to x' is
@@ -171,29 +184,65 @@ fn coefficients([xx, dd, hh, xh]: RowSums<f64>, g: &[f64]) -> Coefficients {
     }
 }
 
-/// The gradient with respect to x' (`of_x_hat`) or x, row by row from the sums.
-fn gradient<E: Copy + Into<f64>, O>(
-    x: &[E],
-    x_hat: &[E],
-    sums: impl Iterator<Item = RowSums<f64>>,
-    grad: &[f64],
-    d: usize,
-    of_x_hat: bool,
-    convert: impl Fn(f64) -> O,
-) -> Vec<O> {
+/// Per row, the coefficients (of x − x', x and x') of the gradient with respect to x'
+/// (`of_x_hat`) or x.
+fn row_coefficients(sums: &[f64], grad: &[f64], of_x_hat: bool) -> Vec<[f64; 3]> {
+    sums.chunks_exact(4)
+        .zip(grad.chunks_exact(3))
+        .map(|(s, g)| {
+            let c = coefficients([s[0], s[1], s[2], s[3]], g);
+            if of_x_hat {
+                [-c.along_error, c.cross, c.own_x_hat]
+            } else {
+                [c.along_error, c.own_x, c.cross]
+            }
+        })
+        .collect()
+}
+
+/// The gradient of f64 rows (reference checks).
+fn gradient_f64(x: &[f64], x_hat: &[f64], rows: &[[f64; 3]], d: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(x.len());
-    let rows = x.chunks_exact(d).zip(x_hat.chunks_exact(d));
-    for (((x, x_hat), sums), g) in rows.zip(sums).zip(grad.chunks_exact(3)) {
-        let c = coefficients(sums, g);
-        let (along, own_x, own_x_hat) = if of_x_hat {
-            (-c.along_error, c.cross, c.own_x_hat)
-        } else {
-            (c.along_error, c.own_x, c.cross)
-        };
-        out.extend(x.iter().zip(x_hat).map(|(&xj, &hj)| {
-            let (xj, hj): (f64, f64) = (xj.into(), hj.into());
-            convert(along * (xj - hj) + own_x * xj + own_x_hat * hj)
-        }));
+    for ((x, x_hat), &[along, own_x, own_x_hat]) in
+        x.chunks_exact(d).zip(x_hat.chunks_exact(d)).zip(rows)
+    {
+        out.extend(
+            (x.iter().zip(x_hat)).map(|(&xj, &hj)| along * (xj - hj) + own_x * xj + own_x_hat * hj),
+        );
+    }
+    out
+}
+
+/// The gradient of f32 rows (training), in f32 from f64 coefficients; CPUs with AVX-512 get
+/// their own copy of the loop.
+fn gradient_f32(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.supported() {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { gradient_f32_avx512(x, x_hat, rows, d) };
+    }
+    gradient_f32_body(x, x_hat, rows, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn gradient_f32_avx512(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
+    gradient_f32_body(x, x_hat, rows, d)
+}
+
+#[inline(always)]
+fn gradient_f32_body(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (((x, x_hat), out), coefficients) in x
+        .chunks_exact(d)
+        .zip(x_hat.chunks_exact(d))
+        .zip(out.chunks_exact_mut(d))
+        .zip(rows)
+    {
+        let [along, own_x, own_x_hat] = coefficients.map(|c| c as f32);
+        for ((o, &xj), &hj) in out.iter_mut().zip(x).zip(x_hat) {
+            *o = along * (xj - hj) + own_x * xj + own_x_hat * hj;
+        }
     }
     out
 }
@@ -229,43 +278,43 @@ fn with_values<R>(
 }
 
 impl ReconstructionBackend for Flex {
-    fn reconstruction_terms(x: FlexTensor, x_hat: FlexTensor) -> FlexTensor {
+    fn reconstruction_terms(x: FlexTensor, x_hat: FlexTensor) -> (FlexTensor, FlexTensor) {
         let n = x.shape().dims::<2>()[0];
-        let data = with_values(
+        let (terms, sums) = with_values(
             &x,
             &x_hat,
-            |a, b, d| TensorData::new(terms_f32(a, b, d), [n, 3]),
-            |a, b, d| TensorData::new(terms_f64(a, b, d), [n, 3]),
+            |a, b, d| {
+                let (terms, sums) = terms_f32(a, b, d);
+                (
+                    TensorData::new(terms, [n, 3]),
+                    TensorData::new(sums, [n, 4]),
+                )
+            },
+            |a, b, d| {
+                let (terms, sums) = terms_f64(a, b, d);
+                (
+                    TensorData::new(terms, [n, 3]),
+                    TensorData::new(sums, [n, 4]),
+                )
+            },
         );
-        FlexTensor::from_data(data)
+        (FlexTensor::from_data(terms), FlexTensor::from_data(sums))
     }
 
     fn reconstruction_terms_backward(
         x: FlexTensor,
         x_hat: FlexTensor,
+        sums: FlexTensor,
         grad: FlexTensor,
         of_x_hat: bool,
     ) -> FlexTensor {
         let shape = x.shape();
-        let grad = grad
-            .to_contiguous()
-            .into_data()
-            .convert::<f64>()
-            .try_into_vec::<f64>()
-            .expect("a float gradient converts to f64");
+        let rows = row_coefficients(&to_f64(&sums), &to_f64(&grad), of_x_hat);
         let data = with_values(
             &x,
             &x_hat,
-            |a, b, d| {
-                let sums = row_sums_f32(a, b, d).into_iter().map(|s| s.map(f64::from));
-                let values = gradient(a, b, sums, &grad, d, of_x_hat, |v| v as f32);
-                TensorData::new(values, shape.clone())
-            },
-            |a, b, d| {
-                let sums = row_sums_f64(a, b, d).into_iter();
-                let values = gradient(a, b, sums, &grad, d, of_x_hat, |v| v);
-                TensorData::new(values, shape.clone())
-            },
+            |a, b, d| TensorData::new(gradient_f32(a, b, &rows, d), shape.clone()),
+            |a, b, d| TensorData::new(gradient_f64(a, b, &rows, d), shape.clone()),
         );
         FlexTensor::from_data(data)
     }
@@ -275,8 +324,8 @@ impl ReconstructionBackend for Flex {
 struct ReconstructionStep;
 
 impl<B: Backend + ReconstructionBackend> Backward<B, 2> for ReconstructionStep {
-    /// x and x', checkpointed.
-    type State = [NodeId; 2];
+    /// x and x', checkpointed, and the forward pass's row sums.
+    type State = ([NodeId; 2], FloatTensor<B>);
 
     fn backward(
         self,
@@ -285,20 +334,22 @@ impl<B: Backend + ReconstructionBackend> Backward<B, 2> for ReconstructionStep {
         checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let [x, x_hat] = ops
-            .state
-            .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+        let (inputs, sums) = ops.state;
+        let [x, x_hat] = inputs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
         let [node_x, node_x_hat] = ops.parents;
         if let Some(node) = node_x {
-            let value =
-                B::reconstruction_terms_backward(x.clone(), x_hat.clone(), grad.clone(), false);
+            let value = B::reconstruction_terms_backward(
+                x.clone(),
+                x_hat.clone(),
+                sums.clone(),
+                grad.clone(),
+                false,
+            );
             grads.register::<B>(node.id, value);
         }
         if let Some(node) = node_x_hat {
-            grads.register::<B>(
-                node.id,
-                B::reconstruction_terms_backward(x, x_hat, grad, true),
-            );
+            let value = B::reconstruction_terms_backward(x, x_hat, sums, grad, true);
+            grads.register::<B>(node.id, value);
         }
     }
 }
@@ -306,27 +357,34 @@ impl<B: Backend + ReconstructionBackend> Backward<B, 2> for ReconstructionStep {
 impl<B: Backend + ReconstructionBackend, C: CheckpointStrategy> ReconstructionBackend
     for Autodiff<B, C>
 {
-    fn reconstruction_terms(x: FloatTensor<Self>, x_hat: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn reconstruction_terms(
+        x: FloatTensor<Self>,
+        x_hat: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         match ReconstructionStep
             .prepare::<C>([x.node(), x_hat.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let state = [&x, &x_hat].map(|t| prep.checkpoint(t));
-                let output = B::reconstruction_terms(x.into_primitive(), x_hat.into_primitive());
-                prep.finish(state, output)
+                let inputs = [&x, &x_hat].map(|t| prep.checkpoint(t));
+                let (terms, sums) =
+                    B::reconstruction_terms(x.into_primitive(), x_hat.into_primitive());
+                let sums_out = Self::from_inner(sums.clone());
+                (prep.finish((inputs, sums), terms), sums_out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::reconstruction_terms(
-                x.into_primitive(),
-                x_hat.into_primitive(),
-            )),
+            OpsKind::UnTracked(prep) => {
+                let (terms, sums) =
+                    B::reconstruction_terms(x.into_primitive(), x_hat.into_primitive());
+                (prep.finish(terms), Self::from_inner(sums))
+            }
         }
     }
 
     fn reconstruction_terms_backward(
         x: FloatTensor<Self>,
         x_hat: FloatTensor<Self>,
+        sums: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         of_x_hat: bool,
     ) -> FloatTensor<Self> {
@@ -334,6 +392,7 @@ impl<B: Backend + ReconstructionBackend, C: CheckpointStrategy> ReconstructionBa
         Self::from_inner(B::reconstruction_terms_backward(
             x.into_primitive(),
             x_hat.into_primitive(),
+            sums.into_primitive(),
             grad.into_primitive(),
             of_x_hat,
         ))
