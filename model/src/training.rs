@@ -128,7 +128,6 @@ fn fit_on_one_thread(
     let n_batches = n.div_ceil(cfg.batch_size);
     let mut order: Vec<usize> = (0..n).collect();
     let mut history = Vec::with_capacity(cfg.epochs);
-    let mut batch = Vec::with_capacity(cfg.batch_size.min(n) * d + d);
     let warmup_epochs = (cfg.epochs as f64 * cfg.warmup_fraction).round() as usize;
     for epoch in 1..=cfg.epochs {
         let joint = epoch > warmup_epochs;
@@ -136,12 +135,12 @@ fn fit_on_one_thread(
         let mut sums = [0f64; 4];
         for b in 0..n_batches {
             let rows = &order[b * n / n_batches..(b + 1) * n / n_batches];
-            batch.clear();
+            // Gathered straight into the buffer the tensor takes over: one copy per batch.
+            let mut batch = Vec::with_capacity(rows.len() * d);
             for &r in rows {
                 batch.extend_from_slice(&x[r * d..(r + 1) * d]);
             }
-            let xb =
-                Tensor::<2>::from_data(TensorData::new(batch.clone(), [rows.len(), d]), &device);
+            let xb = Tensor::<2>::from_data(TensorData::new(batch, [rows.len(), d]), &device);
             let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
             let out = net.forward(xb, masks.as_deref());
             let reconstruction = out.squared_error.mean();
