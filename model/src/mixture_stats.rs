@@ -22,7 +22,6 @@ use burn::backend::{
 };
 use burn::tensor::Tensor;
 
-use crate::config::MAX_Z_DIM;
 use crate::gmm::MIN_WEIGHT;
 use crate::step_support::{from_f64, register_gradients, to_f64};
 
@@ -65,44 +64,140 @@ struct Stats {
     cov: Vec<f64>,
 }
 
+/// s, μ and Σ (row-major) for codes of width D.
+#[allow(clippy::type_complexity)]
+fn moments<const D: usize>(z: &[f64], gamma: &[f64], k: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut sums = vec![MIN_WEIGHT; k];
+    let mut mu = vec![[0f64; D]; k];
+    let codes = z.as_chunks::<D>().0;
+    for (zi, gi) in codes.iter().zip(gamma.chunks_exact(k)) {
+        for ((s, &g), mu_c) in sums.iter_mut().zip(gi).zip(&mut mu) {
+            *s += g;
+            for j in 0..D {
+                mu_c[j] += g * zi[j];
+            }
+        }
+    }
+    for (mu_c, &s) in mu.iter_mut().zip(&sums) {
+        for m in mu_c.iter_mut() {
+            *m /= s;
+        }
+    }
+    let mut cov = vec![[[0f64; D]; D]; k];
+    for (zi, gi) in codes.iter().zip(gamma.chunks_exact(k)) {
+        for ((&g, mu_c), cov_c) in gi.iter().zip(&mu).zip(&mut cov) {
+            let r: [f64; D] = std::array::from_fn(|j| zi[j] - mu_c[j]);
+            for a in 0..D {
+                for b in 0..D {
+                    cov_c[a][b] += g * r[a] * r[b];
+                }
+            }
+        }
+    }
+    let cov = cov
+        .iter()
+        .zip(&sums)
+        .flat_map(|(cov_c, &s)| cov_c.iter().flatten().map(move |v| v / s))
+        .collect();
+    (sums, mu.concat(), cov)
+}
+
+/// [`Stats::gradients`] for codes of width D.
+fn stats_gradients<const D: usize>(stats: &Stats, grad: &[f64]) -> [Vec<f64>; 2] {
+    let (n, k) = (stats.n, stats.k);
+    let width = 1 + D + D * D;
+    let codes = stats.z.as_chunks::<D>().0;
+    let mu = stats.mu.as_chunks::<D>().0;
+    // Per component: S̄ (the covariance gradient), Ŝ = S̄ + S̄ᵀ, M̄ and ⟨S̄, Σ⟩.
+    let mut cov_bar = vec![[[0f64; D]; D]; k];
+    let mut symmetric = vec![[[0f64; D]; D]; k];
+    let mut mu_bar = vec![[0f64; D]; k];
+    let mut cov_dot = vec![0f64; k];
+    for c in 0..k {
+        let g = &grad[c * width..(c + 1) * width];
+        let cov = &stats.cov[c * D * D..(c + 1) * D * D];
+        for a in 0..D {
+            mu_bar[c][a] = g[1 + a];
+            for b in 0..D {
+                cov_bar[c][a][b] = g[1 + D + a * D + b];
+                symmetric[c][a][b] = g[1 + D + a * D + b] + g[1 + D + b * D + a];
+                cov_dot[c] += g[1 + D + a * D + b] * cov[a * D + b];
+            }
+        }
+    }
+    // Σ's dependence on μ: M̄' = M̄ − Ŝ (Σ_i γ_ic r_ic) / s (the sum is zero up to the ε in s).
+    let mut weighted_residuals = vec![[0f64; D]; k];
+    for (zi, gi) in codes.iter().zip(stats.gamma.chunks_exact(k)) {
+        for ((&g, mu_c), w) in gi.iter().zip(mu).zip(&mut weighted_residuals) {
+            for j in 0..D {
+                w[j] += g * (zi[j] - mu_c[j]);
+            }
+        }
+    }
+    for c in 0..k {
+        for a in 0..D {
+            let mut through_cov = 0.0;
+            for b in 0..D {
+                through_cov += symmetric[c][a][b] * weighted_residuals[c][b];
+            }
+            mu_bar[c][a] -= through_cov / stats.sums[c];
+        }
+    }
+    let inverse_sums: Vec<f64> = stats.sums.iter().map(|s| s.recip()).collect();
+    let phi_bar: Vec<f64> = (0..k).map(|c| grad[c * width] / n as f64).collect();
+    let mut z_bar = vec![[0f64; D]; n];
+    let mut gamma_bar = vec![0f64; n * k];
+    for ((zi, gi), (z_bar_i, gamma_bar_i)) in codes
+        .iter()
+        .zip(stats.gamma.chunks_exact(k))
+        .zip(z_bar.iter_mut().zip(gamma_bar.chunks_exact_mut(k)))
+    {
+        for c in 0..k {
+            let (inverse_sum, g) = (inverse_sums[c], gi[c]);
+            let r: [f64; D] = std::array::from_fn(|j| zi[j] - mu[c][j]);
+            let mut value = phi_bar[c] - cov_dot[c] * inverse_sum;
+            for a in 0..D {
+                let mut through_cov = 0.0;
+                let mut quadratic = 0.0;
+                for b in 0..D {
+                    through_cov += symmetric[c][a][b] * r[b];
+                    quadratic += cov_bar[c][a][b] * r[b];
+                }
+                z_bar_i[a] += g * (mu_bar[c][a] + through_cov) * inverse_sum;
+                value += (mu_bar[c][a] + quadratic) * r[a] * inverse_sum;
+            }
+            gamma_bar_i[c] = value;
+        }
+    }
+    [z_bar.concat(), gamma_bar]
+}
+
+/// Calls `$function::<D>(args)` with the const D equal to the code width `$d`, so that the
+/// loops over a code's dimensions unroll. The width is at most
+/// [`MAX_Z_DIM`](crate::config::MAX_Z_DIM), which the network configuration enforces.
+macro_rules! with_code_width {
+    ($d:expr, $function:ident, ($($arg:expr),*)) => {
+        match $d {
+            1 => $function::<1>($($arg),*),
+            2 => $function::<2>($($arg),*),
+            3 => $function::<3>($($arg),*),
+            4 => $function::<4>($($arg),*),
+            5 => $function::<5>($($arg),*),
+            6 => $function::<6>($($arg),*),
+            7 => $function::<7>($($arg),*),
+            8 => $function::<8>($($arg),*),
+            9 => $function::<9>($($arg),*),
+            10 => $function::<10>($($arg),*),
+            11 => $function::<11>($($arg),*),
+            12 => $function::<12>($($arg),*),
+            d => unreachable!("code width {d} above MAX_Z_DIM"),
+        }
+    };
+}
+
 impl Stats {
     fn new(z: Vec<f64>, gamma: Vec<f64>, n: usize, d: usize, k: usize) -> Self {
-        let mut sums = vec![MIN_WEIGHT; k];
-        let mut mu = vec![0.0; k * d];
-        for i in 0..n {
-            for c in 0..k {
-                let g = gamma[i * k + c];
-                sums[c] += g;
-                for j in 0..d {
-                    mu[c * d + j] += g * z[i * d + j];
-                }
-            }
-        }
-        for c in 0..k {
-            for j in 0..d {
-                mu[c * d + j] /= sums[c];
-            }
-        }
-        let mut cov = vec![0.0; k * d * d];
-        let mut r = vec![0.0; d];
-        for i in 0..n {
-            for c in 0..k {
-                let g = gamma[i * k + c];
-                for j in 0..d {
-                    r[j] = z[i * d + j] - mu[c * d + j];
-                }
-                for a in 0..d {
-                    for b in 0..d {
-                        cov[(c * d + a) * d + b] += g * r[a] * r[b];
-                    }
-                }
-            }
-        }
-        for c in 0..k {
-            for v in &mut cov[c * d * d..(c + 1) * d * d] {
-                *v /= sums[c];
-            }
-        }
+        let (sums, mu, cov) = with_code_width!(d, moments, (&z, &gamma, k));
         Self {
             n,
             d,
@@ -153,68 +248,7 @@ impl Stats {
     /// - ∂/∂γ_ic = Φ̄_c / n + M̄'_c · r_ic / s_c + ⟨S̄_c, r_ic r_icᵀ − Σ_c⟩ / s_c;
     /// - ∂/∂z_i = Σ_c γ_ic (M̄'_c + Ŝ_c r_ic) / s_c.
     fn gradients(&self, grad: &[f64]) -> [Vec<f64>; 2] {
-        let (n, d, k) = (self.n, self.d, self.k);
-        let width = 1 + d + d * d;
-        let cov_bar = |c: usize| &grad[c * width + 1 + d..(c + 1) * width];
-        // Ŝ_c, and ⟨S̄_c, Σ_c⟩ (the part of the γ gradient that does not depend on i).
-        let mut symmetric = vec![0.0; k * d * d];
-        let mut cov_dot = vec![0.0; k];
-        for c in 0..k {
-            let (bar, cov) = (cov_bar(c), &self.cov[c * d * d..(c + 1) * d * d]);
-            for a in 0..d {
-                for b in 0..d {
-                    symmetric[c * d * d + a * d + b] = bar[a * d + b] + bar[b * d + a];
-                    cov_dot[c] += bar[a * d + b] * cov[a * d + b];
-                }
-            }
-        }
-        // Σ_i γ_ic r_ic (zero up to the ε in s_c), then M̄'.
-        let mut weighted_residuals = vec![0.0; k * d];
-        for i in 0..n {
-            for c in 0..k {
-                let g = self.gamma[i * k + c];
-                for j in 0..d {
-                    weighted_residuals[c * d + j] += g * (self.z[i * d + j] - self.mu[c * d + j]);
-                }
-            }
-        }
-        let mut mu_bar = vec![0.0; k * d];
-        for c in 0..k {
-            for a in 0..d {
-                let mut through_cov = 0.0;
-                for b in 0..d {
-                    through_cov += symmetric[c * d * d + a * d + b] * weighted_residuals[c * d + b];
-                }
-                mu_bar[c * d + a] = grad[c * width + 1 + a] - through_cov / self.sums[c];
-            }
-        }
-        let inverse_sums: Vec<f64> = self.sums.iter().map(|s| s.recip()).collect();
-        let mut z_bar = vec![0.0; n * d];
-        let mut gamma_bar = vec![0.0; n * k];
-        let mut r = [0.0; MAX_Z_DIM];
-        for i in 0..n {
-            let z = &self.z[i * d..(i + 1) * d];
-            for c in 0..k {
-                let (inverse_sum, g) = (inverse_sums[c], self.gamma[i * k + c]);
-                let (bar, sym) = (cov_bar(c), &symmetric[c * d * d..(c + 1) * d * d]);
-                for j in 0..d {
-                    r[j] = z[j] - self.mu[c * d + j];
-                }
-                let mut value = grad[c * width] / n as f64 - cov_dot[c] * inverse_sum;
-                for a in 0..d {
-                    let mut through_cov = 0.0;
-                    let mut quadratic = 0.0;
-                    for b in 0..d {
-                        through_cov += sym[a * d + b] * r[b];
-                        quadratic += bar[a * d + b] * r[b];
-                    }
-                    z_bar[i * d + a] += g * (mu_bar[c * d + a] + through_cov) * inverse_sum;
-                    value += (mu_bar[c * d + a] + quadratic) * r[a] * inverse_sum;
-                }
-                gamma_bar[i * k + c] = value;
-            }
-        }
-        [z_bar, gamma_bar]
+        with_code_width!(self.d, stats_gradients, (self, grad))
     }
 }
 
