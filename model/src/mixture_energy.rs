@@ -5,8 +5,9 @@
 //! Composed from burn's operations, the forward substitution and log-sum-exp took some forty
 //! `[n, k]` tensor operations per batch, each with its own backward step. Here the forward pass
 //! is the scorer's own mixture code (so training optimises the energies serving reports) and the
-//! backward pass one loop over the samples, both in f64 whatever the element type. The Cholesky factors and log_norm stay burn operations on `[k]`-sized
-//! tensors (see [`crate::gmm::energy`]), so their gradients still reach φ and Σ.
+//! backward pass a loop over the samples, eight side by side, both in f64 whatever the element
+//! type. The Cholesky factors and log normalisers come from their own step
+//! ([`crate::mixture_factors`]), which passes their gradients on to φ and Σ.
 
 // Index loops read closest to the substitution formulas.
 #![allow(clippy::needless_range_loop)]

@@ -4,7 +4,8 @@
 //!
 //! Composed from burn's operations these took fifteen `[n, d]` or `[n, 1]` tensor operations
 //! and their backward steps per batch; here each pass is one loop over the rows. The forward
-//! pass gives the plain scorer's features bit for bit; the gradients are summed in f64.
+//! pass gives the plain scorer's features bit for bit and keeps its row sums; the backward pass
+//! turns them into per-row coefficients in f64 and applies those in f32.
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
