@@ -3,7 +3,7 @@
 //! Built from burn's general operations, a tanh layer records a matrix product, a broadcast bias
 //! add and the three operations of the tanh gradient trick, each with its own temporaries and
 //! backward step; those took more of a training step than the matrix products. Here the forward
-//! pass adds the bias and applies [`tanh_f32`] in one pass over the product, and the backward
+//! pass adds the bias and applies `tanh_f32` in one pass over the product, and the backward
 //! pass forms g·(1 − y²) in one pass before burn's own linear-layer gradients. The values and
 //! gradients are the bits the composed operations gave (a test compares them).
 
@@ -122,7 +122,7 @@ impl DenseBackend for Flex {
     }
 }
 
-/// [`tanh_f32`] of every value, in place. The build's baseline is SSE2 (four lanes), so CPUs
+/// `tanh_f32` of every value, in place. The build's baseline is SSE2 (four lanes), so CPUs
 /// with AVX-512 get their own copy of the loop; both give the same bits.
 fn tanh_in_place(values: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
