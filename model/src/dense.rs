@@ -31,9 +31,6 @@ pub trait DenseBackend: Backend {
         bias: FloatTensor<Self>,
         squash: bool,
     ) -> FloatTensor<Self>;
-
-    /// grad · (1 − y²): the gradient through tanh, given its output y.
-    fn tanh_backward(output: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// `layer` applied to `x`, then tanh when `squash`.
@@ -102,24 +99,6 @@ impl DenseBackend for Flex {
         finish(&mut values);
         FlexTensor::from_data(TensorData::new(values, product.shape()))
     }
-
-    fn tanh_backward(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        if output.dtype() != DType::F32 || grad.dtype() != DType::F32 {
-            let slope = Flex::float_add_scalar(
-                Flex::float_neg(Flex::float_mul(output.clone(), output)),
-                1.0.into(),
-            );
-            return Flex::float_mul(grad, slope);
-        }
-        let shape = grad.shape();
-        let values: Vec<f32> = f32_values(&output)
-            .iter()
-            .zip(f32_values(&grad).iter())
-            // As the composed version computed it: g · ((−(y·y)) + 1).
-            .map(|(&y, &g)| g * (-(y * y) + 1.0))
-            .collect();
-        FlexTensor::from_data(TensorData::new(values, shape))
-    }
 }
 
 /// `tanh_f32` of every value, in place. The build's baseline is SSE2 (four lanes), so CPUs
@@ -149,14 +128,32 @@ fn tanh_in_place_avx512(values: &mut [f32]) {
 
 /// The autodiff step: remembers x and W (for the weight and input gradients) and, with tanh,
 /// the output.
+/// grad · (1 − y²): the gradient through tanh, given its output y.
+fn tanh_backward(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
+    if output.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+        let slope = Flex::float_add_scalar(
+            Flex::float_neg(Flex::float_mul(output.clone(), output)),
+            1.0.into(),
+        );
+        return Flex::float_mul(grad, slope);
+    }
+    let shape = grad.shape();
+    let values: Vec<f32> = f32_values(&output)
+        .iter()
+        .zip(f32_values(&grad).iter())
+        // As the composed version computed it: g · ((−(y·y)) + 1).
+        .map(|(&y, &g)| g * (-(y * y) + 1.0))
+        .collect();
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
 #[derive(Debug)]
 struct DenseStep;
 
-/// (x, W, tanh output): x and W as checkpointed nodes, present only where a gradient needs them.
-type DenseState<B> = (Option<NodeId>, Option<NodeId>, Option<FloatTensor<B>>);
-
-impl<B: Backend + DenseBackend> Backward<B, 3> for DenseStep {
-    type State = DenseState<B>;
+impl Backward<Flex, 3> for DenseStep {
+    /// (x, W, tanh output): x and W as checkpointed nodes, present only where a gradient needs
+    /// them.
+    type State = (Option<NodeId>, Option<NodeId>, Option<FlexTensor>);
 
     fn backward(
         self,
@@ -166,25 +163,25 @@ impl<B: Backend + DenseBackend> Backward<B, 3> for DenseStep {
     ) {
         let [node_x, node_weight, node_bias] = ops.parents;
         let (x, weight, squashed) = ops.state;
-        let mut grad = grads.consume::<B>(&ops.node);
+        let mut grad = grads.consume::<Flex>(&ops.node);
         if let Some(output) = squashed {
-            grad = B::tanh_backward(output, grad);
+            grad = tanh_backward(output, grad);
         }
         if let Some(node) = node_x {
             let weight = checkpointer.retrieve_node_output(weight.expect("weight kept for dx"));
-            grads.register::<B>(node.id, B::linear_x_backward(weight, grad.clone()));
+            grads.register::<Flex>(node.id, Flex::linear_x_backward(weight, grad.clone()));
         }
         if let Some(node) = node_weight {
             let x = checkpointer.retrieve_node_output(x.expect("input kept for dW"));
-            grads.register::<B>(node.id, B::linear_weight_backward(x, grad.clone()));
+            grads.register::<Flex>(node.id, Flex::linear_weight_backward(x, grad.clone()));
         }
         if let Some(node) = node_bias {
-            grads.register::<B>(node.id, B::linear_bias_backward(grad));
+            grads.register::<Flex>(node.id, Flex::linear_bias_backward(grad));
         }
     }
 }
 
-impl<B: Backend + DenseBackend, C: CheckpointStrategy> DenseBackend for Autodiff<B, C> {
+impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
     fn dense(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -201,7 +198,7 @@ impl<B: Backend + DenseBackend, C: CheckpointStrategy> DenseBackend for Autodiff
             OpsKind::Tracked(mut prep) => {
                 let x_state = weight_tracked.then(|| prep.checkpoint(&x));
                 let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
-                let output = B::dense(
+                let output = Flex::dense(
                     x.into_primitive(),
                     weight.into_primitive(),
                     bias.into_primitive(),
@@ -210,22 +207,13 @@ impl<B: Backend + DenseBackend, C: CheckpointStrategy> DenseBackend for Autodiff
                 let kept = squash.then(|| output.clone());
                 prep.finish((x_state, weight_state, kept), output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::dense(
+            OpsKind::UnTracked(prep) => prep.finish(Flex::dense(
                 x.into_primitive(),
                 weight.into_primitive(),
                 bias.into_primitive(),
                 squash,
             )),
         }
-    }
-
-    fn tanh_backward(output: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        // Only reached for a second derivative: the same formula, differentiable.
-        let slope = Self::float_add_scalar(
-            Self::float_neg(Self::float_mul(output.clone(), output)),
-            1.0.into(),
-        );
-        Self::float_mul(grad, slope)
     }
 }
 

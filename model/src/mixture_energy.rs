@@ -19,9 +19,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
-};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
@@ -40,22 +38,6 @@ pub trait MixtureEnergyBackend: Backend {
         chol: FloatTensor<Self>,
         log_norm: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-
-    /// Gradients of Σ_i grad_i·E_i with respect to z, μ, the factors (lower triangle) and
-    /// log_norm. Values only: the autodiff step calls it on the inner backend.
-    #[allow(clippy::type_complexity)]
-    fn mixture_energy_backward(
-        z: FloatTensor<Self>,
-        mu: FloatTensor<Self>,
-        chol: FloatTensor<Self>,
-        log_norm: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    );
 }
 
 /// Energies `[n]` of `z` under the mixture given by `mu`, `chol` and `log_norm`.
@@ -248,29 +230,31 @@ impl MixtureEnergyBackend for Flex {
         let m = mixture(&z, &mu, &chol, &log_norm);
         from_f64(m.energies(), [m.n], z.dtype())
     }
+}
 
-    fn mixture_energy_backward(
-        z: FlexTensor,
-        mu: FlexTensor,
-        chol: FlexTensor,
-        log_norm: FlexTensor,
-        grad: FlexTensor,
-    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
-        let m = mixture(&z, &mu, &chol, &log_norm);
-        let [z_bar, mu_bar, chol_bar, log_norm_bar] = m.gradients(&to_f64(&grad));
-        (
-            from_f64(z_bar, [m.n, m.d], z.dtype()),
-            from_f64(mu_bar, [m.k, m.d], mu.dtype()),
-            from_f64(chol_bar, [m.k, m.d, m.d], chol.dtype()),
-            from_f64(log_norm_bar, [m.k], log_norm.dtype()),
-        )
-    }
+/// Gradients of Σ_i grad_i·E_i with respect to z, μ, the factors (lower triangle) and
+/// log_norm.
+fn energy_gradients(
+    z: FlexTensor,
+    mu: FlexTensor,
+    chol: FlexTensor,
+    log_norm: FlexTensor,
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+    let m = mixture(&z, &mu, &chol, &log_norm);
+    let [z_bar, mu_bar, chol_bar, log_norm_bar] = m.gradients(&to_f64(&grad));
+    (
+        from_f64(z_bar, [m.n, m.d], z.dtype()),
+        from_f64(mu_bar, [m.k, m.d], mu.dtype()),
+        from_f64(chol_bar, [m.k, m.d, m.d], chol.dtype()),
+        from_f64(log_norm_bar, [m.k], log_norm.dtype()),
+    )
 }
 
 #[derive(Debug)]
 struct EnergyStep;
 
-impl<B: Backend + MixtureEnergyBackend> Backward<B, 4> for EnergyStep {
+impl Backward<Flex, 4> for EnergyStep {
     /// The four inputs, checkpointed.
     type State = [NodeId; 4];
 
@@ -280,13 +264,12 @@ impl<B: Backend + MixtureEnergyBackend> Backward<B, 4> for EnergyStep {
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
+        let grad = grads.consume::<Flex>(&ops.node);
         let [z, mu, chol, log_norm] = ops
             .state
-            .map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
-        let (z_bar, mu_bar, chol_bar, log_norm_bar) =
-            B::mixture_energy_backward(z, mu, chol, log_norm, grad);
-        register_gradients::<B, _>(
+            .map(|id| checkpointer.retrieve_node_output::<FlexTensor>(id));
+        let (z_bar, mu_bar, chol_bar, log_norm_bar) = energy_gradients(z, mu, chol, log_norm, grad);
+        register_gradients(
             grads,
             ops.parents.map(|p| p.map(|node| node.id)),
             [z_bar, mu_bar, chol_bar, log_norm_bar],
@@ -294,9 +277,7 @@ impl<B: Backend + MixtureEnergyBackend> Backward<B, 4> for EnergyStep {
     }
 }
 
-impl<B: Backend + MixtureEnergyBackend, C: CheckpointStrategy> MixtureEnergyBackend
-    for Autodiff<B, C>
-{
+impl<C: CheckpointStrategy> MixtureEnergyBackend for Autodiff<Flex, C> {
     fn mixture_energy(
         z: FloatTensor<Self>,
         mu: FloatTensor<Self>,
@@ -310,7 +291,7 @@ impl<B: Backend + MixtureEnergyBackend, C: CheckpointStrategy> MixtureEnergyBack
         {
             OpsKind::Tracked(mut prep) => {
                 let state = [&z, &mu, &chol, &log_norm].map(|t| prep.checkpoint(t));
-                let output = B::mixture_energy(
+                let output = Flex::mixture_energy(
                     z.into_primitive(),
                     mu.into_primitive(),
                     chol.into_primitive(),
@@ -318,40 +299,12 @@ impl<B: Backend + MixtureEnergyBackend, C: CheckpointStrategy> MixtureEnergyBack
                 );
                 prep.finish(state, output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::mixture_energy(
+            OpsKind::UnTracked(prep) => prep.finish(Flex::mixture_energy(
                 z.into_primitive(),
                 mu.into_primitive(),
                 chol.into_primitive(),
                 log_norm.into_primitive(),
             )),
         }
-    }
-
-    fn mixture_energy_backward(
-        z: FloatTensor<Self>,
-        mu: FloatTensor<Self>,
-        chol: FloatTensor<Self>,
-        log_norm: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    ) {
-        // Constants: the training loss needs no second derivative.
-        let (z_bar, mu_bar, chol_bar, log_norm_bar) = B::mixture_energy_backward(
-            z.into_primitive(),
-            mu.into_primitive(),
-            chol.into_primitive(),
-            log_norm.into_primitive(),
-            grad.into_primitive(),
-        );
-        (
-            Self::from_inner(z_bar),
-            Self::from_inner(mu_bar),
-            Self::from_inner(chol_bar),
-            Self::from_inner(log_norm_bar),
-        )
     }
 }

@@ -19,9 +19,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
-};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 
 use crate::gmm::{LN_2PI, MIN_WEIGHT};
@@ -38,17 +36,6 @@ pub trait MixtureFactorsBackend: Backend {
         spread: FloatTensor<Self>,
         cov_reg: f64,
     ) -> FloatTensor<Self>;
-
-    /// Gradients of Σ grad ⊙ factors with respect to φ and Σ (lower triangle), given the
-    /// forward pass's `factors`. Values only: the autodiff step calls it on the inner backend.
-    fn mixture_factors_backward(
-        phi: FloatTensor<Self>,
-        cov: FloatTensor<Self>,
-        spread: FloatTensor<Self>,
-        factors: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        cov_reg: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// `[k, d·d + 2]`: Cholesky factor, log normaliser and penalty share of each component.
@@ -165,48 +152,49 @@ impl MixtureFactorsBackend for Flex {
             .collect();
         from_f64(values, [k, d * d + 2], cov.dtype())
     }
+}
 
-    fn mixture_factors_backward(
-        phi: FlexTensor,
-        cov: FlexTensor,
-        spread: FlexTensor,
-        factors: FlexTensor,
-        grad: FlexTensor,
-        cov_reg: f64,
-    ) -> (FlexTensor, FlexTensor) {
-        let [k, d, _] = cov.shape().dims();
-        let width = d * d + 2;
-        let (phi_values, cov_values, spread) = (to_f64(&phi), to_f64(&cov), to_f64(&spread));
-        let (factors, grad) = (to_f64(&factors), to_f64(&grad));
-        let mut phi_bar = Vec::with_capacity(k);
-        let mut cov_bar = Vec::with_capacity(k * d * d);
-        for c in 0..k {
-            let (p, s) = component_gradients(
-                phi_values[c],
-                &cov_values[c * d * d..(c + 1) * d * d],
-                &spread,
-                &factors[c * width..(c + 1) * width],
-                &grad[c * width..(c + 1) * width],
-                d,
-                cov_reg,
-            );
-            phi_bar.push(p);
-            cov_bar.extend(s);
-        }
-        (
-            from_f64(phi_bar, [k], phi.dtype()),
-            from_f64(cov_bar, [k, d, d], cov.dtype()),
-        )
+/// Gradients of Σ grad ⊙ factors with respect to φ and Σ (lower triangle), given the forward pass's `factors`.
+fn factors_backward(
+    phi: FlexTensor,
+    cov: FlexTensor,
+    spread: FlexTensor,
+    factors: FlexTensor,
+    grad: FlexTensor,
+    cov_reg: f64,
+) -> (FlexTensor, FlexTensor) {
+    let [k, d, _] = cov.shape().dims();
+    let width = d * d + 2;
+    let (phi_values, cov_values, spread) = (to_f64(&phi), to_f64(&cov), to_f64(&spread));
+    let (factors, grad) = (to_f64(&factors), to_f64(&grad));
+    let mut phi_bar = Vec::with_capacity(k);
+    let mut cov_bar = Vec::with_capacity(k * d * d);
+    for c in 0..k {
+        let (p, s) = component_gradients(
+            phi_values[c],
+            &cov_values[c * d * d..(c + 1) * d * d],
+            &spread,
+            &factors[c * width..(c + 1) * width],
+            &grad[c * width..(c + 1) * width],
+            d,
+            cov_reg,
+        );
+        phi_bar.push(p);
+        cov_bar.extend(s);
     }
+    (
+        from_f64(phi_bar, [k], phi.dtype()),
+        from_f64(cov_bar, [k, d, d], cov.dtype()),
+    )
 }
 
 #[derive(Debug)]
 struct FactorsStep;
 
-impl<B: Backend + MixtureFactorsBackend> Backward<B, 2> for FactorsStep {
+impl Backward<Flex, 2> for FactorsStep {
     /// φ and Σ, checkpointed; the spread (held constant, so not a parent: nothing upstream of
     /// it waits for a gradient); the factors; cov_reg.
-    type State = ([NodeId; 2], FloatTensor<B>, FloatTensor<B>, f64);
+    type State = ([NodeId; 2], FlexTensor, FlexTensor, f64);
 
     fn backward(
         self,
@@ -214,12 +202,11 @@ impl<B: Backend + MixtureFactorsBackend> Backward<B, 2> for FactorsStep {
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
+        let grad = grads.consume::<Flex>(&ops.node);
         let (inputs, spread, factors, cov_reg) = ops.state;
-        let [phi, cov] = inputs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
-        let (phi_bar, cov_bar) =
-            B::mixture_factors_backward(phi, cov, spread, factors, grad, cov_reg);
-        register_gradients::<B, _>(
+        let [phi, cov] = inputs.map(|id| checkpointer.retrieve_node_output::<FlexTensor>(id));
+        let (phi_bar, cov_bar) = factors_backward(phi, cov, spread, factors, grad, cov_reg);
+        register_gradients(
             grads,
             ops.parents.map(|p| p.map(|node| node.id)),
             [phi_bar, cov_bar],
@@ -227,9 +214,7 @@ impl<B: Backend + MixtureFactorsBackend> Backward<B, 2> for FactorsStep {
     }
 }
 
-impl<B: Backend + MixtureFactorsBackend, C: CheckpointStrategy> MixtureFactorsBackend
-    for Autodiff<B, C>
-{
+impl<C: CheckpointStrategy> MixtureFactorsBackend for Autodiff<Flex, C> {
     fn mixture_factors(
         phi: FloatTensor<Self>,
         cov: FloatTensor<Self>,
@@ -244,7 +229,7 @@ impl<B: Backend + MixtureFactorsBackend, C: CheckpointStrategy> MixtureFactorsBa
             OpsKind::Tracked(mut prep) => {
                 let inputs = [&phi, &cov].map(|t| prep.checkpoint(t));
                 let spread = spread.into_primitive();
-                let output = B::mixture_factors(
+                let output = Flex::mixture_factors(
                     phi.into_primitive(),
                     cov.into_primitive(),
                     spread.clone(),
@@ -252,32 +237,12 @@ impl<B: Backend + MixtureFactorsBackend, C: CheckpointStrategy> MixtureFactorsBa
                 );
                 prep.finish((inputs, spread, output.clone(), cov_reg), output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::mixture_factors(
+            OpsKind::UnTracked(prep) => prep.finish(Flex::mixture_factors(
                 phi.into_primitive(),
                 cov.into_primitive(),
                 spread.into_primitive(),
                 cov_reg,
             )),
         }
-    }
-
-    fn mixture_factors_backward(
-        phi: FloatTensor<Self>,
-        cov: FloatTensor<Self>,
-        spread: FloatTensor<Self>,
-        factors: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        cov_reg: f64,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        // Constants: the training loss needs no second derivative.
-        let (phi_bar, cov_bar) = B::mixture_factors_backward(
-            phi.into_primitive(),
-            cov.into_primitive(),
-            spread.into_primitive(),
-            factors.into_primitive(),
-            grad.into_primitive(),
-            cov_reg,
-        );
-        (Self::from_inner(phi_bar), Self::from_inner(cov_bar))
     }
 }

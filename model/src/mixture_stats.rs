@@ -17,9 +17,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
-};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 
 use crate::gmm::MIN_WEIGHT;
@@ -30,15 +28,6 @@ pub trait MixtureStatsBackend: Backend {
     /// `[k, 1 + d + d·d]`: φ_c, μ_c and row-major Σ_c of each component, from z `[n, d]` and
     /// memberships γ `[n, k]`.
     fn mixture_stats(z: FloatTensor<Self>, gamma: FloatTensor<Self>) -> FloatTensor<Self>;
-
-    /// Gradients of Σ grad ⊙ stats with respect to z and γ, given the forward pass's `stats`.
-    /// Values only: the autodiff step calls it on the inner backend.
-    fn mixture_stats_backward(
-        z: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// `[k, 1 + d + d·d]`: each component's weight, mean and row-major covariance.
@@ -263,30 +252,31 @@ impl MixtureStatsBackend for Flex {
         let s = stats(&z, &gamma);
         from_f64(s.packed(), [s.k, 1 + s.d + s.d * s.d], z.dtype())
     }
+}
 
-    fn mixture_stats_backward(
-        z: FlexTensor,
-        gamma: FlexTensor,
-        stats: FlexTensor,
-        grad: FlexTensor,
-    ) -> (FlexTensor, FlexTensor) {
-        let [n, d] = z.shape().dims();
-        let k = gamma.shape().dims::<2>()[1];
-        let s = Stats::unpack(to_f64(&z), to_f64(&gamma), &to_f64(&stats), n, d, k);
-        let [z_bar, gamma_bar] = s.gradients(&to_f64(&grad));
-        (
-            from_f64(z_bar, [n, d], z.dtype()),
-            from_f64(gamma_bar, [n, k], gamma.dtype()),
-        )
-    }
+/// Gradients of Σ grad ⊙ stats with respect to z and γ, given the forward pass's `stats`.
+fn stats_backward(
+    z: FlexTensor,
+    gamma: FlexTensor,
+    stats: FlexTensor,
+    grad: FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let [n, d] = z.shape().dims();
+    let k = gamma.shape().dims::<2>()[1];
+    let s = Stats::unpack(to_f64(&z), to_f64(&gamma), &to_f64(&stats), n, d, k);
+    let [z_bar, gamma_bar] = s.gradients(&to_f64(&grad));
+    (
+        from_f64(z_bar, [n, d], z.dtype()),
+        from_f64(gamma_bar, [n, k], gamma.dtype()),
+    )
 }
 
 #[derive(Debug)]
 struct StatsStep;
 
-impl<B: Backend + MixtureStatsBackend> Backward<B, 2> for StatsStep {
+impl Backward<Flex, 2> for StatsStep {
     /// z and γ, checkpointed, and the statistics computed from them.
-    type State = ([NodeId; 2], FloatTensor<B>);
+    type State = ([NodeId; 2], FlexTensor);
 
     fn backward(
         self,
@@ -294,11 +284,11 @@ impl<B: Backend + MixtureStatsBackend> Backward<B, 2> for StatsStep {
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
+        let grad = grads.consume::<Flex>(&ops.node);
         let (inputs, stats) = ops.state;
-        let [z, gamma] = inputs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
-        let (z_bar, gamma_bar) = B::mixture_stats_backward(z, gamma, stats, grad);
-        register_gradients::<B, _>(
+        let [z, gamma] = inputs.map(|id| checkpointer.retrieve_node_output::<FlexTensor>(id));
+        let (z_bar, gamma_bar) = stats_backward(z, gamma, stats, grad);
+        register_gradients(
             grads,
             ops.parents.map(|p| p.map(|node| node.id)),
             [z_bar, gamma_bar],
@@ -306,9 +296,7 @@ impl<B: Backend + MixtureStatsBackend> Backward<B, 2> for StatsStep {
     }
 }
 
-impl<B: Backend + MixtureStatsBackend, C: CheckpointStrategy> MixtureStatsBackend
-    for Autodiff<B, C>
-{
+impl<C: CheckpointStrategy> MixtureStatsBackend for Autodiff<Flex, C> {
     fn mixture_stats(z: FloatTensor<Self>, gamma: FloatTensor<Self>) -> FloatTensor<Self> {
         match StatsStep
             .prepare::<C>([z.node(), gamma.node()])
@@ -317,29 +305,14 @@ impl<B: Backend + MixtureStatsBackend, C: CheckpointStrategy> MixtureStatsBacken
         {
             OpsKind::Tracked(mut prep) => {
                 let inputs = [&z, &gamma].map(|t| prep.checkpoint(t));
-                let output = B::mixture_stats(z.into_primitive(), gamma.into_primitive());
+                let output = Flex::mixture_stats(z.into_primitive(), gamma.into_primitive());
                 prep.finish((inputs, output.clone()), output)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::mixture_stats(z.into_primitive(), gamma.into_primitive()))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::mixture_stats(
+                z.into_primitive(),
+                gamma.into_primitive(),
+            )),
         }
-    }
-
-    fn mixture_stats_backward(
-        z: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        stats: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        // Constants: the training loss needs no second derivative.
-        let (z_bar, gamma_bar) = B::mixture_stats_backward(
-            z.into_primitive(),
-            gamma.into_primitive(),
-            stats.into_primitive(),
-            grad.into_primitive(),
-        );
-        (Self::from_inner(z_bar), Self::from_inner(gamma_bar))
     }
 }
 

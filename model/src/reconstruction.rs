@@ -14,9 +14,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
-};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::network::NORM_EPS;
@@ -27,22 +25,7 @@ use crate::step_support::to_f64;
 pub trait ReconstructionBackend: Backend {
     /// `[n, 3]`: relative distance, cosine similarity and squared error of each row of x
     /// `[n, d]` and its reconstruction x' `[n, d]`.
-    /// The row sums the terms come from, `[n, 4]`, go with them for the backward pass.
-    fn reconstruction_terms(
-        x: FloatTensor<Self>,
-        x_hat: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-
-    /// Gradient of Σ grad ⊙ terms with respect to x' (`of_x_hat`) or x, given the forward
-    /// pass's row sums. Values only: the autodiff step calls it on the inner backend, for the
-    /// inputs that need one.
-    fn reconstruction_terms_backward(
-        x: FloatTensor<Self>,
-        x_hat: FloatTensor<Self>,
-        sums: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        of_x_hat: bool,
-    ) -> FloatTensor<Self>;
+    fn reconstruction_terms(x: FloatTensor<Self>, x_hat: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Columns of [`reconstruction_terms`].
@@ -53,11 +36,10 @@ pub const SQUARED_ERROR: usize = 2;
 /// `[n, 3]`: ‖x − x'‖ / ‖x‖, cos(x, x') and ‖x − x'‖² per row (norms carry
 /// [`NORM_EPS`] under the square root, so zero rows keep finite gradients).
 pub fn reconstruction_terms(x: Tensor<2>, x_hat: Tensor<2>) -> Tensor<2> {
-    let (terms, _sums) = <Dispatch as ReconstructionBackend>::reconstruction_terms(
+    Tensor::from_dispatch(<Dispatch as ReconstructionBackend>::reconstruction_terms(
         x.into_dispatch(),
         x_hat.into_dispatch(),
-    );
-    Tensor::from_dispatch(terms)
+    ))
 }
 
 /// A row's sums ‖x‖², ‖x − x'‖², ‖x'‖² and x·x'.
@@ -279,54 +261,61 @@ fn with_values<R>(
 }
 
 impl ReconstructionBackend for Flex {
-    fn reconstruction_terms(x: FlexTensor, x_hat: FlexTensor) -> (FlexTensor, FlexTensor) {
-        let n = x.shape().dims::<2>()[0];
-        let (terms, sums) = with_values(
-            &x,
-            &x_hat,
-            |a, b, d| {
-                let (terms, sums) = terms_f32(a, b, d);
-                (
-                    TensorData::new(terms, [n, 3]),
-                    TensorData::new(sums, [n, 4]),
-                )
-            },
-            |a, b, d| {
-                let (terms, sums) = terms_f64(a, b, d);
-                (
-                    TensorData::new(terms, [n, 3]),
-                    TensorData::new(sums, [n, 4]),
-                )
-            },
-        );
-        (FlexTensor::from_data(terms), FlexTensor::from_data(sums))
+    fn reconstruction_terms(x: FlexTensor, x_hat: FlexTensor) -> FlexTensor {
+        terms_and_sums(&x, &x_hat).0
     }
+}
 
-    fn reconstruction_terms_backward(
-        x: FlexTensor,
-        x_hat: FlexTensor,
-        sums: FlexTensor,
-        grad: FlexTensor,
-        of_x_hat: bool,
-    ) -> FlexTensor {
-        let shape = x.shape();
-        let rows = row_coefficients(&to_f64(&sums), &to_f64(&grad), of_x_hat);
-        let data = with_values(
-            &x,
-            &x_hat,
-            |a, b, d| TensorData::new(gradient_f32(a, b, &rows, d), shape.clone()),
-            |a, b, d| TensorData::new(gradient_f64(a, b, &rows, d), shape.clone()),
-        );
-        FlexTensor::from_data(data)
-    }
+/// The terms `[n, 3]` and the row sums `[n, 4]` they come from, which the backward pass reuses.
+fn terms_and_sums(x: &FlexTensor, x_hat: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let n = x.shape().dims::<2>()[0];
+    let (terms, sums) = with_values(
+        x,
+        x_hat,
+        |a, b, d| {
+            let (terms, sums) = terms_f32(a, b, d);
+            (
+                TensorData::new(terms, [n, 3]),
+                TensorData::new(sums, [n, 4]),
+            )
+        },
+        |a, b, d| {
+            let (terms, sums) = terms_f64(a, b, d);
+            (
+                TensorData::new(terms, [n, 3]),
+                TensorData::new(sums, [n, 4]),
+            )
+        },
+    );
+    (FlexTensor::from_data(terms), FlexTensor::from_data(sums))
+}
+
+/// Gradient of Σ grad ⊙ terms with respect to x' (`of_x_hat`) or x, given the forward pass's
+/// row sums.
+fn terms_backward(
+    x: FlexTensor,
+    x_hat: FlexTensor,
+    sums: FlexTensor,
+    grad: FlexTensor,
+    of_x_hat: bool,
+) -> FlexTensor {
+    let shape = x.shape();
+    let rows = row_coefficients(&to_f64(&sums), &to_f64(&grad), of_x_hat);
+    let data = with_values(
+        &x,
+        &x_hat,
+        |a, b, d| TensorData::new(gradient_f32(a, b, &rows, d), shape.clone()),
+        |a, b, d| TensorData::new(gradient_f64(a, b, &rows, d), shape.clone()),
+    );
+    FlexTensor::from_data(data)
 }
 
 #[derive(Debug)]
 struct ReconstructionStep;
 
-impl<B: Backend + ReconstructionBackend> Backward<B, 2> for ReconstructionStep {
+impl Backward<Flex, 2> for ReconstructionStep {
     /// x and x', checkpointed, and the forward pass's row sums.
-    type State = ([NodeId; 2], FloatTensor<B>);
+    type State = ([NodeId; 2], FlexTensor);
 
     fn backward(
         self,
@@ -334,34 +323,23 @@ impl<B: Backend + ReconstructionBackend> Backward<B, 2> for ReconstructionStep {
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<B>(&ops.node);
+        let grad = grads.consume::<Flex>(&ops.node);
         let (inputs, sums) = ops.state;
-        let [x, x_hat] = inputs.map(|id| checkpointer.retrieve_node_output::<FloatTensor<B>>(id));
+        let [x, x_hat] = inputs.map(|id| checkpointer.retrieve_node_output::<FlexTensor>(id));
         let [node_x, node_x_hat] = ops.parents;
         if let Some(node) = node_x {
-            let value = B::reconstruction_terms_backward(
-                x.clone(),
-                x_hat.clone(),
-                sums.clone(),
-                grad.clone(),
-                false,
-            );
-            grads.register::<B>(node.id, value);
+            let value = terms_backward(x.clone(), x_hat.clone(), sums.clone(), grad.clone(), false);
+            grads.register::<Flex>(node.id, value);
         }
         if let Some(node) = node_x_hat {
-            let value = B::reconstruction_terms_backward(x, x_hat, sums, grad, true);
-            grads.register::<B>(node.id, value);
+            let value = terms_backward(x, x_hat, sums, grad, true);
+            grads.register::<Flex>(node.id, value);
         }
     }
 }
 
-impl<B: Backend + ReconstructionBackend, C: CheckpointStrategy> ReconstructionBackend
-    for Autodiff<B, C>
-{
-    fn reconstruction_terms(
-        x: FloatTensor<Self>,
-        x_hat: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+impl<C: CheckpointStrategy> ReconstructionBackend for Autodiff<Flex, C> {
+    fn reconstruction_terms(x: FloatTensor<Self>, x_hat: FloatTensor<Self>) -> FloatTensor<Self> {
         match ReconstructionStep
             .prepare::<C>([x.node(), x_hat.node()])
             .compute_bound()
@@ -369,34 +347,14 @@ impl<B: Backend + ReconstructionBackend, C: CheckpointStrategy> ReconstructionBa
         {
             OpsKind::Tracked(mut prep) => {
                 let inputs = [&x, &x_hat].map(|t| prep.checkpoint(t));
-                let (terms, sums) =
-                    B::reconstruction_terms(x.into_primitive(), x_hat.into_primitive());
-                let sums_out = Self::from_inner(sums.clone());
-                (prep.finish((inputs, sums), terms), sums_out)
+                let (terms, sums) = terms_and_sums(x.primitive(), x_hat.primitive());
+                prep.finish((inputs, sums), terms)
             }
-            OpsKind::UnTracked(prep) => {
-                let (terms, sums) =
-                    B::reconstruction_terms(x.into_primitive(), x_hat.into_primitive());
-                (prep.finish(terms), Self::from_inner(sums))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::reconstruction_terms(
+                x.into_primitive(),
+                x_hat.into_primitive(),
+            )),
         }
-    }
-
-    fn reconstruction_terms_backward(
-        x: FloatTensor<Self>,
-        x_hat: FloatTensor<Self>,
-        sums: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        of_x_hat: bool,
-    ) -> FloatTensor<Self> {
-        // A constant: the training loss needs no second derivative.
-        Self::from_inner(B::reconstruction_terms_backward(
-            x.into_primitive(),
-            x_hat.into_primitive(),
-            sums.into_primitive(),
-            grad.into_primitive(),
-            of_x_hat,
-        ))
     }
 }
 

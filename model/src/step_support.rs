@@ -1,11 +1,10 @@
 //! What the training steps with passes of our own share: reading and writing flex tensors as
 //! plain f64 values, and handing gradients to the parents that need them.
 
-use burn::backend::Backend;
+use burn::backend::Flex;
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
 use burn::tensor::{DType, TensorData};
 
 /// A flex tensor's values as f64, whatever its float type and layout.
@@ -51,14 +50,14 @@ pub(crate) fn from_f64(
 }
 
 /// Registers each gradient with its parent, skipping parents that need none (`None`).
-pub(crate) fn register_gradients<B: Backend, const N: usize>(
+pub(crate) fn register_gradients<const N: usize>(
     grads: &mut Gradients,
     parents: [Option<NodeId>; N],
-    values: [FloatTensor<B>; N],
+    values: [FlexTensor; N],
 ) {
     for (parent, value) in parents.into_iter().zip(values) {
         if let Some(id) = parent {
-            grads.register::<B>(id, value);
+            grads.register::<Flex>(id, value);
         }
     }
 }
