@@ -19,7 +19,7 @@ use crate::mixture_energy::mixture_energy;
 use crate::mixture_factors::mixture_factors;
 use crate::mixture_stats::mixture_stats;
 
-pub(crate) const LN_2PI: f64 = 1.837_877_066_409_345_5;
+const LN_2PI: f64 = 1.837_877_066_409_345_5;
 /// Floor for mixture weights and membership sums, so an empty component gives log(φ) = −27.6,
 /// not −∞, and its mean is not 0/0.
 pub(crate) const MIN_WEIGHT: f64 = 1e-12;
@@ -179,14 +179,17 @@ impl GmmParams {
     /// Per-component constant of the log density: log φ_k − log|L_k| − d/2·log 2π. Scorers
     /// compute it once per model instead of once per sample.
     pub fn log_norms(&self) -> Vec<f64> {
-        let d = self.d;
         (0..self.k)
-            .map(|c| {
-                let half_log_det: f64 = (0..d).map(|j| self.chol[c][j * d + j].ln()).sum();
-                self.phi[c].max(MIN_WEIGHT).ln() - half_log_det - 0.5 * d as f64 * LN_2PI
-            })
+            .map(|c| log_norm(self.phi[c], &self.chol[c], self.d))
             .collect()
     }
+}
+
+/// log φ − log|L| − d/2·log 2π for a component with weight φ and Cholesky factor L
+/// (row-major `d × d`).
+pub(crate) fn log_norm(phi: f64, chol: &[f64], d: usize) -> f64 {
+    let half_log_det: f64 = (0..d).map(|j| chol[j * d + j].ln()).sum();
+    phi.max(MIN_WEIGHT).ln() - half_log_det - 0.5 * d as f64 * LN_2PI
 }
 
 /// A mixture's parameters laid out for scoring lanes in one float type: f64 for the energies
@@ -303,16 +306,23 @@ impl<T: LaneFloat> LaneMixture<T> {
 
 /// Lower Cholesky factor of `sigma + reg·I` (row-major `d × d`); `None` if not positive definite.
 pub fn cholesky(sigma: &[f64], d: usize, reg: f64) -> Option<Vec<f64>> {
+    let (l, positive) = regularised_cholesky(sigma, d, reg);
+    positive.then_some(l)
+}
+
+/// Lower Cholesky factor of `sigma + reg·I`, each pivot floored at `reg` (in exact arithmetic a
+/// pivot is at least `reg`; the floor only absorbs rounding), and whether every pivot was
+/// positive before the floor. Training's factor step and the fitted model's factors both come
+/// from here, so they agree.
+pub(crate) fn regularised_cholesky(sigma: &[f64], d: usize, reg: f64) -> (Vec<f64>, bool) {
     let mut l = vec![0.0; d * d];
+    let mut positive = true;
     for j in 0..d {
         let mut pivot = sigma[j * d + j] + reg;
         for p in 0..j {
             pivot -= l[j * d + p] * l[j * d + p];
         }
-        if pivot.is_nan() || pivot <= 0.0 {
-            return None;
-        }
-        // Same floor as the training graph, so both give the same factor.
+        positive &= pivot > 0.0;
         let l_jj = pivot.max(reg).sqrt();
         l[j * d + j] = l_jj;
         for i in j + 1..d {
@@ -323,7 +333,7 @@ pub fn cholesky(sigma: &[f64], d: usize, reg: f64) -> Option<Vec<f64>> {
             l[i * d + j] = off / l_jj;
         }
     }
-    Some(l)
+    (l, positive)
 }
 
 #[cfg(test)]

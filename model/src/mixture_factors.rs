@@ -6,8 +6,9 @@
 //!
 //! Composed from burn's operations the factorisation took some sixty operations on `[1, k]`
 //! tensors per batch, each recorded and differentiated on its own; for the small server-metric
-//! networks that was a tenth of a training step. Here the forward pass is the textbook Cholesky
-//! loop and the backward pass the same loop in reverse, in f64 whatever the element type.
+//! networks that was a tenth of a training step. Here the forward pass is the fitted model's
+//! own Cholesky (`gmm::regularised_cholesky`) and the backward pass its loop in reverse, in f64
+//! whatever the element type.
 
 // Index loops read closest to the Cholesky formulas.
 #![allow(clippy::needless_range_loop)]
@@ -22,7 +23,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 
-use crate::gmm::{LN_2PI, MIN_WEIGHT};
+use crate::gmm::{MIN_WEIGHT, log_norm, regularised_cholesky};
 use crate::step_support::{from_f64, register_gradients, to_f64};
 
 #[backend_extension(Flex, Autodiff)]
@@ -55,31 +56,10 @@ pub fn mixture_factors(
 
 /// The factors of one component: `d·d + 2` values.
 fn component_factors(phi: f64, cov: &[f64], spread: &[f64], d: usize, cov_reg: f64) -> Vec<f64> {
-    let mut out = vec![0.0; d * d + 2];
-    let a = |i: usize, j: usize| cov[i * d + j] + if i == j { cov_reg } else { 0.0 };
-    let (l, tail) = out.split_at_mut(d * d);
-    let mut half_log_det = 0.0;
-    let mut penalty = 0.0;
-    for j in 0..d {
-        penalty += spread[j] / a(j, j);
-        let mut pivot = a(j, j);
-        for p in 0..j {
-            pivot -= l[j * d + p] * l[j * d + p];
-        }
-        // Each pivot is at least cov_reg in exact arithmetic; the clamp only absorbs rounding.
-        let l_jj = pivot.max(cov_reg).sqrt();
-        for i in j + 1..d {
-            let mut off = a(i, j);
-            for p in 0..j {
-                off -= l[i * d + p] * l[j * d + p];
-            }
-            l[i * d + j] = off / l_jj;
-        }
-        l[j * d + j] = l_jj;
-        half_log_det += l_jj.ln();
-    }
-    tail[0] = phi.max(MIN_WEIGHT).ln() - half_log_det - 0.5 * d as f64 * LN_2PI;
-    tail[1] = phi * penalty;
+    let (mut out, _) = regularised_cholesky(cov, d, cov_reg);
+    let penalty: f64 = (0..d).map(|j| spread[j] / (cov[j * d + j] + cov_reg)).sum();
+    out.push(log_norm(phi, &out, d));
+    out.push(phi * penalty);
     out
 }
 
