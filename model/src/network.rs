@@ -207,7 +207,7 @@ fn mlp(layers: &[Linear], mut h: Tensor<2>) -> Tensor<2> {
     h
 }
 
-/// Clamp of the [`tanh`] approximation: beyond it tanh(x) rounds to within one f32 ulp of ±1.
+/// Clamp of the [`tanh_f32`] approximation: beyond it tanh(x) rounds to within one f32 ulp of ±1.
 const TANH_CLAMP: f32 = 8.5;
 /// tanh(x) ≈ x·P(x²)/Q(x²) on [−8.5, 8.5]: coefficients of P and Q, lowest power first, from
 /// the relative-error fit in `model/scripts/tanh_fit.py` (at most 6 f32 ulp from the correctly
@@ -222,8 +222,8 @@ const TANH_P: [f32; 6] = [
 ];
 const TANH_Q: [f32; 4] = [1.0, 0.463_023_45, 2.398_233e-2, 2.355_045_1e-4];
 
-/// tanh(x) ≈ x·P(x²)/Q(x²) on one number: the values of training's [`tanh`] and the plain
-/// scorer's. Plain multiplies and adds (Rust never fuses them), so every build gives the same
+/// tanh(x) ≈ x·P(x²)/Q(x²) on one number: the values of training's dense layers
+/// ([`crate::dense`]) and the plain scorer's. Plain multiplies and adds (Rust never fuses them), so every build gives the same
 /// bits. Branch-free, so loops over scoring lanes vectorise.
 #[inline(always)]
 pub(crate) fn tanh_f32(x: f32) -> f32 {
@@ -237,7 +237,8 @@ pub(crate) fn tanh_f32(x: f32) -> f32 {
             .rev()
             .fold(highest, |acc, &ci| acc * t + ci)
     };
-    // + 0 turns −0 into +0, as adding the tensor version's gradient term (zero in value) does.
+    // + 0 turns −0 into +0, as adding tanh's gradient term (zero in value) did when training
+    // built tanh from tensor operations; the dense step's tests still compare with that form.
     (x * polynomial(&TANH_P) / polynomial(&TANH_Q)).clamp(-1.0, 1.0) + 0.0
 }
 
