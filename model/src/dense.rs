@@ -3,9 +3,13 @@
 //! Built from burn's general operations, a tanh layer records a matrix product, a broadcast bias
 //! add and the three operations of the tanh gradient trick, each with its own temporaries and
 //! backward step; those took more of a training step than the matrix products. Here the forward
-//! pass adds the bias and applies `tanh_f32` in one pass over the product, and the backward
-//! pass forms g·(1 − y²) in one pass before burn's own linear-layer gradients. The values and
-//! gradients are the bits the composed operations gave (a test compares them).
+//! pass has gemm add the product to the bias and applies `tanh_f32` in one pass over it, and the
+//! backward pass forms g·(1 − y²) and the bias gradient in one pass before the two products of
+//! the weight and input gradients. The products are gemm's, the kernels flex's own product
+//! calls, with the arguments flex gives them; the values and gradients are the bits the
+//! composed operations gave (a test compares them).
+
+use std::borrow::Cow;
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -49,10 +53,10 @@ pub fn dense(layer: &Linear, x: Tensor<2>, squash: bool) -> Tensor<2> {
 }
 
 /// The contiguous f32 values of a flex tensor, borrowed when they already are.
-fn f32_values(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+fn f32_values(tensor: &FlexTensor) -> Cow<'_, [f32]> {
     match tensor.as_slice::<f32>() {
-        Some(values) => std::borrow::Cow::Borrowed(values),
-        None => std::borrow::Cow::Owned(
+        Some(values) => Cow::Borrowed(values),
+        None => Cow::Owned(
             tensor
                 .to_contiguous()
                 .as_slice::<f32>()
@@ -64,7 +68,7 @@ fn f32_values(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
 
 impl DenseBackend for Flex {
     fn dense(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, squash: bool) -> FlexTensor {
-        if [&x, &weight, &bias].iter().any(|t| t.dtype() != DType::F32) {
+        let (Some(x_view), Some(weight_view)) = (Matrix::of(&x), Matrix::of(&weight)) else {
             // Not our f32 training: burn's own operations.
             let output = Flex::linear(x, weight, Some(bias));
             return if squash {
@@ -72,33 +76,146 @@ impl DenseBackend for Flex {
             } else {
                 output
             };
+        };
+        if bias.dtype() != DType::F32 {
+            return Flex::dense(x, weight, Flex::float_cast(bias, DType::F32.into()), squash);
         }
-        let mut product = Flex::float_matmul(x, weight);
-        let bias = f32_values(&bias).into_owned();
-        // Bias row by row, then tanh over the whole buffer: one long loop vectorises where
-        // rows of 10 or 30 values leave mostly remainders.
-        let finish = |values: &mut [f32]| {
-            for row in values.chunks_exact_mut(bias.len()) {
-                for (value, b) in row.iter_mut().zip(&bias) {
+        let bias = f32_values(&bias);
+        let mut values = product(&x_view, &weight_view, Some(&bias));
+        if squash {
+            tanh_in_place(&mut values);
+        }
+        FlexTensor::from_data(TensorData::new(values, [x_view.rows, weight_view.columns]))
+    }
+}
+
+/// Whether gemm, asked for dst + lhs·rhs, adds each finished dot product to dst in one
+/// rounding, as b + x·w is computed after the product: true for its blocked kernels when the
+/// inner dimension fits one block (gemm takes at least 512 at a time). Its paths for short
+/// inner dimensions, single rows or columns and tiny outputs accumulate differently, so those
+/// products get the bias afterwards.
+fn adds_to_finished_sums(m: usize, k: usize, n: usize) -> bool {
+    m > 1 && n > 1 && k > 2 && k <= 512 && m * n > 16 * 16
+}
+
+/// An f32 matrix as gemm reads it: its buffer, and where element (i, j) sits in it.
+struct Matrix<'a> {
+    values: &'a [f32],
+    rows: usize,
+    columns: usize,
+    offset: usize,
+    row_stride: isize,
+    column_stride: isize,
+}
+
+impl<'a> Matrix<'a> {
+    /// A 2-d f32 flex tensor in place, whatever its strides; `None` for anything else (other
+    /// element types, other ranks, reversed axes), which burn's own operations handle.
+    fn of(tensor: &'a FlexTensor) -> Option<Self> {
+        let layout = tensor.layout();
+        let (shape, strides) = (layout.shape(), layout.strides());
+        if tensor.dtype() != DType::F32 || strides.len() != 2 || strides.iter().any(|&s| s < 0) {
+            return None;
+        }
+        let matrix = Matrix {
+            values: tensor.storage::<f32>(),
+            rows: shape[0],
+            columns: shape[1],
+            offset: layout.start_offset(),
+            row_stride: strides[0],
+            column_stride: strides[1],
+        };
+        matrix.in_bounds().then_some(matrix)
+    }
+
+    /// Whether every element (i, j) lies inside the buffer: what makes the gemm call sound.
+    fn in_bounds(&self) -> bool {
+        if self.rows == 0 || self.columns == 0 {
+            return true;
+        }
+        let last = self.offset as isize
+            + (self.rows as isize - 1) * self.row_stride
+            + (self.columns as isize - 1) * self.column_stride;
+        (last as usize) < self.values.len()
+    }
+
+    fn transposed(&self) -> Self {
+        Matrix {
+            rows: self.columns,
+            columns: self.rows,
+            row_stride: self.column_stride,
+            column_stride: self.row_stride,
+            ..*self
+        }
+    }
+
+    fn row_major(values: &'a [f32], rows: usize, columns: usize) -> Self {
+        Matrix {
+            values,
+            rows,
+            columns,
+            offset: 0,
+            row_stride: columns as isize,
+            column_stride: 1,
+        }
+    }
+}
+
+/// lhs·rhs as a row-major buffer, plus `bias` on every row when given, through the gemm
+/// kernels flex's own matrix product calls, with the same arguments, so the bits are flex's.
+/// Calling them here saves what flex's product adds around them: it zeroes a fresh output and
+/// copies it into an aligned buffer, and the bias then takes another pass.
+fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
+    assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    let bias = bias.inspect(|bias| assert_eq!(bias.len(), n, "bias length"));
+    if bias.is_some() && !adds_to_finished_sums(m, k, n) {
+        let mut output = product(lhs, rhs, None);
+        if let Some(bias) = bias {
+            for row in output.chunks_exact_mut(n) {
+                for (value, b) in row.iter_mut().zip(bias) {
                     *value += b;
                 }
             }
-            if squash {
-                tanh_in_place(values);
-            }
-        };
-        let elements = product.shape().num_elements();
-        if product.is_contiguous()
-            && let Some(values) = product.try_storage_mut::<f32>()
-            && values.len() == elements
-        {
-            finish(values);
-            return product;
         }
-        let mut values = f32_values(&product).into_owned();
-        finish(&mut values);
-        FlexTensor::from_data(TensorData::new(values, product.shape()))
+        return output;
     }
+    let mut output = Vec::with_capacity(m * n);
+    match bias {
+        Some(bias) => (0..m).for_each(|_| output.extend_from_slice(bias)),
+        None => output.resize(m * n, 0.0),
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return output;
+    }
+    // SAFETY: both operands' elements lie inside their buffers (`Matrix::in_bounds`, checked
+    // when each view was made), and the output holds m·n values, written row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            output.as_mut_ptr(),
+            1,
+            n as isize,
+            // Read only when it holds the bias.
+            bias.is_some(),
+            lhs.values.as_ptr().add(lhs.offset),
+            lhs.column_stride,
+            lhs.row_stride,
+            rhs.values.as_ptr().add(rhs.offset),
+            rhs.column_stride,
+            rhs.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            // A fit runs on one thread; more cores fit more models.
+            gemm::Parallelism::None,
+        );
+    }
+    output
 }
 
 /// `tanh_f32` of every value, in place. The build's baseline is SSE2 (four lanes), so CPUs
@@ -126,27 +243,44 @@ fn tanh_in_place_avx512(values: &mut [f32]) {
     tanh_in_place_portable(values)
 }
 
-/// The autodiff step: remembers x and W (for the weight and input gradients) and, with tanh,
-/// the output.
 /// grad · (1 − y²): the gradient through tanh, given its output y.
 fn tanh_backward(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
-    if output.dtype() != DType::F32 || grad.dtype() != DType::F32 {
-        let slope = Flex::float_add_scalar(
-            Flex::float_neg(Flex::float_mul(output.clone(), output)),
-            1.0.into(),
-        );
-        return Flex::float_mul(grad, slope);
-    }
-    let shape = grad.shape();
-    let values: Vec<f32> = f32_values(&output)
-        .iter()
-        .zip(f32_values(&grad).iter())
-        // As the composed version computed it: g · ((−(y·y)) + 1).
-        .map(|(&y, &g)| g * (-(y * y) + 1.0))
-        .collect();
-    FlexTensor::from_data(TensorData::new(values, shape))
+    let slope = Flex::float_add_scalar(
+        Flex::float_neg(Flex::float_mul(output.clone(), output)),
+        1.0.into(),
+    );
+    Flex::float_mul(grad, slope)
 }
 
+/// The gradient reaching x·W + b (through tanh when `output` is its tanh output) as a
+/// row-major buffer, and its column sums, the bias gradient. The sums run down each column in
+/// row order, as flex's sum over rows does.
+fn pre_activation_gradient<'a>(
+    grad: &'a [f32],
+    output: Option<&[f32]>,
+    columns: usize,
+) -> (Cow<'a, [f32]>, Vec<f32>) {
+    let values = match output {
+        Some(output) => Cow::Owned(
+            grad.iter()
+                .zip(output)
+                // As the composed version computed it: g · ((−(y·y)) + 1).
+                .map(|(&g, &y)| g * (-(y * y) + 1.0))
+                .collect(),
+        ),
+        None => Cow::Borrowed(grad),
+    };
+    let mut sums = vec![0f32; columns];
+    for row in values.chunks_exact(columns) {
+        for (sum, &value) in sums.iter_mut().zip(row) {
+            *sum += value;
+        }
+    }
+    (values, sums)
+}
+
+/// The autodiff step: remembers x and W (for the weight and input gradients) and, with tanh,
+/// the output.
 #[derive(Debug)]
 struct DenseStep;
 
@@ -163,22 +297,67 @@ impl Backward<Flex, 3> for DenseStep {
     ) {
         let [node_x, node_weight, node_bias] = ops.parents;
         let (x, weight, squashed) = ops.state;
-        let mut grad = grads.consume::<Flex>(&ops.node);
-        if let Some(output) = squashed {
-            grad = tanh_backward(output, grad);
-        }
-        if let Some(node) = node_x {
-            let weight = checkpointer.retrieve_node_output(weight.expect("weight kept for dx"));
-            grads.register::<Flex>(node.id, Flex::linear_x_backward(weight, grad.clone()));
-        }
-        if let Some(node) = node_weight {
-            let x = checkpointer.retrieve_node_output(x.expect("input kept for dW"));
-            grads.register::<Flex>(node.id, Flex::linear_weight_backward(x, grad.clone()));
-        }
-        if let Some(node) = node_bias {
-            grads.register::<Flex>(node.id, Flex::linear_bias_backward(grad));
+        let grad = grads.consume::<Flex>(&ops.node);
+        let weight: Option<FlexTensor> = node_x
+            .as_ref()
+            .map(|_| checkpointer.retrieve_node_output(weight.expect("weight kept for dx")));
+        let x: Option<FlexTensor> = node_weight
+            .as_ref()
+            .map(|_| checkpointer.retrieve_node_output(x.expect("input kept for dW")));
+        let [dx, dw, db] =
+            match layer_gradients_f32(&grad, squashed.as_ref(), x.as_ref(), weight.as_ref()) {
+                Some(gradients) => gradients,
+                None => {
+                    let grad = match squashed {
+                        Some(output) => tanh_backward(output, grad),
+                        None => grad,
+                    };
+                    [
+                        weight.map(|weight| Flex::linear_x_backward(weight, grad.clone())),
+                        x.map(|x| Flex::linear_weight_backward(x, grad.clone())),
+                        Some(Flex::linear_bias_backward(grad)),
+                    ]
+                }
+            };
+        for (node, gradient) in [(node_x, dx), (node_weight, dw), (node_bias, db)] {
+            if let (Some(node), Some(gradient)) = (node, gradient) {
+                grads.register::<Flex>(node.id, gradient);
+            }
         }
     }
+}
+
+/// dx = g′·Wᵀ, dW = xᵀ·g′ and db = Σ g′ for f32 tensors, g′ being the gradient at x·W + b: the
+/// products through [`product`], as `linear_x_backward` and `linear_weight_backward` form them
+/// in flex. `None` where a tensor is not a 2-d f32 one, for burn's own operations.
+fn layer_gradients_f32(
+    grad: &FlexTensor,
+    output: Option<&FlexTensor>,
+    x: Option<&FlexTensor>,
+    weight: Option<&FlexTensor>,
+) -> Option<[Option<FlexTensor>; 3]> {
+    let grad_view = Matrix::of(grad)?;
+    let (rows, columns) = (grad_view.rows, grad_view.columns);
+    if output.is_some_and(|y| y.dtype() != DType::F32 || y.shape() != grad.shape()) {
+        return None;
+    }
+    let x = x
+        .map(Matrix::of)
+        .map_or(Some(None), |view| view.map(Some))?;
+    let weight = weight
+        .map(Matrix::of)
+        .map_or(Some(None), |view| view.map(Some))?;
+    let output = output.map(f32_values);
+    let grad = f32_values(grad);
+    let (values, bias) = pre_activation_gradient(&grad, output.as_deref(), columns);
+    let pre = Matrix::row_major(&values, rows, columns);
+    let tensor =
+        |values: Vec<f32>, shape: [usize; 2]| FlexTensor::from_data(TensorData::new(values, shape));
+    Some([
+        weight.map(|w| tensor(product(&pre, &w.transposed(), None), [rows, w.rows])),
+        x.map(|x| tensor(product(&x.transposed(), &pre, None), [x.columns, columns])),
+        Some(FlexTensor::from_data(TensorData::new(bias, [columns]))),
+    ])
 }
 
 impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
@@ -246,7 +425,11 @@ mod tests {
         tensor(y) + (h - detached) * tensor(slopes)
     }
 
-    fn layer_and_input(device: &Device, transposed: bool) -> (Linear, Tensor<2>) {
+    /// Row counts that take each of gemm's paths here: one row, a tiny output, and the blocked
+    /// kernels that add the product to the bias already in the output.
+    const ROW_COUNTS: [usize; 3] = [1, 9, 300];
+
+    fn layer_and_input(device: &Device, transposed: bool, rows: usize) -> (Linear, Tensor<2>) {
         let cfg = crate::NetworkConfig {
             input_dim: 7,
             hidden: vec![5],
@@ -258,24 +441,48 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let net = DagmmNet::from_weights(&NetworkWeights::init(&cfg, &mut rng), device);
         // Wide enough to reach tanh's clamp and both signs.
-        let xs: Vec<f32> = (0..9 * 7).map(|_| rng.random_range(-6.0..6.0)).collect();
+        let xs: Vec<f32> = (0..rows * 7).map(|_| rng.random_range(-6.0..6.0)).collect();
         let x = if transposed {
-            Tensor::<2>::from_data(TensorData::new(xs, [7, 9]), device).transpose()
+            Tensor::<2>::from_data(TensorData::new(xs, [7, rows]), device).transpose()
         } else {
-            Tensor::<2>::from_data(TensorData::new(xs, [9, 7]), device)
+            Tensor::<2>::from_data(TensorData::new(xs, [rows, 7]), device)
         };
         (net.encoder[0].clone(), x)
     }
 
+    /// (input transposed, tanh, rows) for every combination.
+    fn cases() -> impl Iterator<Item = (bool, bool, usize)> {
+        [false, true].into_iter().flat_map(|transposed| {
+            [false, true].into_iter().flat_map(move |squash| {
+                ROW_COUNTS
+                    .into_iter()
+                    .map(move |rows| (transposed, squash, rows))
+            })
+        })
+    }
+
     #[test]
     fn values_are_the_composed_operations_bit_for_bit() {
+        assert!(
+            ROW_COUNTS
+                .iter()
+                .any(|&rows| adds_to_finished_sums(rows, 7, 5))
+        );
+        assert!(
+            ROW_COUNTS
+                .iter()
+                .any(|&rows| !adds_to_finished_sums(rows, 7, 5))
+        );
         let device = Device::flex();
-        for transposed in [false, true] {
-            for squash in [false, true] {
-                let (layer, x) = layer_and_input(&device, transposed);
+        for (transposed, squash, rows) in cases() {
+            {
+                let (layer, x) = layer_and_input(&device, transposed, rows);
                 let fused = values(dense(&layer, x.clone(), squash));
                 let want = values(composed(&layer, x.clone(), squash));
-                assert_eq!(fused, want, "squash {squash}, transposed {transposed}");
+                assert_eq!(
+                    fused, want,
+                    "squash {squash}, transposed {transposed}, {rows} rows"
+                );
                 if squash {
                     let pre = values(layer.forward(x));
                     assert!(fused.iter().zip(&pre).all(|(&y, &h)| y == tanh_f32(h)));
@@ -287,9 +494,9 @@ mod tests {
     #[test]
     fn gradients_are_the_composed_operations_bit_for_bit() {
         let device = Device::flex().autodiff();
-        for squash in [false, true] {
+        for (transposed, squash, rows) in cases() {
             let gradients = |fused: bool| {
-                let (layer, x) = layer_and_input(&device, false);
+                let (layer, x) = layer_and_input(&device, transposed, rows);
                 let x = x.require_grad();
                 let y = if fused {
                     dense(&layer, x.clone(), squash)
@@ -310,7 +517,10 @@ mod tests {
             };
             let [fused, want] = [gradients(true), gradients(false)];
             for (name, (f, w)) in ["x", "weight", "bias"].iter().zip(fused.iter().zip(&want)) {
-                assert_eq!(f, w, "gradient of {name}, squash {squash}");
+                assert_eq!(
+                    f, w,
+                    "gradient of {name}, squash {squash}, transposed {transposed}, {rows} rows"
+                );
                 assert!(
                     f.iter().any(|&g| g != 0.0),
                     "gradient of {name} is all zeros"
@@ -322,7 +532,7 @@ mod tests {
     #[test]
     fn a_layer_without_bias_adds_nothing() {
         let device = Device::flex();
-        let (mut layer, x) = layer_and_input(&device, false);
+        let (mut layer, x) = layer_and_input(&device, false, 300);
         let with_zero_bias = {
             let [_, d] = layer.weight.dims();
             let mut zeroed = layer.clone();
