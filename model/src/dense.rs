@@ -169,6 +169,9 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     let bias = bias.inspect(|bias| assert_eq!(bias.len(), n, "bias length"));
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
     if bias.is_some() && !adds_to_finished_sums(m, k, n) {
         let mut output = product(lhs, rhs, None);
         if let Some(bias) = bias {
@@ -185,7 +188,7 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
         Some(bias) => (0..m).for_each(|_| output.extend_from_slice(bias)),
         None => output.resize(m * n, 0.0),
     }
-    if m == 0 || n == 0 || k == 0 {
+    if k == 0 {
         return output;
     }
     // SAFETY: both operands' elements lie inside their buffers (`Matrix::in_bounds`, checked
@@ -527,6 +530,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn zero_rows_give_empty_values_and_zero_gradients() {
+        let device = Device::flex().autodiff();
+        let (layer, _) = layer_and_input(&device, false, 1);
+        let x = Tensor::<2>::from_data(TensorData::new(Vec::<f32>::new(), [0, 7]), &device)
+            .require_grad();
+        let y = dense(&layer, x.clone(), true);
+        assert_eq!(y.dims(), [0, 5]);
+        let grads = y.sum().backward();
+        assert_eq!(x.grad(&grads).unwrap().dims(), [0, 7]);
+        let weight_grad = values(layer.weight.val().grad(&grads).unwrap());
+        assert_eq!(weight_grad.len(), 7 * 5);
+        assert!(weight_grad.iter().all(|&g| g == 0.0));
     }
 
     #[test]
