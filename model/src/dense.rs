@@ -247,6 +247,8 @@ fn tanh_in_place_avx512(values: &mut [f32]) {
 }
 
 /// grad · (1 − y²): the gradient through tanh, given its output y.
+/// grad · (1 − y²), the gradient through tanh given its output y, from burn's operations: for
+/// element types other than f32.
 fn tanh_backward(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
     let slope = Flex::float_add_scalar(
         Flex::float_neg(Flex::float_mul(output.clone(), output)),

@@ -64,8 +64,8 @@ fn row_sums_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<RowSums<f64>> {
 
 /// The sums of f32 rows (training), each in f32 over its row in order as the scorer sums
 /// them, so [`features_from_sums`] gives the scorer's features to the bit. Sixteen rows go
-/// side by side so the in-order sums still vectorise; CPUs with AVX-512 get their own copy of
-/// the loop.
+/// side by side so the in-order sums still vectorise; CPUs with AVX-512 fetch each column of
+/// them with gathers.
 fn row_sums_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
     #[cfg(target_arch = "x86_64")]
     if Isa::Avx512.supported() {
@@ -89,10 +89,9 @@ fn row_sums_f32_avx512(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> 
     let blocks = n / L;
     // Offsets within a block of sixteen rows fit an i32 for any width a network can have; a
     // wider row takes the portable loop.
-    let Ok(block_len) = i32::try_from(L * d) else {
+    if i32::try_from(L * d).is_err() {
         return row_sums_f32_body(x, x_hat, d);
-    };
-    debug_assert!(block_len >= 0);
+    }
     let mut sums = Vec::with_capacity(n);
     let row_starts = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -145,7 +144,7 @@ fn row_sums_f32_body(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
             std::array::from_fn(|r| (start + if r < used { r } else { 0 }) * d);
         let (mut xx, mut dd, mut hh, mut xh) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
         for j in 0..d {
-            // Column j of sixteen rows: one gather each where the CPU has them.
+            // Column j of sixteen rows.
             let xj: [f32; L] = std::array::from_fn(|r| x[offsets[r] + j]);
             let hj: [f32; L] = std::array::from_fn(|r| x_hat[offsets[r] + j]);
             for r in 0..L {
