@@ -5,7 +5,11 @@
 #  2. The 4-metric server scenario: 1000 samples of one generated host, the `fit` network
 #     (4-16-8-1, 3-10-4), batch 1024, 1000 epochs; PyTorch through benches/race_metrics4.py.
 #
-#   benches/race_pytorch.sh [EPOCHS] [THREADS]      (defaults: 10 epochs, 1 thread)
+#   benches/race_pytorch.sh [EPOCHS] [THREADS] [ROUNDS]   (defaults: 10 epochs, 1 thread, 3 rounds)
+#
+# Each round times ours and then PyTorch, so both see the machine in the same state; a
+# round's ratio compares the two, and the summary gives the median and range over the rounds.
+# (On a shared VM one PyTorch run can take 0.88 s per epoch and the next 1.2 s.)
 #
 # Needs torch, numpy and scipy in $DAGMM_TORCH_VENV (default /tmp/torch-venv):
 #   python3 -m venv /tmp/torch-venv && /tmp/torch-venv/bin/pip install torch numpy scipy
@@ -18,6 +22,7 @@ cd "$(dirname "$0")/.."
 
 epochs="${1:-10}"
 threads="${2:-1}"
+rounds="${3:-3}"
 venv="${DAGMM_TORCH_VENV:-/tmp/torch-venv}"
 data_npz=../shared/datasets/kddcup99/kdd_cup.npz
 data_parquet=../shared/datasets/kddcup99/kdd_cup.parquet
@@ -34,19 +39,27 @@ fit_seconds() {
     python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['runs'][0]['train_seconds'])" "$report"
     rm -f "$report"
 }
-short=$(fit_seconds 2)
-long=$(fit_seconds $((epochs + 2)))
-ours=$(python3 -c "print(f'{($long - $short) / $epochs:.3f}')")
+# "median min max" of the numbers on stdin.
+summary() {
+    python3 -c "import statistics, sys; v = [float(x) for x in sys.stdin.read().split()]; print(f'{statistics.median(v):.2f} {min(v):.2f} {max(v):.2f}')"
+}
 
-torch_line=$("$venv/bin/python" ../shared/bench/pytorch_dagmm.py --data "$data_npz" --epochs "$epochs" \
-    --threads "$threads" --seed 0 --log-every 1000000 | grep '^train_seconds')
-torch_seconds=$(echo "$torch_line" | awk '{print $2}')
-theirs=$(python3 -c "print(f'{$torch_seconds / $epochs:.3f}')")
-
-echo "KDDCUP99, paper configuration, $epochs epochs, $threads thread(s)"
-echo "  dagmm (burn flex): $ours s/epoch"
-echo "  PyTorch reference: $theirs s/epoch"
-python3 -c "print(f'  ratio (PyTorch / dagmm): {$theirs / $ours:.2f}x')"
+echo "KDDCUP99, paper configuration, $epochs epochs, $threads thread(s), $rounds round(s)"
+kdd_ratios=""
+for round in $(seq 1 "$rounds"); do
+    short=$(fit_seconds 2)
+    long=$(fit_seconds $((epochs + 2)))
+    ours=$(python3 -c "print(f'{($long - $short) / $epochs:.3f}')")
+    torch_line=$("$venv/bin/python" ../shared/bench/pytorch_dagmm.py --data "$data_npz" --epochs "$epochs" \
+        --threads "$threads" --seed 0 --log-every 1000000 | grep '^train_seconds')
+    torch_seconds=$(echo "$torch_line" | awk '{print $2}')
+    theirs=$(python3 -c "print(f'{$torch_seconds / $epochs:.3f}')")
+    ratio=$(python3 -c "print(f'{$theirs / $ours:.2f}')")
+    kdd_ratios="$kdd_ratios $ratio"
+    echo "  round $round: dagmm (burn flex) $ours s/epoch, PyTorch reference $theirs s/epoch, ratio ${ratio}x"
+done
+read -r median low high < <(echo "$kdd_ratios" | summary)
+echo "  ratio (PyTorch / dagmm): median ${median}x, range ${low}-${high}x"
 
 # 2. The 4-metric scenario.
 work=$(mktemp -d)
@@ -61,12 +74,17 @@ fit_wall() {
     end=$(date +%s.%N)
     python3 -c "print($end - $start)"
 }
-short=$(fit_wall 100)
-long=$(fit_wall 1100)
-ours=$(python3 -c "print(f'{($long - $short):.3f}')")
-torch_seconds=$("$venv/bin/python" benches/race_metrics4.py --reference ../shared/bench/pytorch_dagmm.py \
-    --data "$work/host.csv" --epochs 1000 --threads "$threads" | awk '/^train_seconds/ {print $2}')
-echo "4 metrics, 1000 samples, 1000 epochs, $threads thread(s)"
-echo "  dagmm (burn flex): $ours s"
-echo "  PyTorch reference: $torch_seconds s"
-python3 -c "print(f'  ratio (PyTorch / dagmm): {$torch_seconds / $ours:.2f}x')"
+echo "4 metrics, 1000 samples, 1000 epochs, $threads thread(s), $rounds round(s)"
+metrics_ratios=""
+for round in $(seq 1 "$rounds"); do
+    short=$(fit_wall 100)
+    long=$(fit_wall 1100)
+    ours=$(python3 -c "print(f'{($long - $short):.3f}')")
+    torch_seconds=$("$venv/bin/python" benches/race_metrics4.py --reference ../shared/bench/pytorch_dagmm.py \
+        --data "$work/host.csv" --epochs 1000 --threads "$threads" | awk '/^train_seconds/ {print $2}')
+    ratio=$(python3 -c "print(f'{$torch_seconds / $ours:.2f}')")
+    metrics_ratios="$metrics_ratios $ratio"
+    echo "  round $round: dagmm (burn flex) $ours s, PyTorch reference $torch_seconds s, ratio ${ratio}x"
+done
+read -r median low high < <(echo "$metrics_ratios" | summary)
+echo "  ratio (PyTorch / dagmm): median ${median}x, range ${low}-${high}x"
