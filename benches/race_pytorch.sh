@@ -39,27 +39,35 @@ fit_seconds() {
     python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['runs'][0]['train_seconds'])" "$report"
     rm -f "$report"
 }
-# "median min max" of the numbers on stdin.
-summary() {
-    python3 -c "import statistics, sys; v = [float(x) for x in sys.stdin.read().split()]; print(f'{statistics.median(v):.2f} {min(v):.2f} {max(v):.2f}')"
+# Prints ROUNDS rounds of "ours, then theirs" and the median and range of the ratios.
+#   race UNIT OURS_COMMAND THEIRS_COMMAND   (each command prints seconds)
+race() {
+    local unit=$1 ours_command=$2 theirs_command=$3 ratios="" round ours theirs ratio
+    for round in $(seq 1 "$rounds"); do
+        ours=$($ours_command)
+        theirs=$($theirs_command)
+        ratio=$(python3 -c "print(f'{$theirs / $ours:.2f}')")
+        ratios="$ratios $ratio"
+        echo "  round $round: dagmm (burn flex) $ours $unit, PyTorch reference $theirs $unit, ratio ${ratio}x"
+    done
+    python3 -c "import statistics, sys; v = [float(x) for x in sys.argv[1:]]; \
+print(f'  ratio (PyTorch / dagmm): median {statistics.median(v):.2f}x, range {min(v):.2f}-{max(v):.2f}x')" $ratios
 }
 
-echo "KDDCUP99, paper configuration, $epochs epochs, $threads thread(s), $rounds round(s)"
-kdd_ratios=""
-for round in $(seq 1 "$rounds"); do
+kdd_ours() {
+    local short long
     short=$(fit_seconds 2)
     long=$(fit_seconds $((epochs + 2)))
-    ours=$(python3 -c "print(f'{($long - $short) / $epochs:.3f}')")
-    torch_line=$("$venv/bin/python" ../shared/bench/pytorch_dagmm.py --data "$data_npz" --epochs "$epochs" \
-        --threads "$threads" --seed 0 --log-every 1000000 | grep '^train_seconds')
-    torch_seconds=$(echo "$torch_line" | awk '{print $2}')
-    theirs=$(python3 -c "print(f'{$torch_seconds / $epochs:.3f}')")
-    ratio=$(python3 -c "print(f'{$theirs / $ours:.2f}')")
-    kdd_ratios="$kdd_ratios $ratio"
-    echo "  round $round: dagmm (burn flex) $ours s/epoch, PyTorch reference $theirs s/epoch, ratio ${ratio}x"
-done
-read -r median low high < <(echo "$kdd_ratios" | summary)
-echo "  ratio (PyTorch / dagmm): median ${median}x, range ${low}-${high}x"
+    python3 -c "print(f'{($long - $short) / $epochs:.3f}')"
+}
+kdd_theirs() {
+    local seconds
+    seconds=$("$venv/bin/python" ../shared/bench/pytorch_dagmm.py --data "$data_npz" --epochs "$epochs" \
+        --threads "$threads" --seed 0 --log-every 1000000 | awk '/^train_seconds/ {print $2}')
+    python3 -c "print(f'{$seconds / $epochs:.3f}')"
+}
+echo "KDDCUP99, paper configuration, $epochs epochs, $threads thread(s), $rounds round(s)"
+race s/epoch kdd_ours kdd_theirs
 
 # 2. The 4-metric scenario.
 work=$(mktemp -d)
@@ -74,17 +82,15 @@ fit_wall() {
     end=$(date +%s.%N)
     python3 -c "print($end - $start)"
 }
-echo "4 metrics, 1000 samples, 1000 epochs, $threads thread(s), $rounds round(s)"
-metrics_ratios=""
-for round in $(seq 1 "$rounds"); do
+metrics_ours() {
+    local short long
     short=$(fit_wall 100)
     long=$(fit_wall 1100)
-    ours=$(python3 -c "print(f'{($long - $short):.3f}')")
-    torch_seconds=$("$venv/bin/python" benches/race_metrics4.py --reference ../shared/bench/pytorch_dagmm.py \
-        --data "$work/host.csv" --epochs 1000 --threads "$threads" | awk '/^train_seconds/ {print $2}')
-    ratio=$(python3 -c "print(f'{$torch_seconds / $ours:.2f}')")
-    metrics_ratios="$metrics_ratios $ratio"
-    echo "  round $round: dagmm (burn flex) $ours s, PyTorch reference $torch_seconds s, ratio ${ratio}x"
-done
-read -r median low high < <(echo "$metrics_ratios" | summary)
-echo "  ratio (PyTorch / dagmm): median ${median}x, range ${low}-${high}x"
+    python3 -c "print(f'{($long - $short):.3f}')"
+}
+metrics_theirs() {
+    "$venv/bin/python" benches/race_metrics4.py --reference ../shared/bench/pytorch_dagmm.py \
+        --data "$work/host.csv" --epochs 1000 --threads "$threads" | awk '/^train_seconds/ {print $2}'
+}
+echo "4 metrics, 1000 samples, 1000 epochs, $threads thread(s), $rounds round(s)"
+race s metrics_ours metrics_theirs
