@@ -9,7 +9,7 @@
 #
 # Each round times ours and then PyTorch, so both see the machine in the same state; a
 # round's ratio compares the two, and the summary gives the median and range over the rounds.
-# (On a shared VM one PyTorch run can take 0.88 s per epoch and the next 1.2 s.)
+# (On a shared VM one PyTorch run can take 0.88 s per epoch and the next 1.16 s.)
 #
 # Needs torch, numpy and scipy in $DAGMM_TORCH_VENV (default /tmp/torch-venv):
 #   python3 -m venv /tmp/torch-venv && /tmp/torch-venv/bin/pip install torch numpy scipy
@@ -23,6 +23,10 @@ cd "$(dirname "$0")/.."
 epochs="${1:-10}"
 threads="${2:-1}"
 rounds="${3:-3}"
+if ! [[ "$rounds" =~ ^[1-9][0-9]*$ ]]; then
+    echo "ROUNDS must be a positive whole number, got '$rounds'" >&2
+    exit 2
+fi
 venv="${DAGMM_TORCH_VENV:-/tmp/torch-venv}"
 data_npz=../shared/datasets/kddcup99/kdd_cup.npz
 data_parquet=../shared/datasets/kddcup99/kdd_cup.parquet

@@ -223,8 +223,9 @@ const TANH_P: [f32; 6] = [
 const TANH_Q: [f32; 4] = [1.0, 0.463_023_45, 2.398_233e-2, 2.355_045_1e-4];
 
 /// tanh(x) ≈ x·P(x²)/Q(x²) on one number: the values of training's dense layers
-/// ([`crate::dense`]) and the plain scorer's. Plain multiplies and adds (Rust never fuses them), so every build gives the same
-/// bits. Branch-free, so loops over scoring lanes vectorise.
+/// ([`crate::dense`]) and the plain scorer's. Plain multiplies and adds (Rust never fuses
+/// them), so every build gives the same bits. Branch-free, so loops over scoring lanes
+/// vectorise.
 #[inline(always)]
 pub(crate) fn tanh_f32(x: f32) -> f32 {
     let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
