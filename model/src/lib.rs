@@ -4,6 +4,7 @@
 //! This crate knows nothing of export file formats, HTTP or command lines: it takes rows of
 //! numbers and gives back a fitted [`DagmmModel`], a plain value to save, load and score with.
 
+pub mod adam;
 pub mod bundle;
 pub mod config;
 pub mod dense;

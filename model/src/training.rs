@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 use rand::SeedableRng;
@@ -12,6 +12,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::adam::FusedAdam;
 use crate::config::{NetworkConfig, TrainConfig};
 use crate::gmm::{GmmParams, energy, gmm_stats};
 use crate::network::{DagmmNet, NetworkWeights};
@@ -122,7 +123,7 @@ fn fit_on_one_thread(
         out_layer.bias = column_means(&x, d);
     }
     let mut net = DagmmNet::from_weights(&weights, &device);
-    let mut optimizer = AdamConfig::new().init();
+    let mut optimizer = FusedAdam::init();
 
     // Equal-sized batches (sizes differ by at most one) so no step sees a sliver of data.
     let n_batches = n.div_ceil(cfg.batch_size);
