@@ -64,8 +64,8 @@ fn row_sums_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<RowSums<f64>> {
 
 /// The sums of f32 rows (training), each in f32 over its row in order as the scorer sums
 /// them, so [`features_from_sums`] gives the scorer's features to the bit. Sixteen rows go
-/// side by side so the in-order sums still vectorise; CPUs with AVX-512 fetch each column of
-/// them with gathers.
+/// side by side so the in-order sums still vectorise; CPUs with AVX-512 turn each block of
+/// sixteen rows by sixteen columns into columns in registers.
 fn row_sums_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
     #[cfg(target_arch = "x86_64")]
     if Isa::Avx512.supported() {
@@ -75,11 +75,11 @@ fn row_sums_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
     row_sums_f32_body(x, x_hat, d)
 }
 
-/// The same sums with sixteen rows in the lanes of AVX-512 registers, each column's values
-/// fetched with one gather per operand: the portable loop's element loads compile to scalar
-/// loads with bounds checks, which made these sums the largest item of a training step after
-/// the matrix products. Each lane does the portable loop's multiplies and adds in its order,
-/// so the sums are the same bits.
+/// The same sums with sixteen rows in the lanes of AVX-512 registers: each block of sixteen
+/// rows by sixteen columns is loaded row by row and transposed in registers (the portable
+/// loop's element loads compile to scalar loads with bounds checks, and gathering each column
+/// costs about four times the shuffles of a transpose). Each lane does the portable loop's
+/// multiplies and adds in its order, so the sums are the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 fn row_sums_f32_avx512(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
@@ -87,36 +87,24 @@ fn row_sums_f32_avx512(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> 
     const L: usize = 16;
     let n = x.len() / d;
     let blocks = n / L;
-    // Offsets within a block of sixteen rows fit an i32 for any width a network can have; a
-    // wider row takes the portable loop.
-    if i32::try_from(L * d).is_err() {
-        return row_sums_f32_body(x, x_hat, d);
-    }
     let mut sums = Vec::with_capacity(n);
-    let row_starts = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(d as i32),
-    );
     for block in 0..blocks {
         let x_block = &x[block * L * d..(block + 1) * L * d];
         let x_hat_block = &x_hat[block * L * d..(block + 1) * L * d];
         let zero = _mm512_setzero_ps();
         let (mut xx, mut dd, mut hh, mut xh) = (zero, zero, zero, zero);
-        for j in 0..d {
-            let index = _mm512_add_epi32(row_starts, _mm512_set1_epi32(j as i32));
-            // SAFETY: lane r reads element r·d + j < 16·d of a block slice of length 16·d.
-            let (xj, hj) = unsafe {
-                (
-                    _mm512_i32gather_ps::<4>(index, x_block.as_ptr()),
-                    _mm512_i32gather_ps::<4>(index, x_hat_block.as_ptr()),
-                )
-            };
-            // add_to_sums, lane by lane: a multiply, then an add (no fused multiply-add).
-            xx = _mm512_add_ps(xx, _mm512_mul_ps(xj, xj));
-            let error = _mm512_sub_ps(xj, hj);
-            dd = _mm512_add_ps(dd, _mm512_mul_ps(error, error));
-            hh = _mm512_add_ps(hh, _mm512_mul_ps(hj, hj));
-            xh = _mm512_add_ps(xh, _mm512_mul_ps(xj, hj));
+        for start in (0..d).step_by(L) {
+            let width = L.min(d - start);
+            let x_columns = columns_of_sixteen_rows(x_block, d, start, width);
+            let x_hat_columns = columns_of_sixteen_rows(x_hat_block, d, start, width);
+            for (&xj, &hj) in x_columns.iter().zip(&x_hat_columns).take(width) {
+                // add_to_sums, lane by lane: a multiply, then an add (no fused multiply-add).
+                xx = _mm512_add_ps(xx, _mm512_mul_ps(xj, xj));
+                let error = _mm512_sub_ps(xj, hj);
+                dd = _mm512_add_ps(dd, _mm512_mul_ps(error, error));
+                hh = _mm512_add_ps(hh, _mm512_mul_ps(hj, hj));
+                xh = _mm512_add_ps(xh, _mm512_mul_ps(xj, hj));
+            }
         }
         let lanes = |v: __m512| {
             let mut out = [0f32; L];
@@ -130,6 +118,61 @@ fn row_sums_f32_avx512(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> 
     let done = blocks * L * d;
     sums.extend(row_sums_f32_body(&x[done..], &x_hat[done..], d));
     sums
+}
+
+/// Columns `start..start + width` (width ≤ 16) of the sixteen rows of `d` values in `block`:
+/// register j holds column start + j, lane r its value in row r; registers past `width` hold
+/// zeros. A textbook 16 × 16 transpose: pairs of rows interleaved, then pairs of pairs, then
+/// 128-bit quarters exchanged twice.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn columns_of_sixteen_rows(
+    block: &[f32],
+    d: usize,
+    start: usize,
+    width: usize,
+) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    assert!(width <= 16 && start + width <= d && block.len() >= 16 * d);
+    let mask: __mmask16 = ((1u32 << width) - 1) as u16;
+    // SAFETY: row r's loaded elements r·d + start .. r·d + start + width lie inside `block`
+    // (asserted above); the mask keeps the load from touching the others.
+    let rows: [__m512; 16] = std::array::from_fn(|r| unsafe {
+        _mm512_maskz_loadu_ps(mask, block.as_ptr().add(r * d + start))
+    });
+    // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved, low and high pairs of each quarter.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[4g + c]: quarter q holds column 4q + c of rows 4g .. 4g + 3.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    // For each c: quarters 0 and 2 (0x88) or 1 and 3 (0xDD) of u[c] and u[4 + c], and of
+    // u[8 + c] and u[12 + c]; then the same selection again puts rows 0–15 in order.
+    let mut columns = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let even_low = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        let odd_low = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+        let even_high = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        let odd_high = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+        columns[c] = _mm512_shuffle_f32x4::<0x88>(even_low, even_high);
+        columns[8 + c] = _mm512_shuffle_f32x4::<0xDD>(even_low, even_high);
+        columns[4 + c] = _mm512_shuffle_f32x4::<0x88>(odd_low, odd_high);
+        columns[12 + c] = _mm512_shuffle_f32x4::<0xDD>(odd_low, odd_high);
+    }
+    columns
 }
 
 #[inline(always)]
@@ -474,8 +517,9 @@ mod tests {
     #[test]
     fn row_sums_are_each_rows_in_order_sums() {
         let mut rng = ChaCha8Rng::seed_from_u64(8);
-        // Two blocks of sixteen rows and a remainder, at a narrow and the KDDCUP99 width.
-        for (n, d) in [(40, 7), (37, 118), (5, 3), (0, 4)] {
+        // Two blocks of sixteen rows and a remainder, at narrow widths, whole blocks of
+        // sixteen columns and the KDDCUP99 width (seven blocks and six columns).
+        for (n, d) in [(40, 7), (37, 118), (33, 16), (48, 32), (5, 3), (0, 4)] {
             let x: Vec<f32> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
             let x_hat: Vec<f32> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
             let want: Vec<RowSums<f32>> = x
