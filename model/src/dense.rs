@@ -297,17 +297,59 @@ fn pre_activation_gradient_portable<'a>(
         ),
         None => Cow::Borrowed(grad),
     };
+    let sums = column_sums(&values, columns);
+    (values, sums)
+}
+
+/// The sum of each column of a row-major buffer, down the rows in order. Summing a row at a
+/// time into the output made every add wait for the previous row's store of the same sum;
+/// here a block of columns stays in registers over all rows (sixty-four columns at a time
+/// where the layer is that wide, so four chains overlap, then 16, 8, 4, 2 and 1), with each
+/// column's adds still in row order.
+#[inline(always)]
+fn column_sums(values: &[f32], columns: usize) -> Vec<f32> {
     let mut sums = vec![0f32; columns];
     // A layer without outputs has nothing to sum (and rows of zero values cannot be chunked).
     if columns == 0 {
-        return (values, sums);
+        return sums;
     }
+    let mut start = 0;
+    while start + 64 <= columns {
+        start = sum_column_block::<64>(values, columns, start, &mut sums);
+    }
+    while start + 16 <= columns {
+        start = sum_column_block::<16>(values, columns, start, &mut sums);
+    }
+    for width in [8, 4, 2, 1] {
+        if start + width <= columns {
+            start = match width {
+                8 => sum_column_block::<8>(values, columns, start, &mut sums),
+                4 => sum_column_block::<4>(values, columns, start, &mut sums),
+                2 => sum_column_block::<2>(values, columns, start, &mut sums),
+                _ => sum_column_block::<1>(values, columns, start, &mut sums),
+            };
+        }
+    }
+    sums
+}
+
+/// Sums columns `start..start + W` into `sums`; returns where the next block starts.
+#[inline(always)]
+fn sum_column_block<const W: usize>(
+    values: &[f32],
+    columns: usize,
+    start: usize,
+    sums: &mut [f32],
+) -> usize {
+    let mut block = [0f32; W];
     for row in values.chunks_exact(columns) {
-        for (sum, &value) in sums.iter_mut().zip(row) {
+        let part: &[f32; W] = row[start..start + W].try_into().expect("W columns");
+        for (sum, &value) in block.iter_mut().zip(part) {
             *sum += value;
         }
     }
-    (values, sums)
+    sums[start..start + W].copy_from_slice(&block);
+    start + W
 }
 
 /// The autodiff step: remembers x and W (for the weight and input gradients) and, with tanh,
@@ -556,6 +598,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn column_sums_add_each_column_down_the_rows_in_order() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        // Narrow layers, one register's width and one more, four registers (the widest
+        // chains), and KDDCUP99's 118; magnitudes spread so another order rounds differently.
+        for columns in [1, 5, 16, 17, 64, 118, 130] {
+            let rows = 37;
+            let values: Vec<f32> = (0..rows * columns)
+                .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..4)))
+                .collect();
+            let want: Vec<f32> = (0..columns)
+                .map(|c| (0..rows).fold(0f32, |sum, r| sum + values[r * columns + c]))
+                .collect();
+            let sums = column_sums(&values, columns);
+            assert_eq!(
+                sums.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                "{columns} columns"
+            );
+            let reversed: Vec<f32> = (0..columns)
+                .map(|c| {
+                    (0..rows)
+                        .rev()
+                        .fold(0f32, |sum, r| sum + values[r * columns + c])
+                })
+                .collect();
+            assert_ne!(want, reversed, "{columns} columns: the order must matter");
+        }
+        assert!(column_sums(&[], 0).is_empty());
     }
 
     #[test]
