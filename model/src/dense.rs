@@ -183,7 +183,14 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
     }
     let mut output = Vec::with_capacity(m * n);
     match bias {
-        Some(bias) => (0..m).for_each(|_| output.extend_from_slice(bias)),
+        Some(bias) => {
+            // The bias in every row: copied once, then the rows so far doubled, a few large
+            // copies instead of one small one per row.
+            output.extend_from_slice(bias);
+            while output.len() < m * n {
+                output.extend_from_within(..output.len().min(m * n - output.len()));
+            }
+        }
         None => output.resize(m * n, 0.0),
     }
     if k == 0 {
