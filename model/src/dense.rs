@@ -181,23 +181,26 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
         }
         return output;
     }
-    let mut output = Vec::with_capacity(m * n);
-    match bias {
-        Some(bias) => {
-            // The bias in every row: copied once, then the rows so far doubled, a few large
-            // copies instead of one small one per row.
-            output.extend_from_slice(bias);
-            while output.len() < m * n {
-                output.extend_from_within(..output.len().min(m * n - output.len()));
-            }
-        }
-        None => output.resize(m * n, 0.0),
-    }
     if k == 0 {
-        return output;
+        return match bias {
+            Some(bias) => bias.repeat(m),
+            None => vec![0.0; m * n],
+        };
     }
+    let mut output = Vec::with_capacity(m * n);
+    if let Some(bias) = bias {
+        // The bias in every row: copied once, then the rows so far doubled, a few large
+        // copies instead of one small one per row.
+        output.extend_from_slice(bias);
+        while output.len() < m * n {
+            output.extend_from_within(..output.len().min(m * n - output.len()));
+        }
+    }
+    // Without a bias gemm is told not to read the output, and writes every element of it, so
+    // the buffer is not zeroed first.
     // SAFETY: both operands' elements lie inside their buffers (`Matrix::in_bounds`, checked
-    // when each view was made), and the output holds m·n values, written row-major.
+    // when each view was made), and the output has room for m·n values, written row-major
+    // (with a bias it holds them already, and gemm reads them).
     unsafe {
         gemm::gemm(
             m,
@@ -222,6 +225,8 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
             // A fit runs on one thread; more cores fit more models.
             gemm::Parallelism::None,
         );
+        // Every element is written: the bias rows above, or gemm's products.
+        output.set_len(m * n);
     }
     output
 }

@@ -309,17 +309,15 @@ fn gradient_f32_avx512(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) ->
 
 #[inline(always)]
 fn gradient_f32_body(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for (((x, x_hat), out), coefficients) in x
-        .chunks_exact(d)
-        .zip(x_hat.chunks_exact(d))
-        .zip(out.chunks_exact_mut(d))
-        .zip(rows)
-    {
+    // Filled row by row, not zeroed first and then overwritten.
+    let mut out = Vec::with_capacity(x.len());
+    for ((x, x_hat), coefficients) in x.chunks_exact(d).zip(x_hat.chunks_exact(d)).zip(rows) {
         let [along, own_x, own_x_hat] = coefficients.map(|c| c as f32);
-        for ((o, &xj), &hj) in out.iter_mut().zip(x).zip(x_hat) {
-            *o = along * (xj - hj) + own_x * xj + own_x_hat * hj;
-        }
+        out.extend(
+            x.iter()
+                .zip(x_hat)
+                .map(|(&xj, &hj)| along * (xj - hj) + own_x * xj + own_x_hat * hj),
+        );
     }
     out
 }
