@@ -290,16 +290,25 @@ fn pre_activation_gradient_avx512<'a>(
     output: Option<&[f32]>,
     columns: usize,
 ) -> (Cow<'a, [f32]>, Vec<f32>) {
-    pre_activation_gradient_portable(grad, output, columns)
+    let values = through_tanh(grad, output);
+    let sums = column_sums_avx512(&values, columns);
+    (values, sums)
 }
 
-#[inline(always)]
 fn pre_activation_gradient_portable<'a>(
     grad: &'a [f32],
     output: Option<&[f32]>,
     columns: usize,
 ) -> (Cow<'a, [f32]>, Vec<f32>) {
-    let values = match output {
+    let values = through_tanh(grad, output);
+    let sums = column_sums(&values, columns);
+    (values, sums)
+}
+
+/// grad · (1 − y²) where y is the tanh output, else grad itself.
+#[inline(always)]
+fn through_tanh<'a>(grad: &'a [f32], output: Option<&[f32]>) -> Cow<'a, [f32]> {
+    match output {
         Some(output) => Cow::Owned(
             grad.iter()
                 .zip(output)
@@ -308,9 +317,70 @@ fn pre_activation_gradient_portable<'a>(
                 .collect(),
         ),
         None => Cow::Borrowed(grad),
-    };
-    let sums = column_sums(&values, columns);
-    (values, sums)
+    }
+}
+
+/// [`column_sums`] with AVX-512 masked loads: every block of sixteen columns of up to eight
+/// (128 columns) gets its own register, the last block's missing columns read as zeros, and
+/// one pass down the rows adds to all of them, so their chains of adds overlap instead of
+/// running one block after another. Each column's adds are still in row order: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn column_sums_avx512(values: &[f32], columns: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; columns];
+    // A layer without outputs has nothing to sum (and rows of zero values cannot be chunked).
+    if columns == 0 {
+        return sums;
+    }
+    for start in (0..columns).step_by(128) {
+        let group = &mut sums[start..(start + 128).min(columns)];
+        match group.len().div_ceil(16) {
+            1 => sum_column_group::<1>(values, columns, start, group),
+            2 => sum_column_group::<2>(values, columns, start, group),
+            3 => sum_column_group::<3>(values, columns, start, group),
+            4 => sum_column_group::<4>(values, columns, start, group),
+            5 => sum_column_group::<5>(values, columns, start, group),
+            6 => sum_column_group::<6>(values, columns, start, group),
+            7 => sum_column_group::<7>(values, columns, start, group),
+            _ => sum_column_group::<8>(values, columns, start, group),
+        }
+    }
+    sums
+}
+
+/// Sums the columns `start..start + group.len()` (B blocks of sixteen, the last one possibly
+/// short) of rows of `columns` values into `group`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn sum_column_group<const B: usize>(
+    values: &[f32],
+    columns: usize,
+    start: usize,
+    group: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let width = group.len();
+    assert!(width > (B - 1) * 16 && width <= B * 16 && start + width <= columns);
+    let masks: [__mmask16; B] = std::array::from_fn(|b| {
+        let in_block = (width - b * 16).min(16);
+        ((1u32 << in_block) - 1) as u16
+    });
+    let mut blocks = [_mm512_setzero_ps(); B];
+    for row in values.chunks_exact(columns) {
+        for (b, block) in blocks.iter_mut().enumerate() {
+            // SAFETY: the mask covers only columns start + 16b .. start + width of this row,
+            // which lie inside it (asserted above); masked-off lanes are not read.
+            let part = unsafe { _mm512_maskz_loadu_ps(masks[b], row.as_ptr().add(start + 16 * b)) };
+            *block = _mm512_add_ps(*block, part);
+        }
+    }
+    for (b, block) in blocks.iter().enumerate() {
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds sixteen f32 values.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *block) };
+        let in_block = (width - b * 16).min(16);
+        group[b * 16..b * 16 + in_block].copy_from_slice(&lanes[..in_block]);
+    }
 }
 
 /// The sum of each column of a row-major buffer, down the rows in order. Summing a row at a
@@ -617,7 +687,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         // Narrow layers, one register's width and one more, four registers (the widest
         // chains), and KDDCUP99's 118; magnitudes spread so another order rounds differently.
-        for columns in [1, 5, 16, 17, 64, 118, 130] {
+        for columns in [1, 5, 16, 17, 64, 118, 128, 130, 300] {
             let rows = 37;
             let values: Vec<f32> = (0..rows * columns)
                 .map(|_| rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..4)))
@@ -625,12 +695,18 @@ mod tests {
             let want: Vec<f32> = (0..columns)
                 .map(|c| (0..rows).fold(0f32, |sum, r| sum + values[r * columns + c]))
                 .collect();
-            let sums = column_sums(&values, columns);
+            let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
             assert_eq!(
-                sums.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                bits(&column_sums(&values, columns)),
+                bits(&want),
                 "{columns} columns"
             );
+            #[cfg(target_arch = "x86_64")]
+            if Isa::Avx512.supported() {
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                let sums = unsafe { column_sums_avx512(&values, columns) };
+                assert_eq!(bits(&sums), bits(&want), "{columns} columns, AVX-512");
+            }
             let reversed: Vec<f32> = (0..columns)
                 .map(|c| {
                     (0..rows)
@@ -641,6 +717,11 @@ mod tests {
             assert_ne!(want, reversed, "{columns} columns: the order must matter");
         }
         assert!(column_sums(&[], 0).is_empty());
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx512.supported() {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            assert!(unsafe { column_sums_avx512(&[], 0) }.is_empty());
+        }
     }
 
     #[test]
