@@ -162,6 +162,43 @@ impl Preprocessor {
         })
     }
 
+    /// The same scaling with each feature's range taken `share` of the way in from both ends
+    /// of its sorted training values (nearest rank) instead of from the extremes: with a few
+    /// hundred training rows a single stray value otherwise sets the range, and the bulk of
+    /// the feature is squeezed into a sliver of it. A share under half a row per end leaves
+    /// the plain minimum and maximum.
+    pub fn with_trimmed_ranges(mut self, rows: &[f64], share: f64) -> Result<Self, ModelError> {
+        let d = self.dim();
+        if !(0.0..0.5).contains(&share) {
+            return Err(ModelError::InvalidData(format!(
+                "range trim must be in [0, 0.5), got {share}"
+            )));
+        }
+        if d == 0 || rows.is_empty() || !rows.len().is_multiple_of(d) {
+            return Err(ModelError::InvalidData(format!(
+                "expected rows of {d} values, got {} values",
+                rows.len()
+            )));
+        }
+        let n = rows.len() / d;
+        let low = ((n - 1) as f64 * share).round() as usize;
+        let high = ((n - 1) as f64 * (1.0 - share)).round() as usize;
+        if low == 0 && high == n - 1 {
+            // The extremes themselves, which `fit` found.
+            return Ok(self);
+        }
+        for (j, spec) in self.features.iter().enumerate() {
+            let mut values: Vec<f64> = rows
+                .chunks_exact(d)
+                .map(|row| spec.transform.apply(row[j]))
+                .collect();
+            values.sort_by(f64::total_cmp);
+            self.min[j] = values[low];
+            self.max[j] = values[high];
+        }
+        Ok(self)
+    }
+
     /// What feature `j` is divided by. A feature constant in training keeps its own unit
     /// (range 1), so a later deviation is measured as it is rather than blown up by 1e9.
     fn range(&self, j: usize) -> f64 {
@@ -232,6 +269,33 @@ mod tests {
         // A later deviation keeps the feature's own unit instead of being divided by ~0.
         assert_eq!(p.scale(0, 6.0), SCALE_OFFSET + 1.0);
         assert_eq!(p.unscale(0, SCALE_OFFSET + 1.0), 6.0);
+    }
+
+    #[test]
+    fn trimmed_ranges_leave_out_the_extremes_of_each_feature() {
+        // 201 rows: 0, 1, …, 199 and one stray 10,000 in the first feature; the second
+        // feature counts down.
+        let mut rows = Vec::new();
+        for i in 0..201 {
+            let first = if i == 200 { 10_000.0 } else { i as f64 };
+            rows.extend([first, 200.0 - i as f64]);
+        }
+        let fitted = Preprocessor::fit(
+            FeatureSpec::plain(&["a".to_string(), "b".to_string()]),
+            &rows,
+        )
+        .unwrap();
+        assert_eq!((fitted.min[0], fitted.max[0]), (0.0, 10_000.0));
+        // 1 % of 200 gaps is two rows in from each end.
+        let trimmed = fitted.clone().with_trimmed_ranges(&rows, 0.01).unwrap();
+        assert_eq!((trimmed.min[0], trimmed.max[0]), (2.0, 198.0));
+        assert_eq!((trimmed.min[1], trimmed.max[1]), (2.0, 198.0));
+        // The unscaled extremes, which explanations report, stay the data's.
+        assert_eq!(trimmed.raw_max[0], 10_000.0);
+        let untrimmed = fitted.clone().with_trimmed_ranges(&rows, 0.0).unwrap();
+        assert_eq!(untrimmed, fitted);
+        assert!(fitted.clone().with_trimmed_ranges(&rows, 0.5).is_err());
+        assert!(fitted.with_trimmed_ranges(&rows[..3], 0.01).is_err());
     }
 
     #[test]
