@@ -138,7 +138,10 @@ fn fit_on_one_thread(
             let rows = &order[b * n / n_batches..(b + 1) * n / n_batches];
             // Gathered straight into the buffer the tensor takes over: one copy per batch.
             let mut batch = Vec::with_capacity(rows.len() * d);
-            for &r in rows {
+            for (i, &r) in rows.iter().enumerate() {
+                if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
+                    prefetch(&x[ahead * d..(ahead + 1) * d]);
+                }
                 batch.extend_from_slice(&x[r * d..(r + 1) * d]);
             }
             let xb = Tensor::<2>::from_data(TensorData::new(batch, [rows.len(), d]), &device);
@@ -208,6 +211,31 @@ fn fit_on_one_thread(
         train_energies,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// How many rows ahead the batch gather asks for a row's cache lines. The shuffled rows lie
+/// anywhere in the training array (95 MB for KDDCUP99), so each copy waited on memory: about
+/// 5 % of a KDDCUP99 step. Asking for every line of the row 24 rows ahead took 3–5 % off the
+/// epoch (ten alternating pairs, all faster); 8 and 48 rows ahead gained less or nothing.
+const PREFETCH_ROWS_AHEAD: usize = 24;
+
+/// Asks the CPU to start loading every cache line of `values`; a hint, which changes no value.
+#[inline(always)]
+fn prefetch(values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        const LINE: usize = 64;
+        let start = values.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(values);
+        for line in (start & !(LINE - 1)..end).step_by(LINE) {
+            // SAFETY: a prefetch never faults and reads nothing the program sees, whatever
+            // the address; these lines hold `values` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 fn column_means(x: &[f32], d: usize) -> Vec<f32> {
