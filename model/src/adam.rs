@@ -4,8 +4,8 @@
 //! bias-corrected step, the subtraction), each a pass of its own with a fresh buffer; with the
 //! twenty small parameter tensors of a DAGMM that took about 4 % of a KDDCUP99 training step.
 //! This optimizer does the same arithmetic, in the same order and precision, element by element
-//! in one loop, and keeps burn's own state type, so its records are burn's. A test holds every
-//! parameter and moment to burn's Adam bit for bit.
+//! in one loop, and keeps burn's own state type, so its records are burn's. A test holds the
+//! parameters to burn's Adam bit for bit over 25 steps, which the moments feed.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
@@ -106,6 +106,8 @@ impl AdamBackend for Flex {
 
 /// burn's Adam, element by element: each line is one of its tensor operations, in its order.
 fn update(param: &mut [f32], grad: &[f32], m1: &mut [f32], m2: &mut [f32], step: &AdamStep) {
+    // One parameter's tensors, so one shape; a mismatch would silently skip values.
+    assert!(grad.len() == param.len() && m1.len() == param.len() && m2.len() == param.len());
     let factor_1 = 1.0 - step.beta_1;
     let factor_2 = 1.0 - step.beta_2;
     for (((p, &g), m1), m2) in param.iter_mut().zip(grad).zip(m1).zip(m2) {
