@@ -605,6 +605,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         range_trim: args.range_trim.unwrap_or_else(|| args.preset.range_trim()),
         threshold,
     };
+    anyhow::ensure!(
+        (0.0..0.5).contains(&protocol.range_trim),
+        "--range-trim must be at least 0 and below 0.5, got {}",
+        protocol.range_trim
+    );
     println!(
         "{}: {} rows ({anomalies} anomalies, {dropped} incomplete rows dropped), {} features \
          scaled into [{o}, {}]{}{}; threshold: {}",

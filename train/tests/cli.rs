@@ -328,4 +328,7 @@ fn evaluate_smoke_run_writes_the_json_report() {
     assert_eq!(report["runs"].as_array().unwrap().len(), 2);
     let bad = train(&["evaluate", "--input", &input, "--label-column", "nope"]);
     assert!(stderr(&bad).contains("missing label column `nope`"));
+    let bad = train(&["evaluate", "--input", &input, "--range-trim", "0.5"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--range-trim must be at least 0 and below 0.5"));
 }
