@@ -280,7 +280,9 @@ fn pre_activation_gradient<'a>(
         // SAFETY: the CPU has AVX-512F, checked just above.
         return unsafe { pre_activation_gradient_avx512(grad, output, columns) };
     }
-    pre_activation_gradient_portable(grad, output, columns)
+    let values = through_tanh(grad, output);
+    let sums = column_sums(&values, columns);
+    (values, sums)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -292,16 +294,6 @@ fn pre_activation_gradient_avx512<'a>(
 ) -> (Cow<'a, [f32]>, Vec<f32>) {
     let values = through_tanh(grad, output);
     let sums = column_sums_avx512(&values, columns);
-    (values, sums)
-}
-
-fn pre_activation_gradient_portable<'a>(
-    grad: &'a [f32],
-    output: Option<&[f32]>,
-    columns: usize,
-) -> (Cow<'a, [f32]>, Vec<f32>) {
-    let values = through_tanh(grad, output);
-    let sums = column_sums(&values, columns);
     (values, sums)
 }
 
@@ -402,15 +394,18 @@ fn column_sums(values: &[f32], columns: usize) -> Vec<f32> {
     while start + 16 <= columns {
         start = sum_column_block::<16>(values, columns, start, &mut sums);
     }
-    for width in [8, 4, 2, 1] {
-        if start + width <= columns {
-            start = match width {
-                8 => sum_column_block::<8>(values, columns, start, &mut sums),
-                4 => sum_column_block::<4>(values, columns, start, &mut sums),
-                2 => sum_column_block::<2>(values, columns, start, &mut sums),
-                _ => sum_column_block::<1>(values, columns, start, &mut sums),
-            };
-        }
+    // Fewer than sixteen left: at most one block of each narrower width.
+    if start + 8 <= columns {
+        start = sum_column_block::<8>(values, columns, start, &mut sums);
+    }
+    if start + 4 <= columns {
+        start = sum_column_block::<4>(values, columns, start, &mut sums);
+    }
+    if start + 2 <= columns {
+        start = sum_column_block::<2>(values, columns, start, &mut sums);
+    }
+    if start < columns {
+        sum_column_block::<1>(values, columns, start, &mut sums);
     }
     sums
 }

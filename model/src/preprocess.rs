@@ -126,12 +126,7 @@ impl Preprocessor {
     /// Fit on raw rows (row-major, `features.len()` values per row).
     pub fn fit(features: Vec<FeatureSpec>, rows: &[f64]) -> Result<Self, ModelError> {
         let d = features.len();
-        if d == 0 || rows.is_empty() || !rows.len().is_multiple_of(d) {
-            return Err(ModelError::InvalidData(format!(
-                "expected rows of {d} values, got {} values",
-                rows.len()
-            )));
-        }
+        check_rows(rows, d)?;
         let mut min = vec![f64::INFINITY; d];
         let mut max = vec![f64::NEG_INFINITY; d];
         let mut raw_min = vec![f64::INFINITY; d];
@@ -174,13 +169,7 @@ impl Preprocessor {
                 "range trim must be in [0, 0.5), got {share}"
             )));
         }
-        if d == 0 || rows.is_empty() || !rows.len().is_multiple_of(d) {
-            return Err(ModelError::InvalidData(format!(
-                "expected rows of {d} values, got {} values",
-                rows.len()
-            )));
-        }
-        let n = rows.len() / d;
+        let n = check_rows(rows, d)?;
         let low = ((n - 1) as f64 * share).round() as usize;
         let high = ((n - 1) as f64 * (1.0 - share)).round() as usize;
         if low == 0 && high == n - 1 {
@@ -244,6 +233,17 @@ impl Preprocessor {
     pub fn out_of_range(&self, j: usize, raw: f64) -> bool {
         raw < self.raw_min[j] || raw > self.raw_max[j]
     }
+}
+
+/// The number of rows of `d` values in `rows`: an error for none, or a ragged last row.
+fn check_rows(rows: &[f64], d: usize) -> Result<usize, ModelError> {
+    if d == 0 || rows.is_empty() || !rows.len().is_multiple_of(d) {
+        return Err(ModelError::InvalidData(format!(
+            "expected rows of {d} values, got {} values",
+            rows.len()
+        )));
+    }
+    Ok(rows.len() / d)
 }
 
 #[cfg(test)]
