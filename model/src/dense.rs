@@ -232,13 +232,14 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
 }
 
 /// `tanh_f32` of every value, in place. The build's baseline is SSE2 (four lanes), so CPUs
-/// with AVX-512 get their own copy of the loop; both give the same bits.
+/// with AVX2 or AVX-512 get their own copies of the loop; all give the same bits.
 fn tanh_in_place(values: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512.supported() {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        unsafe { tanh_in_place_avx512(values) };
-        return;
+    match Isa::best(16) {
+        // SAFETY: Isa::best only names instruction sets this CPU has.
+        Isa::Avx512 => return unsafe { tanh_in_place_avx512(values) },
+        Isa::Avx2 => return unsafe { tanh_in_place_avx2(values) },
+        Isa::Portable => {}
     }
     tanh_in_place_portable(values)
 }
@@ -256,6 +257,12 @@ fn tanh_in_place_avx512(values: &mut [f32]) {
     tanh_in_place_portable(values)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn tanh_in_place_avx2(values: &mut [f32]) {
+    tanh_in_place_portable(values)
+}
+
 /// grad · (1 − y²), the gradient through tanh given its output y, from burn's operations: for
 /// element types other than f32.
 fn tanh_backward(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
@@ -268,17 +275,19 @@ fn tanh_backward(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
 
 /// The gradient reaching x·W + b (through tanh when `output` is its tanh output) as a
 /// row-major buffer, and its column sums, the bias gradient. The sums run down each column in
-/// row order, as flex's sum over rows does. The build's baseline is SSE2, so CPUs with
-/// AVX-512 get their own copy of the loops (four times the lanes, the same bits).
+/// row order, as flex's sum over rows does. The build's baseline is SSE2, so CPUs with AVX2
+/// or AVX-512 get their own copies of the loops (two or four times the lanes, the same bits).
 fn pre_activation_gradient<'a>(
     grad: &'a [f32],
     output: Option<&[f32]>,
     columns: usize,
 ) -> (Cow<'a, [f32]>, Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512.supported() {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { pre_activation_gradient_avx512(grad, output, columns) };
+    match Isa::best(16) {
+        // SAFETY: Isa::best only names instruction sets this CPU has.
+        Isa::Avx512 => return unsafe { pre_activation_gradient_avx512(grad, output, columns) },
+        Isa::Avx2 => return unsafe { pre_activation_gradient_avx2(grad, output, columns) },
+        Isa::Portable => {}
     }
     let values = through_tanh(grad, output);
     let sums = column_sums(&values, columns);
@@ -294,6 +303,20 @@ fn pre_activation_gradient_avx512<'a>(
 ) -> (Cow<'a, [f32]>, Vec<f32>) {
     let values = through_tanh(grad, output);
     let sums = column_sums_avx512(&values, columns);
+    (values, sums)
+}
+
+/// The portable loops with AVX2's sixteen registers of eight lanes: [`column_sums`] keeps its
+/// sixty-four-column blocks in eight of them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn pre_activation_gradient_avx2<'a>(
+    grad: &'a [f32],
+    output: Option<&[f32]>,
+    columns: usize,
+) -> (Cow<'a, [f32]>, Vec<f32>) {
+    let values = through_tanh(grad, output);
+    let sums = column_sums(&values, columns);
     (values, sums)
 }
 
@@ -701,6 +724,12 @@ mod tests {
                 // SAFETY: the CPU has AVX-512F, checked just above.
                 let sums = unsafe { column_sums_avx512(&values, columns) };
                 assert_eq!(bits(&sums), bits(&want), "{columns} columns, AVX-512");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if Isa::Avx2.supported() {
+                // SAFETY: the CPU has AVX2, checked just above.
+                let (_, sums) = unsafe { pre_activation_gradient_avx2(&values, None, columns) };
+                assert_eq!(bits(&sums), bits(&want), "{columns} columns, AVX2");
             }
             let reversed: Vec<f32> = (0..columns)
                 .map(|c| {

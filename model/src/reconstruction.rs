@@ -64,15 +64,108 @@ fn row_sums_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<RowSums<f64>> {
 
 /// The sums of f32 rows (training), each in f32 over its row in order as the scorer sums
 /// them, so [`features_from_sums`] gives the scorer's features to the bit. Sixteen rows go
-/// side by side so the in-order sums still vectorise; CPUs with AVX-512 turn each block of
-/// sixteen rows by sixteen columns into columns in registers.
+/// side by side so the in-order sums still vectorise; CPUs with AVX-512 (AVX2) turn each block
+/// of sixteen (eight) rows by as many columns into columns in registers.
 fn row_sums_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512.supported() {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { row_sums_f32_avx512(x, x_hat, d) };
+    match Isa::best(16) {
+        // SAFETY: Isa::best only names instruction sets this CPU has.
+        Isa::Avx512 => return unsafe { row_sums_f32_avx512(x, x_hat, d) },
+        Isa::Avx2 => return unsafe { row_sums_f32_avx2(x, x_hat, d) },
+        Isa::Portable => {}
     }
     row_sums_f32_body(x, x_hat, d)
+}
+
+/// [`row_sums_f32_avx512`] for AVX2: eight rows in the lanes of a register, each block of
+/// eight rows by eight columns transposed in registers. The same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn row_sums_f32_avx2(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    let n = x.len() / d;
+    let blocks = n / L;
+    let mut sums = Vec::with_capacity(n);
+    for block in 0..blocks {
+        let x_block = &x[block * L * d..(block + 1) * L * d];
+        let x_hat_block = &x_hat[block * L * d..(block + 1) * L * d];
+        let zero = _mm256_setzero_ps();
+        let (mut xx, mut dd, mut hh, mut xh) = (zero, zero, zero, zero);
+        for start in (0..d).step_by(L) {
+            let width = L.min(d - start);
+            let x_columns = columns_of_eight_rows(x_block, d, start, width);
+            let x_hat_columns = columns_of_eight_rows(x_hat_block, d, start, width);
+            for (&xj, &hj) in x_columns.iter().zip(&x_hat_columns).take(width) {
+                // add_to_sums, lane by lane: a multiply, then an add (no fused multiply-add).
+                xx = _mm256_add_ps(xx, _mm256_mul_ps(xj, xj));
+                let error = _mm256_sub_ps(xj, hj);
+                dd = _mm256_add_ps(dd, _mm256_mul_ps(error, error));
+                hh = _mm256_add_ps(hh, _mm256_mul_ps(hj, hj));
+                xh = _mm256_add_ps(xh, _mm256_mul_ps(xj, hj));
+            }
+        }
+        let lanes = |v: __m256| {
+            let mut out = [0f32; L];
+            // SAFETY: `out` holds eight f32 values.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+            out
+        };
+        let (xx, dd, hh, xh) = (lanes(xx), lanes(dd), lanes(hh), lanes(xh));
+        sums.extend((0..L).map(|r| [xx[r], dd[r], hh[r], xh[r]]));
+    }
+    let done = blocks * L * d;
+    sums.extend(row_sums_f32_body(&x[done..], &x_hat[done..], d));
+    sums
+}
+
+/// Columns `start..start + width` (width ≤ 8) of the eight rows of `d` values in `block`:
+/// register j holds column start + j, lane r its value in row r; registers past `width` hold
+/// zeros. Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn columns_of_eight_rows(
+    block: &[f32],
+    d: usize,
+    start: usize,
+    width: usize,
+) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    assert!(width <= 8 && start + width <= d && block.len() >= 8 * d);
+    let mask = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    // All bits set in the lanes below `width`: those are the ones loaded.
+    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32), mask);
+    // SAFETY: row r's loaded elements r·d + start .. r·d + start + width lie inside `block`
+    // (asserted above); the mask keeps the load from touching the others.
+    let rows: [__m256; 8] = std::array::from_fn(|r| unsafe {
+        _mm256_maskload_ps(block.as_ptr().add(r * d + start), mask)
+    });
+    // t[2i]: columns 0, 1 (low half) and 4, 5 (high half) of rows 2i and 2i + 1 interleaved;
+    // t[2i + 1]: columns 2, 3 and 6, 7.
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    // u[4g + c]: column c in the low half and c + 4 in the high half, of rows 4g .. 4g + 3.
+    let u: [__m256; 8] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm256_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm256_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    let mut columns = [_mm256_setzero_ps(); 8];
+    for c in 0..4 {
+        columns[c] = _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c]);
+        columns[4 + c] = _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]);
+    }
+    columns
 }
 
 /// The same sums with sixteen rows in the lanes of AVX-512 registers: each block of sixteen
@@ -290,14 +383,22 @@ fn gradient_f64(x: &[f64], x_hat: &[f64], rows: &[[f64; 3]], d: usize) -> Vec<f6
     out
 }
 
-/// The gradient of f32 rows (training), in f32 from f64 coefficients; CPUs with AVX-512 get
-/// their own copy of the loop.
+/// The gradient of f32 rows (training), in f32 from f64 coefficients; CPUs with AVX2 or
+/// AVX-512 get their own copies of the loop.
 fn gradient_f32(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512.supported() {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { gradient_f32_avx512(x, x_hat, rows, d) };
+    match Isa::best(16) {
+        // SAFETY: Isa::best only names instruction sets this CPU has.
+        Isa::Avx512 => return unsafe { gradient_f32_avx512(x, x_hat, rows, d) },
+        Isa::Avx2 => return unsafe { gradient_f32_avx2(x, x_hat, rows, d) },
+        Isa::Portable => {}
     }
+    gradient_f32_body(x, x_hat, rows, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn gradient_f32_avx2(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
     gradient_f32_body(x, x_hat, rows, d)
 }
 
@@ -533,6 +634,12 @@ mod tests {
                 .collect();
             assert_eq!(row_sums_f32(&x, &x_hat, d), want, "{n} rows of {d}");
             assert_eq!(row_sums_f32_body(&x, &x_hat, d), want, "{n} rows of {d}");
+            #[cfg(target_arch = "x86_64")]
+            if Isa::Avx2.supported() {
+                // SAFETY: the CPU has AVX2, checked just above.
+                let sums = unsafe { row_sums_f32_avx2(&x, &x_hat, d) };
+                assert_eq!(sums, want, "{n} rows of {d}, AVX2");
+            }
         }
     }
 
