@@ -77,48 +77,6 @@ fn row_sums_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
     row_sums_f32_body(x, x_hat, d)
 }
 
-/// [`row_sums_f32_avx512`] for AVX2: eight rows in the lanes of a register, each block of
-/// eight rows by eight columns transposed in registers. The same bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn row_sums_f32_avx2(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
-    use std::arch::x86_64::*;
-    const L: usize = 8;
-    let n = x.len() / d;
-    let blocks = n / L;
-    let mut sums = Vec::with_capacity(n);
-    for block in 0..blocks {
-        let x_block = &x[block * L * d..(block + 1) * L * d];
-        let x_hat_block = &x_hat[block * L * d..(block + 1) * L * d];
-        let zero = _mm256_setzero_ps();
-        let (mut xx, mut dd, mut hh, mut xh) = (zero, zero, zero, zero);
-        for start in (0..d).step_by(L) {
-            let width = L.min(d - start);
-            let x_columns = columns_of_eight_rows(x_block, d, start, width);
-            let x_hat_columns = columns_of_eight_rows(x_hat_block, d, start, width);
-            for (&xj, &hj) in x_columns.iter().zip(&x_hat_columns).take(width) {
-                // add_to_sums, lane by lane: a multiply, then an add (no fused multiply-add).
-                xx = _mm256_add_ps(xx, _mm256_mul_ps(xj, xj));
-                let error = _mm256_sub_ps(xj, hj);
-                dd = _mm256_add_ps(dd, _mm256_mul_ps(error, error));
-                hh = _mm256_add_ps(hh, _mm256_mul_ps(hj, hj));
-                xh = _mm256_add_ps(xh, _mm256_mul_ps(xj, hj));
-            }
-        }
-        let lanes = |v: __m256| {
-            let mut out = [0f32; L];
-            // SAFETY: `out` holds eight f32 values.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
-            out
-        };
-        let (xx, dd, hh, xh) = (lanes(xx), lanes(dd), lanes(hh), lanes(xh));
-        sums.extend((0..L).map(|r| [xx[r], dd[r], hh[r], xh[r]]));
-    }
-    let done = blocks * L * d;
-    sums.extend(row_sums_f32_body(&x[done..], &x_hat[done..], d));
-    sums
-}
-
 /// Columns `start..start + width` (width ≤ 8) of the eight rows of `d` values in `block`:
 /// register j holds column start + j, lane r its value in row r; registers past `width` hold
 /// zeros. Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
@@ -168,49 +126,151 @@ fn columns_of_eight_rows(
     columns
 }
 
-/// The same sums with sixteen rows in the lanes of AVX-512 registers: each block of sixteen
-/// rows by sixteen columns is loaded row by row and transposed in registers (the portable
-/// loop's element loads compile to scalar loads with bounds checks, and gathering each column
-/// costs about four times the shuffles of a transpose). Each lane does the portable loop's
+/// The same sums with a block of rows in the lanes of vector registers: each block of rows by
+/// as many columns is loaded row by row and transposed in registers (the portable loop's
+/// element loads compile to scalar loads with bounds checks, and gathering each column costs
+/// about four times the shuffles of a transpose). Each lane does the portable loop's
 /// multiplies and adds in its order, so the sums are the same bits.
+///
+/// # Safety
+/// The CPU must have the instruction set of `V`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_sums_transposed<V: RowLanes>(
+    x: &[f32],
+    x_hat: &[f32],
+    d: usize,
+) -> Vec<RowSums<f32>> {
+    let rows = V::ROWS;
+    let n = x.len() / d;
+    let blocks = n / rows;
+    let mut sums = Vec::with_capacity(n);
+    for block in 0..blocks {
+        let x_block = &x[block * rows * d..(block + 1) * rows * d];
+        let x_hat_block = &x_hat[block * rows * d..(block + 1) * rows * d];
+        // SAFETY (this and the calls below): the caller vouches for V's instruction set.
+        let mut block_sums = [unsafe { V::zero() }; 4];
+        for start in (0..d).step_by(rows) {
+            let width = rows.min(d - start);
+            let x_columns = unsafe { V::columns(x_block, d, start, width) };
+            let x_hat_columns = unsafe { V::columns(x_hat_block, d, start, width) };
+            for (&xj, &hj) in x_columns.iter().zip(&x_hat_columns).take(width) {
+                unsafe { xj.add_to_sums(hj, &mut block_sums) };
+            }
+        }
+        let [xx, dd, hh, xh] = block_sums.map(|v| unsafe { v.lanes() });
+        sums.extend((0..rows).map(|r| [xx[r], dd[r], hh[r], xh[r]]));
+    }
+    let done = blocks * rows * d;
+    sums.extend(row_sums_f32_body(&x[done..], &x_hat[done..], d));
+    sums
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 fn row_sums_f32_avx512(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
-    use std::arch::x86_64::*;
-    const L: usize = 16;
-    let n = x.len() / d;
-    let blocks = n / L;
-    let mut sums = Vec::with_capacity(n);
-    for block in 0..blocks {
-        let x_block = &x[block * L * d..(block + 1) * L * d];
-        let x_hat_block = &x_hat[block * L * d..(block + 1) * L * d];
-        let zero = _mm512_setzero_ps();
-        let (mut xx, mut dd, mut hh, mut xh) = (zero, zero, zero, zero);
-        for start in (0..d).step_by(L) {
-            let width = L.min(d - start);
-            let x_columns = columns_of_sixteen_rows(x_block, d, start, width);
-            let x_hat_columns = columns_of_sixteen_rows(x_hat_block, d, start, width);
-            for (&xj, &hj) in x_columns.iter().zip(&x_hat_columns).take(width) {
-                // add_to_sums, lane by lane: a multiply, then an add (no fused multiply-add).
-                xx = _mm512_add_ps(xx, _mm512_mul_ps(xj, xj));
-                let error = _mm512_sub_ps(xj, hj);
-                dd = _mm512_add_ps(dd, _mm512_mul_ps(error, error));
-                hh = _mm512_add_ps(hh, _mm512_mul_ps(hj, hj));
-                xh = _mm512_add_ps(xh, _mm512_mul_ps(xj, hj));
-            }
-        }
-        let lanes = |v: __m512| {
-            let mut out = [0f32; L];
-            // SAFETY: `out` holds sixteen f32 values.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
-            out
-        };
-        let (xx, dd, hh, xh) = (lanes(xx), lanes(dd), lanes(hh), lanes(xh));
-        sums.extend((0..L).map(|r| [xx[r], dd[r], hh[r], xh[r]]));
+    // SAFETY: this function runs only where the CPU has AVX-512F.
+    unsafe { row_sums_transposed::<std::arch::x86_64::__m512>(x, x_hat, d) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn row_sums_f32_avx2(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
+    // SAFETY: this function runs only where the CPU has AVX2.
+    unsafe { row_sums_transposed::<std::arch::x86_64::__m256>(x, x_hat, d) }
+}
+
+/// A vector register as [`row_sums_transposed`] uses it: lane r holds a value of row r of a
+/// block of [`RowLanes::ROWS`] rows. Every method needs the register's instruction set.
+#[cfg(target_arch = "x86_64")]
+trait RowLanes: Copy {
+    /// Rows in a block: the register's f32 lanes.
+    const ROWS: usize;
+    /// Columns `start..start + width` (width ≤ ROWS) of the block's rows of `d` values, in the
+    /// first ROWS registers: register j holds column start + j, those past `width` zeros, and
+    /// any past ROWS nothing in particular.
+    unsafe fn columns(block: &[f32], d: usize, start: usize, width: usize) -> [Self; 16];
+    unsafe fn zero() -> Self;
+    /// [`add_to_sums`] lane by lane, with `self` as x and `x_hat` as x': a multiply, then an
+    /// add (no fused multiply-add).
+    unsafe fn add_to_sums(self, x_hat: Self, sums: &mut [Self; 4]);
+    /// The lanes, in the first ROWS places.
+    unsafe fn lanes(self) -> [f32; 16];
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowLanes for std::arch::x86_64::__m512 {
+    const ROWS: usize = 16;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn columns(block: &[f32], d: usize, start: usize, width: usize) -> [Self; 16] {
+        columns_of_sixteen_rows(block, d, start, width)
     }
-    let done = blocks * L * d;
-    sums.extend(row_sums_f32_body(&x[done..], &x_hat[done..], d));
-    sums
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn add_to_sums(self, x_hat: Self, [xx, dd, hh, xh]: &mut [Self; 4]) {
+        use std::arch::x86_64::*;
+        *xx = _mm512_add_ps(*xx, _mm512_mul_ps(self, self));
+        let error = _mm512_sub_ps(self, x_hat);
+        *dd = _mm512_add_ps(*dd, _mm512_mul_ps(error, error));
+        *hh = _mm512_add_ps(*hh, _mm512_mul_ps(x_hat, x_hat));
+        *xh = _mm512_add_ps(*xh, _mm512_mul_ps(self, x_hat));
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn lanes(self) -> [f32; 16] {
+        let mut out = [0f32; 16];
+        // SAFETY: `out` holds sixteen f32 values.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr(), self) };
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowLanes for std::arch::x86_64::__m256 {
+    const ROWS: usize = 8;
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn columns(block: &[f32], d: usize, start: usize, width: usize) -> [Self; 16] {
+        let eight = columns_of_eight_rows(block, d, start, width);
+        std::array::from_fn(|j| eight.get(j).copied().unwrap_or(eight[0]))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_to_sums(self, x_hat: Self, [xx, dd, hh, xh]: &mut [Self; 4]) {
+        use std::arch::x86_64::*;
+        *xx = _mm256_add_ps(*xx, _mm256_mul_ps(self, self));
+        let error = _mm256_sub_ps(self, x_hat);
+        *dd = _mm256_add_ps(*dd, _mm256_mul_ps(error, error));
+        *hh = _mm256_add_ps(*hh, _mm256_mul_ps(x_hat, x_hat));
+        *xh = _mm256_add_ps(*xh, _mm256_mul_ps(self, x_hat));
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn lanes(self) -> [f32; 16] {
+        let mut out = [0f32; 16];
+        // SAFETY: `out` holds sixteen f32 values, room for the eight stored.
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), self) };
+        out
+    }
 }
 
 /// Columns `start..start + width` (width ≤ 16) of the sixteen rows of `d` values in `block`:
