@@ -289,6 +289,15 @@ fn pre_activation_gradient<'a>(
         Isa::Avx2 => return unsafe { pre_activation_gradient_avx2(grad, output, columns) },
         Isa::Portable => {}
     }
+    pre_activation_gradient_portable(grad, output, columns)
+}
+
+#[inline(always)]
+fn pre_activation_gradient_portable<'a>(
+    grad: &'a [f32],
+    output: Option<&[f32]>,
+    columns: usize,
+) -> (Cow<'a, [f32]>, Vec<f32>) {
     let values = through_tanh(grad, output);
     let sums = column_sums(&values, columns);
     (values, sums)
@@ -315,9 +324,7 @@ fn pre_activation_gradient_avx2<'a>(
     output: Option<&[f32]>,
     columns: usize,
 ) -> (Cow<'a, [f32]>, Vec<f32>) {
-    let values = through_tanh(grad, output);
-    let sums = column_sums(&values, columns);
-    (values, sums)
+    pre_activation_gradient_portable(grad, output, columns)
 }
 
 /// grad · (1 − y²) where y is the tanh output, else grad itself.
