@@ -7,7 +7,9 @@
 //! backward pass forms g·(1 − y²) and the bias gradient in one pass before the two products of
 //! the weight and input gradients. The products are gemm's, the kernels flex's own product
 //! calls, with the arguments flex gives them; the values and gradients are the bits the
-//! composed operations gave (a test compares them).
+//! composed operations gave (a test compares them). A first layer fed mostly zeros (one-hot
+//! columns) multiplies only the nonzeros instead (`sparse_rows`), for its output and its weight
+//! gradient; those values match the dense ones up to the order of the additions.
 
 use std::borrow::Cow;
 
@@ -25,6 +27,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::network::tanh_f32;
 use crate::scorer::Isa;
+use crate::sparse_rows::SparseRows;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DenseBackend: Backend {
@@ -464,10 +467,36 @@ fn sum_column_block<const W: usize>(
 #[derive(Debug)]
 struct DenseStep;
 
+/// The input x, kept for the weight gradient.
+#[derive(Debug, Clone)]
+enum KeptInput {
+    /// A checkpointed node.
+    Node(NodeId),
+    /// Data that needs no gradient of its own and is mostly zeros: its nonzeros.
+    Sparse(SparseRows),
+}
+
+/// The input as the weight gradient reads it.
+enum LayerInput {
+    Dense(FlexTensor),
+    Sparse(SparseRows),
+}
+
+impl LayerInput {
+    fn into_tensor(self) -> FlexTensor {
+        match self {
+            LayerInput::Dense(x) => x,
+            LayerInput::Sparse(rows) => FlexTensor::from_data(TensorData::new(
+                rows.to_dense(),
+                [rows.rows(), rows.columns()],
+            )),
+        }
+    }
+}
+
 impl Backward<Flex, 3> for DenseStep {
-    /// (x, W, tanh output): x and W as checkpointed nodes, present only where a gradient needs
-    /// them.
-    type State = (Option<NodeId>, Option<NodeId>, Option<FlexTensor>);
+    /// (x, W, tanh output): x and W present only where a gradient needs them.
+    type State = (Option<KeptInput>, Option<NodeId>, Option<FlexTensor>);
 
     fn backward(
         self,
@@ -481,9 +510,12 @@ impl Backward<Flex, 3> for DenseStep {
         let weight: Option<FlexTensor> = node_x
             .as_ref()
             .map(|_| checkpointer.retrieve_node_output(weight.expect("weight kept for dx")));
-        let x: Option<FlexTensor> = node_weight
+        let x = node_weight
             .as_ref()
-            .map(|_| checkpointer.retrieve_node_output(x.expect("input kept for dW")));
+            .map(|_| match x.expect("input kept for dW") {
+                KeptInput::Node(id) => LayerInput::Dense(checkpointer.retrieve_node_output(id)),
+                KeptInput::Sparse(rows) => LayerInput::Sparse(rows),
+            });
         let [dx, dw, db] =
             match layer_gradients_f32(&grad, squashed.as_ref(), x.as_ref(), weight.as_ref()) {
                 Some(gradients) => gradients,
@@ -492,6 +524,7 @@ impl Backward<Flex, 3> for DenseStep {
                         Some(output) => tanh_backward(output, grad),
                         None => grad,
                     };
+                    let x = x.map(LayerInput::into_tensor);
                     [
                         weight.map(|weight| Flex::linear_x_backward(weight, grad.clone())),
                         x.map(|x| Flex::linear_weight_backward(x, grad.clone())),
@@ -513,7 +546,7 @@ impl Backward<Flex, 3> for DenseStep {
 fn layer_gradients_f32(
     grad: &FlexTensor,
     output: Option<&FlexTensor>,
-    x: Option<&FlexTensor>,
+    x: Option<&LayerInput>,
     weight: Option<&FlexTensor>,
 ) -> Option<[Option<FlexTensor>; 3]> {
     let grad_view = Matrix::of(grad)?;
@@ -521,23 +554,63 @@ fn layer_gradients_f32(
     if output.is_some_and(|y| y.dtype() != DType::F32 || y.shape() != grad.shape()) {
         return None;
     }
-    let x = x
-        .map(Matrix::of)
-        .map_or(Some(None), |view| view.map(Some))?;
     let weight = weight
         .map(Matrix::of)
         .map_or(Some(None), |view| view.map(Some))?;
+    let x_view = match x {
+        Some(LayerInput::Dense(x)) => Some(Matrix::of(x)?),
+        Some(LayerInput::Sparse(x)) if x.rows() != rows => return None,
+        _ => None,
+    };
     let output = output.map(f32_values);
     let grad = f32_values(grad);
     let (values, bias) = pre_activation_gradient(&grad, output.as_deref(), columns);
     let pre = Matrix::row_major(&values, rows, columns);
     let tensor =
         |values: Vec<f32>, shape: [usize; 2]| FlexTensor::from_data(TensorData::new(values, shape));
+    let dw = match (x, x_view) {
+        (_, Some(x)) => Some(tensor(
+            product(&x.transposed(), &pre, None),
+            [x.columns, columns],
+        )),
+        (Some(LayerInput::Sparse(x)), None) => Some(tensor(
+            x.transposed_product(&values, columns),
+            [x.columns(), columns],
+        )),
+        _ => None,
+    };
     Some([
         weight.map(|w| tensor(product(&pre, &w.transposed(), None), [rows, w.rows])),
-        x.map(|x| tensor(product(&x.transposed(), &pre, None), [x.columns, columns])),
+        dw,
         Some(FlexTensor::from_data(TensorData::new(bias, [columns]))),
     ])
+}
+
+/// The layer through x's nonzeros, and those nonzeros, when x is a mostly-zero f32 matrix and
+/// W and b are f32 of matching shapes; `None` sends it through the dense product.
+fn sparse_layer(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+    squash: bool,
+) -> Option<(SparseRows, FlexTensor)> {
+    let (x_shape, weight_shape, bias_shape) = (x.shape(), weight.shape(), bias.shape());
+    if [x, weight, bias].iter().any(|t| t.dtype() != DType::F32)
+        || x_shape.num_dims() != 2
+        || weight_shape.num_dims() != 2
+        || bias_shape.num_dims() != 1
+        || weight_shape[0] != x_shape[1]
+        || bias_shape[0] != weight_shape[1]
+    {
+        return None;
+    }
+    let rows = SparseRows::compress(&f32_values(x), x_shape[1])?;
+    let mut values = rows.product(&f32_values(weight), &f32_values(bias));
+    if squash {
+        tanh_in_place(&mut values);
+    }
+    let output = FlexTensor::from_data(TensorData::new(values, [rows.rows(), bias_shape[0]]));
+    Some((rows, output))
 }
 
 impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
@@ -555,14 +628,27 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let x_state = weight_tracked.then(|| prep.checkpoint(&x));
                 let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
-                let output = Flex::dense(
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    bias.into_primitive(),
-                    squash,
-                );
+                // Data entering a first layer needs no gradient; when it is mostly zeros its
+                // nonzeros serve both the product and the weight gradient.
+                let sparse = (weight_tracked && !x_tracked)
+                    .then(|| {
+                        sparse_layer(x.primitive(), weight.primitive(), bias.primitive(), squash)
+                    })
+                    .flatten();
+                let (x_state, output) = match sparse {
+                    Some((rows, output)) => (Some(KeptInput::Sparse(rows)), output),
+                    None => {
+                        let x_state = weight_tracked.then(|| KeptInput::Node(prep.checkpoint(&x)));
+                        let output = Flex::dense(
+                            x.into_primitive(),
+                            weight.into_primitive(),
+                            bias.into_primitive(),
+                            squash,
+                        );
+                        (x_state, output)
+                    }
+                };
                 let kept = squash.then(|| output.clone());
                 prep.finish((x_state, weight_state, kept), output)
             }
@@ -703,6 +789,68 @@ mod tests {
                     f.iter().any(|&g| g != 0.0),
                     "gradient of {name} is all zeros"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_mostly_zero_input_goes_through_its_nonzeros_to_the_same_values_and_gradients() {
+        let device = Device::flex().autodiff();
+        for squash in [false, true] {
+            let (layer, _) = layer_and_input(&device, false, 40);
+            // One nonzero per row (a seventh of the entries), the first row all zeros.
+            let xs: Vec<f32> = (0..40 * 7)
+                .map(|i| {
+                    let (row, column) = (i / 7, i % 7);
+                    if row > 0 && column == row % 7 {
+                        (row as f32 * 0.71).sin() * 4.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().unwrap().val());
+            let flex = |data: TensorData| FlexTensor::from_data(data);
+            assert!(
+                sparse_layer(
+                    &flex(TensorData::new(xs.clone(), [40, 7])),
+                    &flex(weight.to_data()),
+                    &flex(bias.to_data()),
+                    squash
+                )
+                .is_some(),
+                "the input is sparse enough"
+            );
+            let x = Tensor::<2>::from_data(TensorData::new(xs, [40, 7]), &device);
+            let run = |fused: bool| {
+                let y = if fused {
+                    dense(&layer, x.clone(), squash)
+                } else {
+                    composed(&layer, x.clone(), squash)
+                };
+                let [n, d] = y.dims();
+                let w: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.37).sin()).collect();
+                let w = Tensor::<2>::from_data(TensorData::new(w, [n, d]), &device);
+                let grads = (y.clone() * w).sum().backward();
+                [
+                    values(y),
+                    values(weight.grad(&grads).unwrap()),
+                    values(bias.grad(&grads).unwrap().reshape([1, d])),
+                ]
+            };
+            let [sparse, want] = [run(true), run(false)];
+            for (name, (s, w)) in ["values", "weight", "bias"]
+                .iter()
+                .zip(sparse.iter().zip(&want))
+            {
+                assert_eq!(s.len(), w.len());
+                assert!(w.iter().any(|&v| v != 0.0), "{name} all zeros");
+                for (a, b) in s.iter().zip(w) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{name}, squash {squash}: {a} against {b}"
+                    );
+                }
             }
         }
     }

@@ -20,6 +20,7 @@ pub mod network;
 pub mod preprocess;
 pub mod reconstruction;
 pub mod scorer;
+mod sparse_rows;
 mod step_support;
 #[cfg(test)]
 mod testing;

@@ -1,0 +1,440 @@
+//! Rows kept as their nonzero entries, for a first layer fed mostly zeros.
+//!
+//! One-hot encoded columns (KDDCUP99's protocol, service and flag) leave about nine in ten
+//! scaled training features at exactly zero. Through gemm a first layer multiplies every one
+//! of them, in its output x·W + b and again in its weight gradient xᵀ·g; here both visit the
+//! nonzeros only. A zero adds nothing to a sum, so the results are the dense products' up to
+//! the order of the additions (the tests bound the difference). The loops multiply and then
+//! add, never fused, so every instruction set gives the same bits.
+
+use std::borrow::Cow;
+
+use crate::scorer::Isa;
+
+/// Largest share of nonzero entries kept sparse. A nonzero costs a pass over a row of the
+/// weights (or of the gradient) where gemm spends a fused multiply-add per weight; at a
+/// quarter full the sparse loops are still well ahead, and the rows of a dense input (the
+/// four server metrics, any hidden layer) are never compressed.
+pub(crate) const MAX_DENSITY: f64 = 0.25;
+
+/// A row-major `[rows, columns]` f32 matrix as its nonzero entries, row by row.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SparseRows {
+    columns: usize,
+    /// Where each row's entries start in `column_indices` and `values`, and where the last ends.
+    row_starts: Vec<usize>,
+    column_indices: Vec<u32>,
+    values: Vec<f32>,
+}
+
+impl SparseRows {
+    /// The nonzero entries of row-major `values` with `columns` columns, or `None` when more
+    /// than [`MAX_DENSITY`] of them are nonzero (or the shape does not divide).
+    pub(crate) fn compress(values: &[f32], columns: usize) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx2.supported() {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { Self::compress_avx2(values, columns) };
+        }
+        Self::compress_with::<false>(values, columns)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn compress_avx2(values: &[f32], columns: usize) -> Option<Self> {
+        Self::compress_with::<true>(values, columns)
+    }
+
+    /// [`SparseRows::compress`], the masks taken with AVX2 compares when `AVX2`, which only a
+    /// CPU with AVX2 may ask for.
+    #[inline(always)]
+    fn compress_with<const AVX2: bool>(values: &[f32], columns: usize) -> Option<Self> {
+        if columns == 0 || !values.len().is_multiple_of(columns) || columns > u32::MAX as usize {
+            return None;
+        }
+        // Each row's nonzeros as bit masks of 64 entries, counted on the way.
+        let mut masks = Vec::with_capacity(values.len() / columns * columns.div_ceil(64));
+        let mut nonzeros = 0;
+        for row in values.chunks_exact(columns) {
+            for word in row.chunks(64) {
+                let mask = nonzero_mask::<AVX2>(word);
+                nonzeros += mask.count_ones() as usize;
+                masks.push(mask);
+            }
+        }
+        if nonzeros as f64 > MAX_DENSITY * values.len() as f64 {
+            return None;
+        }
+        let mut column_indices = Vec::with_capacity(nonzeros);
+        let mut kept = Vec::with_capacity(nonzeros);
+        let mut row_starts = Vec::with_capacity(values.len() / columns + 1);
+        row_starts.push(0);
+        let mut masks = masks.into_iter();
+        for row in values.chunks_exact(columns) {
+            // One step per set bit: which entries are zero is too irregular to branch on one
+            // entry at a time.
+            for (word_index, mut mask) in masks.by_ref().take(columns.div_ceil(64)).enumerate() {
+                while mask != 0 {
+                    let column = word_index * 64 + mask.trailing_zeros() as usize;
+                    column_indices.push(column as u32);
+                    kept.push(row[column]);
+                    mask &= mask - 1;
+                }
+            }
+            row_starts.push(column_indices.len());
+        }
+        Some(SparseRows {
+            columns,
+            row_starts,
+            column_indices,
+            values: kept,
+        })
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.row_starts.len() - 1
+    }
+
+    pub(crate) fn columns(&self) -> usize {
+        self.columns
+    }
+
+    /// The row-major dense matrix again.
+    pub(crate) fn to_dense(&self) -> Vec<f32> {
+        let mut dense = vec![0f32; self.rows() * self.columns];
+        for (row, entries) in dense.chunks_exact_mut(self.columns).zip(self.row_entries()) {
+            for (column, value) in entries {
+                row[column] = value;
+            }
+        }
+        dense
+    }
+
+    /// Each row's (column, value) pairs, in column order.
+    fn row_entries(&self) -> impl Iterator<Item = impl Iterator<Item = (usize, f32)> + '_> + '_ {
+        self.row_starts.windows(2).map(|bounds| {
+            let range = bounds[0]..bounds[1];
+            self.column_indices[range.clone()]
+                .iter()
+                .map(|&column| column as usize)
+                .zip(self.values[range].iter().copied())
+        })
+    }
+
+    /// x·W + b as a row-major `[rows, outputs]` buffer, for W row-major `[columns, outputs]`
+    /// and b of length `outputs`: each output row sums its nonzeros' weight rows in column
+    /// order, then adds the bias, as the dense layer adds it to the finished product.
+    pub(crate) fn product(&self, weight: &[f32], bias: &[f32]) -> Vec<f32> {
+        let outputs = bias.len();
+        assert_eq!(weight.len(), self.columns * outputs, "weight shape");
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx2.supported() {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.product_avx2(weight, bias) };
+        }
+        self.product_portable(weight, bias)
+    }
+
+    #[inline(always)]
+    fn product_portable(&self, weight: &[f32], bias: &[f32]) -> Vec<f32> {
+        let outputs = bias.len();
+        let mut output = vec![0f32; self.rows() * outputs];
+        if outputs == 0 {
+            return output;
+        }
+        let (weight, stride) = padded(weight, outputs);
+        for (row, sums) in output.chunks_exact_mut(outputs).enumerate() {
+            let range = self.row_starts[row]..self.row_starts[row + 1];
+            let entries = (&self.column_indices[range.clone()], &self.values[range]);
+            sum_rows(entries, &weight, stride, sums);
+            for (sum, b) in sums.iter_mut().zip(bias) {
+                *sum += b;
+            }
+        }
+        output
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn product_avx2(&self, weight: &[f32], bias: &[f32]) -> Vec<f32> {
+        self.product_portable(weight, bias)
+    }
+
+    /// xᵀ·g as a row-major `[columns, outputs]` buffer, for g row-major `[rows, outputs]`:
+    /// each nonzero x[i][j] adds x[i][j]·g[i] to row j, rows i in order.
+    pub(crate) fn transposed_product(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
+        assert_eq!(grad.len(), self.rows() * outputs, "gradient shape");
+        #[cfg(target_arch = "x86_64")]
+        if Isa::Avx2.supported() {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { self.transposed_product_avx2(grad, outputs) };
+        }
+        self.transposed_product_portable(grad, outputs)
+    }
+
+    #[inline(always)]
+    fn transposed_product_portable(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
+        let mut output = vec![0f32; self.columns * outputs];
+        if outputs == 0 {
+            return output;
+        }
+        // The entries column by column, rows in order within each: each output row then sums
+        // in registers, and in the same order as row after row would.
+        let mut column_starts = vec![0usize; self.columns + 1];
+        for &column in &self.column_indices {
+            column_starts[column as usize + 1] += 1;
+        }
+        for column in 0..self.columns {
+            column_starts[column + 1] += column_starts[column];
+        }
+        let mut cursor = column_starts.clone();
+        let mut rows_by_column = vec![0u32; self.values.len()];
+        let mut values_by_column = vec![0f32; self.values.len()];
+        for (row, bounds) in self.row_starts.windows(2).enumerate() {
+            for entry in bounds[0]..bounds[1] {
+                let slot = &mut cursor[self.column_indices[entry] as usize];
+                rows_by_column[*slot] = row as u32;
+                values_by_column[*slot] = self.values[entry];
+                *slot += 1;
+            }
+        }
+        let (grad, stride) = padded(grad, outputs);
+        for (column, sums) in output.chunks_exact_mut(outputs).enumerate() {
+            let range = column_starts[column]..column_starts[column + 1];
+            let entries = (&rows_by_column[range.clone()], &values_by_column[range]);
+            sum_rows(entries, &grad, stride, sums);
+        }
+        output
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn transposed_product_avx2(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
+        self.transposed_product_portable(grad, outputs)
+    }
+}
+
+/// Bit k set where `word[k]` (at most 64 entries) is not zero (NaN included); eight entries
+/// to one vector compare when `AVX2`, which only code compiled for AVX2 may ask for.
+#[inline(always)]
+fn nonzero_mask<const AVX2: bool>(word: &[f32]) -> u64 {
+    debug_assert!(word.len() <= 64);
+    let mut mask = 0u64;
+    let mut first_unmasked = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        let eights = word.chunks_exact(8);
+        first_unmasked = word.len() - eights.remainder().len();
+        for (c, chunk) in eights.enumerate() {
+            // SAFETY: AVX2 is only asked for from code compiled for it (`compress_avx2`), and
+            // the load reads the chunk's eight values.
+            let bits = unsafe {
+                use std::arch::x86_64::*;
+                let lanes = _mm256_loadu_ps(chunk.as_ptr());
+                _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(lanes, _mm256_setzero_ps()))
+            };
+            mask |= u64::from(bits as u8) << (8 * c);
+        }
+    }
+    for (k, &value) in word.iter().enumerate().skip(first_unmasked) {
+        mask |= u64::from(value != 0.0) << k;
+    }
+    mask
+}
+
+/// f32 lanes of an AVX2 vector: rows are padded to a whole number of them, so every block of
+/// sums is whole vectors.
+const LANES: usize = 8;
+
+/// `matrix` (row-major, `columns` wide) with each row padded with zeros to a multiple of
+/// [`LANES`], and the padded width.
+fn padded(matrix: &[f32], columns: usize) -> (Cow<'_, [f32]>, usize) {
+    let stride = columns.next_multiple_of(LANES);
+    if stride == columns {
+        return (Cow::Borrowed(matrix), stride);
+    }
+    let mut padded = vec![0f32; matrix.len() / columns * stride];
+    for (to, from) in padded
+        .chunks_exact_mut(stride)
+        .zip(matrix.chunks_exact(columns))
+    {
+        to[..columns].copy_from_slice(from);
+    }
+    (Cow::Owned(padded), stride)
+}
+
+/// sums[l] = Σ value·matrix[index][l] over the (index, value) entries, in their order, for
+/// `matrix` row-major with rows `stride` ≥ sums.len() wide, padded to whole vectors. The
+/// sums are kept in registers, eight vectors (64 lanes) at a time at most: each entry then
+/// starts eight independent additions, where one would wait on the one before.
+#[inline(always)]
+fn sum_rows(entries: (&[u32], &[f32]), matrix: &[f32], stride: usize, sums: &mut [f32]) {
+    let mut start = 0;
+    for width in [64, 32, LANES] {
+        while start + width <= stride && start < sums.len() {
+            let valid = width.min(sums.len() - start);
+            let target = &mut sums[start..start + valid];
+            match width {
+                64 => target
+                    .copy_from_slice(&sum_block::<64>(entries, matrix, stride, start)[..valid]),
+                32 => target
+                    .copy_from_slice(&sum_block::<32>(entries, matrix, stride, start)[..valid]),
+                _ => target
+                    .copy_from_slice(&sum_block::<LANES>(entries, matrix, stride, start)[..valid]),
+            }
+            start += width;
+        }
+    }
+}
+
+/// Σ value·matrix[index][start..start + W] over the entries, in order.
+#[inline(always)]
+fn sum_block<const W: usize>(
+    (indices, values): (&[u32], &[f32]),
+    matrix: &[f32],
+    stride: usize,
+    start: usize,
+) -> [f32; W] {
+    let mut sums = [0f32; W];
+    for (&index, &value) in indices.iter().zip(values) {
+        let offset = index as usize * stride + start;
+        let row: &[f32; W] = matrix[offset..offset + W].try_into().expect("W values");
+        for (sum, &m) in sums.iter_mut().zip(row) {
+            *sum += value * m;
+        }
+    }
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// A `[rows, columns]` matrix with about `density` of its entries nonzero.
+    fn mostly_zeros(rows: usize, columns: usize, density: f64, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..rows * columns)
+            .map(|_| {
+                if rng.random_bool(density) {
+                    rng.random_range(-1.0f32..1.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    fn uniform(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// x·W + b in f64, the dense way.
+    fn dense_product(x: &[f32], weight: &[f32], bias: &[f32], columns: usize) -> Vec<f64> {
+        let outputs = bias.len();
+        x.chunks_exact(columns)
+            .flat_map(|row| {
+                (0..outputs).map(move |o| {
+                    f64::from(bias[o])
+                        + row
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &v)| f64::from(v) * f64::from(weight[j * outputs + o]))
+                            .sum::<f64>()
+                })
+            })
+            .collect()
+    }
+
+    fn assert_close(actual: &[f32], expected: &[f64]) {
+        assert_eq!(actual.len(), expected.len());
+        for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+            assert!(
+                (f64::from(a) - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                "entry {i}: {a} against {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn keeps_exactly_the_nonzeros_and_gives_the_matrix_back() {
+        // Rows shorter than a mask word, and rows over two words with a ragged end.
+        for columns in [11, 118] {
+            let mut x = mostly_zeros(37, columns, 0.15, columns as u64);
+            x[5] = f32::NAN;
+            x[7] = -0.0;
+            let rows = SparseRows::compress(&x, columns).expect("sparse enough");
+            assert_eq!(rows.rows(), 37);
+            assert_eq!(rows.columns(), columns);
+            assert_eq!(rows.values.len(), x.iter().filter(|v| **v != 0.0).count());
+            assert!(rows.values.iter().all(|v| *v != 0.0));
+            assert!(rows.values.iter().any(|v| v.is_nan()));
+            let back = rows.to_dense();
+            assert_eq!(back.len(), x.len());
+            assert!(
+                back.iter()
+                    .zip(&x)
+                    .all(|(a, b)| a == b || (a.is_nan() && b.is_nan()))
+            );
+            // The masks from vector compares and from one entry at a time agree.
+            let portable = SparseRows::compress_with::<false>(&x, columns).unwrap();
+            assert_eq!(portable.row_starts, rows.row_starts);
+            assert_eq!(portable.column_indices, rows.column_indices);
+        }
+    }
+
+    #[test]
+    fn refuses_dense_rows_and_shapes_that_do_not_divide() {
+        let x = mostly_zeros(64, 8, 0.6, 2);
+        assert!(x.iter().filter(|v| **v != 0.0).count() as f64 > MAX_DENSITY * x.len() as f64);
+        assert_eq!(SparseRows::compress(&x, 8), None);
+        assert_eq!(SparseRows::compress(&[0.0; 10], 3), None);
+        assert_eq!(SparseRows::compress(&[0.0; 10], 0), None);
+        let empty = SparseRows::compress(&[], 5).expect("no rows is sparse");
+        assert_eq!(empty.rows(), 0);
+        assert_eq!(empty.product(&[0.5; 15], &[1.0; 3]), Vec::<f32>::new());
+        assert_eq!(empty.transposed_product(&[], 3), vec![0.0; 15]);
+    }
+
+    #[test]
+    fn product_is_the_dense_product_plus_bias() {
+        // Widths across the vector lengths and their remainders; a row of zeros keeps the bias.
+        for (columns, outputs) in [(118, 60), (9, 7), (3, 1), (20, 33)] {
+            let mut x = mostly_zeros(50, columns, 0.12, columns as u64);
+            x[..columns].fill(0.0);
+            let weight = uniform(columns * outputs, 3);
+            let bias = uniform(outputs, 4);
+            let rows = SparseRows::compress(&x, columns).unwrap();
+            let product = rows.product(&weight, &bias);
+            assert_close(&product, &dense_product(&x, &weight, &bias, columns));
+            assert_eq!(product[..outputs], bias[..]);
+            assert_eq!(rows.product_portable(&weight, &bias), product);
+        }
+    }
+
+    #[test]
+    fn transposed_product_is_the_dense_weight_gradient() {
+        for (columns, outputs) in [(118, 60), (9, 7), (3, 1), (20, 33)] {
+            let x = mostly_zeros(50, columns, 0.12, 10 + columns as u64);
+            let grad = uniform(50 * outputs, 5);
+            let rows = SparseRows::compress(&x, columns).unwrap();
+            let expected: Vec<f64> = (0..columns)
+                .flat_map(|j| {
+                    let (x, grad) = (&x, &grad);
+                    (0..outputs).map(move |o| {
+                        (0..50)
+                            .map(|i| {
+                                f64::from(x[i * columns + j]) * f64::from(grad[i * outputs + o])
+                            })
+                            .sum::<f64>()
+                    })
+                })
+                .collect();
+            let gradient = rows.transposed_product(&grad, outputs);
+            assert_close(&gradient, &expected);
+            assert_eq!(rows.transposed_product_portable(&grad, outputs), gradient);
+        }
+    }
+}
