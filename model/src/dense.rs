@@ -716,6 +716,22 @@ mod tests {
         (net.encoder[0].clone(), x)
     }
 
+    fn fused_or_composed(layer: &Linear, x: Tensor<2>, squash: bool, fused: bool) -> Tensor<2> {
+        if fused {
+            dense(layer, x, squash)
+        } else {
+            composed(layer, x, squash)
+        }
+    }
+
+    /// Σ y·w with a weight per output, so every gradient entry differs.
+    fn weighted_total(y: Tensor<2>) -> Tensor<1> {
+        let [n, d] = y.dims();
+        let w: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Tensor::<2>::from_data(TensorData::new(w, [n, d]), &y.device());
+        (y * w).sum()
+    }
+
     /// (input transposed, tanh, rows) for every combination.
     fn cases() -> impl Iterator<Item = (bool, bool, usize)> {
         [false, true].into_iter().flat_map(|transposed| {
@@ -762,16 +778,9 @@ mod tests {
             let gradients = |fused: bool| {
                 let (layer, x) = layer_and_input(&device, transposed, rows);
                 let x = x.require_grad();
-                let y = if fused {
-                    dense(&layer, x.clone(), squash)
-                } else {
-                    composed(&layer, x.clone(), squash)
-                };
-                // Weights per output so every gradient entry differs.
-                let [n, d] = y.dims();
-                let w: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.37).sin()).collect();
-                let w = Tensor::<2>::from_data(TensorData::new(w, [n, d]), &device);
-                let grads = (y * w).sum().backward();
+                let y = fused_or_composed(&layer, x.clone(), squash, fused);
+                let d = y.dims()[1];
+                let grads = weighted_total(y).backward();
                 let bias = layer.bias.as_ref().unwrap().val();
                 [
                     values(x.grad(&grads).unwrap()),
@@ -823,15 +832,9 @@ mod tests {
             );
             let x = Tensor::<2>::from_data(TensorData::new(xs, [40, 7]), &device);
             let run = |fused: bool| {
-                let y = if fused {
-                    dense(&layer, x.clone(), squash)
-                } else {
-                    composed(&layer, x.clone(), squash)
-                };
-                let [n, d] = y.dims();
-                let w: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.37).sin()).collect();
-                let w = Tensor::<2>::from_data(TensorData::new(w, [n, d]), &device);
-                let grads = (y.clone() * w).sum().backward();
+                let y = fused_or_composed(&layer, x.clone(), squash, fused);
+                let d = y.dims()[1];
+                let grads = weighted_total(y.clone()).backward();
                 [
                     values(y),
                     values(weight.grad(&grads).unwrap()),
