@@ -467,22 +467,16 @@ fn sum_column_block<const W: usize>(
 #[derive(Debug)]
 struct DenseStep;
 
-/// The input x, kept for the weight gradient.
+/// The input x as the weight gradient needs it: `D` is its checkpointed node while the step
+/// is recorded, and the tensor once the backward pass retrieves it.
 #[derive(Debug, Clone)]
-enum KeptInput {
-    /// A checkpointed node.
-    Node(NodeId),
+enum LayerInput<D> {
+    Dense(D),
     /// Data that needs no gradient of its own and is mostly zeros: its nonzeros.
     Sparse(SparseRows),
 }
 
-/// The input as the weight gradient reads it.
-enum LayerInput {
-    Dense(FlexTensor),
-    Sparse(SparseRows),
-}
-
-impl LayerInput {
+impl LayerInput<FlexTensor> {
     fn into_tensor(self) -> FlexTensor {
         match self {
             LayerInput::Dense(x) => x,
@@ -496,7 +490,11 @@ impl LayerInput {
 
 impl Backward<Flex, 3> for DenseStep {
     /// (x, W, tanh output): x and W present only where a gradient needs them.
-    type State = (Option<KeptInput>, Option<NodeId>, Option<FlexTensor>);
+    type State = (
+        Option<LayerInput<NodeId>>,
+        Option<NodeId>,
+        Option<FlexTensor>,
+    );
 
     fn backward(
         self,
@@ -513,8 +511,8 @@ impl Backward<Flex, 3> for DenseStep {
         let x = node_weight
             .as_ref()
             .map(|_| match x.expect("input kept for dW") {
-                KeptInput::Node(id) => LayerInput::Dense(checkpointer.retrieve_node_output(id)),
-                KeptInput::Sparse(rows) => LayerInput::Sparse(rows),
+                LayerInput::Dense(id) => LayerInput::Dense(checkpointer.retrieve_node_output(id)),
+                LayerInput::Sparse(rows) => LayerInput::Sparse(rows),
             });
         let [dx, dw, db] =
             match layer_gradients_f32(&grad, squashed.as_ref(), x.as_ref(), weight.as_ref()) {
@@ -546,7 +544,7 @@ impl Backward<Flex, 3> for DenseStep {
 fn layer_gradients_f32(
     grad: &FlexTensor,
     output: Option<&FlexTensor>,
-    x: Option<&LayerInput>,
+    x: Option<&LayerInput<FlexTensor>>,
     weight: Option<&FlexTensor>,
 ) -> Option<[Option<FlexTensor>; 3]> {
     let grad_view = Matrix::of(grad)?;
@@ -568,16 +566,16 @@ fn layer_gradients_f32(
     let pre = Matrix::row_major(&values, rows, columns);
     let tensor =
         |values: Vec<f32>, shape: [usize; 2]| FlexTensor::from_data(TensorData::new(values, shape));
-    let dw = match (x, x_view) {
-        (_, Some(x)) => Some(tensor(
+    let dw = match (x_view, x) {
+        (Some(x), _) => Some(tensor(
             product(&x.transposed(), &pre, None),
             [x.columns, columns],
         )),
-        (Some(LayerInput::Sparse(x)), None) => Some(tensor(
+        (None, Some(LayerInput::Sparse(x))) => Some(tensor(
             x.transposed_product(&values, columns),
             [x.columns(), columns],
         )),
-        _ => None,
+        (None, _) => None,
     };
     Some([
         weight.map(|w| tensor(product(&pre, &w.transposed(), None), [rows, w.rows])),
@@ -637,9 +635,10 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
                     })
                     .flatten();
                 let (x_state, output) = match sparse {
-                    Some((rows, output)) => (Some(KeptInput::Sparse(rows)), output),
+                    Some((rows, output)) => (Some(LayerInput::Sparse(rows)), output),
                     None => {
-                        let x_state = weight_tracked.then(|| KeptInput::Node(prep.checkpoint(&x)));
+                        let x_state =
+                            weight_tracked.then(|| LayerInput::Dense(prep.checkpoint(&x)));
                         let output = Flex::dense(
                             x.into_primitive(),
                             weight.into_primitive(),
