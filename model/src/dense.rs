@@ -12,6 +12,7 @@
 //! gradient; those values match the dense ones up to the order of the additions.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -25,6 +26,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
+use crate::helper_threads;
 use crate::network::tanh_f32;
 use crate::scorer::Isa;
 use crate::sparse_rows::SparseRows;
@@ -84,10 +86,7 @@ impl DenseBackend for Flex {
             return Flex::dense(x, weight, Flex::float_cast(bias, DType::F32.into()), squash);
         }
         let bias = f32_values(&bias);
-        let mut values = product(&x_view, &weight_view, Some(&bias));
-        if squash {
-            tanh_in_place(&mut values);
-        }
+        let values = product(&x_view, &weight_view, Some(&bias), squash);
         FlexTensor::from_data(TensorData::new(values, [x_view.rows, weight_view.columns]))
     }
 }
@@ -164,74 +163,168 @@ impl<'a> Matrix<'a> {
     }
 }
 
-/// lhs·rhs as a row-major buffer, plus `bias` on every row when given, through the gemm
-/// kernels flex's own matrix product calls, with the same arguments, so the bits are flex's.
-/// Calling them here saves what flex's product adds around them: it zeroes a fresh output and
-/// copies it into an aligned buffer, and the bias then takes another pass.
-fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>) -> Vec<f32> {
+/// lhs·rhs as a row-major buffer, plus `bias` on every row when given, then through tanh when
+/// `squash`, through the gemm kernels flex's own matrix product calls, with the same
+/// arguments, so the bits are flex's. Calling them here saves what flex's product adds around
+/// them: it zeroes a fresh output and copies it into an aligned buffer, and the bias then takes
+/// another pass. Where this thread has helpers, large products are split by rows over them
+/// ([`split_rows`]); each part fills its rows with the bias, multiplies and squashes them.
+fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Vec<f32> {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     let bias = bias.inspect(|bias| assert_eq!(bias.len(), n, "bias length"));
     if m == 0 || n == 0 {
         return Vec::new();
     }
-    if let Some(bias) = bias.filter(|_| !adds_to_finished_sums(m, k, n)) {
-        let mut output = product(lhs, rhs, None);
-        for row in output.chunks_exact_mut(n) {
-            for (value, b) in row.iter_mut().zip(bias) {
-                *value += b;
+    if k == 0 || bias.is_some_and(|_| !adds_to_finished_sums(m, k, n)) {
+        let mut output = match (k, bias) {
+            (0, Some(bias)) => bias.repeat(m),
+            (0, None) => vec![0.0; m * n],
+            (_, bias) => {
+                let mut output = product(lhs, rhs, None, false);
+                for row in output.chunks_exact_mut(n) {
+                    for (value, b) in row.iter_mut().zip(bias.unwrap_or_default()) {
+                        *value += b;
+                    }
+                }
+                output
             }
+        };
+        if squash {
+            tanh_in_place(&mut output);
         }
         return output;
     }
-    if k == 0 {
-        return match bias {
-            Some(bias) => bias.repeat(m),
-            None => vec![0.0; m * n],
-        };
-    }
     let mut output = Vec::with_capacity(m * n);
-    if let Some(bias) = bias {
-        // The bias in every row: copied once, then the rows so far doubled, a few large
-        // copies instead of one small one per row.
-        output.extend_from_slice(bias);
-        while output.len() < m * n {
-            output.extend_from_within(..output.len().min(m * n - output.len()));
+    let output_start = SharedOutput(output.as_mut_ptr());
+    let product_rows = |part: usize, parts: usize| {
+        let rows = part_rows(m, part, parts);
+        if rows.is_empty() {
+            return;
+        }
+        // SAFETY: both operands' elements lie inside their buffers (`Matrix::in_bounds`,
+        // checked when each view was made), so do the rows taken here; the output has room
+        // for m·n values, written row-major, and each part writes only its own rows. Without
+        // a bias gemm is told not to read the output, and writes every element of it, so the
+        // rows are not zeroed first.
+        unsafe {
+            let start = output_start.row(rows.start, n);
+            if let Some(bias) = bias {
+                fill_rows(start, rows.len(), bias);
+            }
+            gemm::gemm(
+                rows.len(),
+                n,
+                k,
+                start,
+                1,
+                n as isize,
+                // Read only when it holds the bias.
+                bias.is_some(),
+                lhs.values
+                    .as_ptr()
+                    .add(lhs.offset)
+                    .offset(rows.start as isize * lhs.row_stride),
+                lhs.column_stride,
+                lhs.row_stride,
+                rhs.values.as_ptr().add(rhs.offset),
+                rhs.column_stride,
+                rhs.row_stride,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                // Spare cores, where a fit has them, take whole parts of rows instead.
+                gemm::Parallelism::None,
+            );
+            if squash {
+                tanh_in_place(std::slice::from_raw_parts_mut(start, rows.len() * n));
+            }
+        }
+    };
+    helper_threads::with_current(|helpers| {
+        let parts = helpers.map_or(1, |helpers| split_rows(m, k, n, helpers.parts()));
+        match helpers.filter(|_| parts > 1) {
+            Some(helpers) => helpers.run_parts(parts, &|part| product_rows(part, parts)),
+            None => product_rows(0, 1),
+        }
+    });
+    // SAFETY: every row is written by one part: the bias and gemm's products, or gemm's alone.
+    unsafe { output.set_len(m * n) };
+    output
+}
+
+/// `bias` in each of `rows` rows from `start`: copied once, then the rows so far doubled, a
+/// few large copies instead of one small one per row.
+///
+/// # Safety
+/// `start` must have room for `rows · bias.len()` values.
+unsafe fn fill_rows(start: *mut f32, rows: usize, bias: &[f32]) {
+    let total = rows * bias.len();
+    // SAFETY: the caller's; each copy goes from the filled front to the unfilled rest.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bias.as_ptr(), start, bias.len());
+        let mut filled = bias.len();
+        while filled < total {
+            let count = filled.min(total - filled);
+            std::ptr::copy_nonoverlapping(start, start.add(filled), count);
+            filled += count;
         }
     }
-    // Without a bias gemm is told not to read the output, and writes every element of it, so
-    // the buffer is not zeroed first.
-    // SAFETY: both operands' elements lie inside their buffers (`Matrix::in_bounds`, checked
-    // when each view was made), and the output has room for m·n values, written row-major
-    // (with a bias it holds them already, and gemm reads them).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            output.as_mut_ptr(),
-            1,
-            n as isize,
-            // Read only when it holds the bias.
-            bias.is_some(),
-            lhs.values.as_ptr().add(lhs.offset),
-            lhs.column_stride,
-            lhs.row_stride,
-            rhs.values.as_ptr().add(rhs.offset),
-            rhs.column_stride,
-            rhs.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            // A fit runs on one thread; more cores fit more models.
-            gemm::Parallelism::None,
-        );
-        // Every element is written: the bias rows above, or gemm's products.
-        output.set_len(m * n);
+}
+
+/// The output buffer's start, shared by the parts that write its disjoint rows.
+#[derive(Clone, Copy)]
+struct SharedOutput(*mut f32);
+
+impl SharedOutput {
+    /// Where row `row` of an output n values wide starts.
+    ///
+    /// # Safety
+    /// The row must lie inside the buffer.
+    unsafe fn row(self, row: usize, n: usize) -> *mut f32 {
+        // SAFETY: the caller's.
+        unsafe { self.0.add(row * n) }
     }
-    output
+}
+
+// SAFETY: parts write disjoint rows through it, and the buffer outlives them
+// (`HelperThreads::run_parts` returns only when all are done).
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+/// Products with fewer multiply-adds stay on one thread: a part costs about a microsecond to
+/// hand over, and a 1024 × 10 × 30 product takes some 10 µs.
+const MIN_SPLIT_MULTIPLY_ADDS: usize = 1 << 18;
+
+/// The rows of part `part` of `parts`: whole blocks of eight rows, the last part taking what
+/// is left (possibly nothing).
+fn part_rows(m: usize, part: usize, parts: usize) -> Range<usize> {
+    let per_part = m.div_ceil(parts).next_multiple_of(8);
+    (part * per_part).min(m)..((part + 1) * per_part).min(m)
+}
+
+/// Into how many parts of rows an m × k by k × n product goes when `threads` can take one
+/// each: 1 for small products, and only as many as keep every part on the path gemm takes for
+/// the whole, with the same blocks of the inner dimension, so each element gets the same bits
+/// whatever the number of threads.
+fn split_rows(m: usize, k: usize, n: usize, threads: usize) -> usize {
+    // gemm's blocked kernels; its paths for tiny outputs, single rows or columns and inner
+    // dimensions of one or two sum differently.
+    let blocked = |rows: usize| rows > 1 && n > 1 && k > 2 && rows * n > 16 * 16;
+    // Past one block of the inner dimension (512), gemm's block length depends on whether
+    // both sides are at most 64 long.
+    let small_sides = |rows: usize| rows <= 64 && n <= 64;
+    let same_blocks = |rows: usize| k <= 512 || small_sides(rows) == small_sides(m);
+    let fits = |parts: usize| {
+        m * k * n >= MIN_SPLIT_MULTIPLY_ADDS * parts
+            && (0..parts).all(|part| {
+                let rows = part_rows(m, part, parts).len();
+                blocked(rows) && same_blocks(rows)
+            })
+    };
+    (2..=threads).rev().find(|&parts| fits(parts)).unwrap_or(1)
 }
 
 /// `tanh_f32` of every value, in place. The build's baseline is SSE2 (four lanes), so CPUs
@@ -568,7 +661,7 @@ fn layer_gradients_f32(
         |values: Vec<f32>, shape: [usize; 2]| FlexTensor::from_data(TensorData::new(values, shape));
     let dw = match (x_view, x) {
         (Some(x), _) => Some(tensor(
-            product(&x.transposed(), &pre, None),
+            product(&x.transposed(), &pre, None, false),
             [x.columns, columns],
         )),
         (None, Some(LayerInput::Sparse(x))) => Some(tensor(
@@ -578,7 +671,7 @@ fn layer_gradients_f32(
         (None, _) => None,
     };
     Some([
-        weight.map(|w| tensor(product(&pre, &w.transposed(), None), [rows, w.rows])),
+        weight.map(|w| tensor(product(&pre, &w.transposed(), None, false), [rows, w.rows])),
         dw,
         Some(FlexTensor::from_data(TensorData::new(bias, [columns]))),
     ])
@@ -768,6 +861,82 @@ mod tests {
                 assert!(fused.iter().zip(&pre).all(|(&y, &h)| y == tanh_f32(h)));
             }
         }
+    }
+
+    #[test]
+    fn parts_of_rows_cover_every_row_once() {
+        for m in [1, 7, 8, 9, 40, 300, 1023, 1024] {
+            for parts in 1..=5 {
+                let ranges: Vec<Range<usize>> =
+                    (0..parts).map(|p| part_rows(m, p, parts)).collect();
+                let mut next = 0;
+                for range in &ranges {
+                    assert!(
+                        range.start == next || range.is_empty(),
+                        "{m} rows, {parts} parts"
+                    );
+                    assert!(range.start.is_multiple_of(8) || range.is_empty());
+                    next = next.max(range.end);
+                }
+                assert_eq!(next, m, "{m} rows, {parts} parts");
+            }
+        }
+    }
+
+    #[test]
+    fn products_split_over_helpers_give_the_same_bits() {
+        // (m, k, n, lhs stored transposed): the network's forward products and gradients, a
+        // weight gradient whose inner dimension spans two of gemm's blocks, products near
+        // gemm's path boundaries, and ones too small to split.
+        let shapes = [
+            (1024, 60, 118, false),
+            (1023, 30, 60, false),
+            (1024, 10, 30, false),
+            (60, 1023, 118, true),
+            (30, 1024, 60, true),
+            (100, 1024, 30, true),
+            (130, 700, 64, false),
+            (17, 300, 64, false),
+            (300, 2, 300, false),
+            (1000, 16, 4, false),
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut split_shapes = [0usize; 2];
+        for (m, k, n, transposed) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let lhs = match transposed {
+                true => Matrix::row_major(&a, k, m).transposed(),
+                false => Matrix::row_major(&a, m, k),
+            };
+            let rhs = Matrix::row_major(&b, k, n);
+            for (with_bias, squash) in [(false, false), (true, false), (true, true)] {
+                let bias = with_bias.then_some(bias.as_slice());
+                let alone = product(&lhs, &rhs, bias, squash);
+                for (slot, helpers) in [1, 3].into_iter().enumerate() {
+                    let _lent = helper_threads::lend_unpinned(helpers);
+                    split_shapes[slot] += usize::from(split_rows(m, k, n, helpers + 1) > 1);
+                    let split = product(&lhs, &rhs, bias, squash);
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(&split)
+                            .all(|(x, y)| x.to_bits() == y.to_bits())
+                            && alone.len() == split.len(),
+                        "{m}×{k}×{n} (transposed {transposed}, bias {with_bias}, tanh {squash}) \
+                         over {} threads",
+                        helpers + 1
+                    );
+                }
+            }
+        }
+        // Four shapes are split (the network's products and gradients); the others stay whole,
+        // two of them because their parts would take gemm's other block length.
+        assert_eq!(split_shapes, [4 * 3; 2]);
+        assert_eq!(split_rows(100, 1024, 30, 2), 1);
+        assert_eq!(split_rows(130, 700, 64, 2), 1);
+        assert_eq!(split_rows(1000, 16, 4, 4), 1, "too small to hand over");
     }
 
     #[test]

@@ -7,12 +7,14 @@
 pub mod adam;
 pub mod bundle;
 pub mod config;
+pub mod cpu_pinning;
 pub mod dense;
 mod error;
 pub mod eval;
 pub mod explain;
 mod fastmath;
 pub mod gmm;
+mod helper_threads;
 pub mod mixture_energy;
 pub mod mixture_factors;
 pub mod mixture_stats;
@@ -38,7 +40,7 @@ pub use network::NetworkWeights;
 pub use preprocess::{FeatureSpec, Preprocessor, Transform};
 pub use scorer::Scorer;
 pub use thresholds::Thresholds;
-pub use training::{EpochLosses, FitOutput, fit};
+pub use training::{EpochLosses, FitOutput, cores_per_fit, fit, fit_on_cores};
 
 /// A fitted DAGMM: everything needed to score a raw sample.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

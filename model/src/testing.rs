@@ -32,3 +32,7 @@ pub(crate) fn assert_close_to_reference(
         }
     }
 }
+
+/// Held by tests that pin threads to CPUs, which the process shares: one at a time sees the
+/// CPUs it claims as the only ones claimed.
+pub(crate) static PINNING: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -378,45 +378,21 @@ fn keep_freed_memory() {}
 /// Give each scoring thread (rayon's global pool) a CPU of its own. Scoring wakes the pool for
 /// every chunk, and Linux often placed both woken threads on the waking thread's CPU, where they
 /// took turns while the other CPU sat idle for milliseconds: pinned, a 10 M-row run took about
-/// 4 % less time. Threads past the number of allowed CPUs wrap around. Nothing is pinned where
-/// the process may use fewer CPUs than it may run on (a container's CPU quota on a larger
-/// machine), since fixed CPUs there may be busy with others' work while free ones idle. A pool
-/// that cannot be set up (already built) stays as it is.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// 4 % less time. Threads past the number of allowed CPUs wrap around; nothing is pinned where
+/// [`pinnable_cpus`](dagmm_model::cpu_pinning::pinnable_cpus) says no. A pool that cannot be
+/// set up (already built) stays as it is.
 fn pin_scoring_threads() {
-    fn cpu_set_size() -> usize {
-        std::mem::size_of::<libc::cpu_set_t>()
-    }
-    // SAFETY: `cpu_set_t` is plain bits, for which all zeros is the empty set, and each call
-    // gets a pointer to a live set of the size it is told.
-    let allowed: Vec<usize> = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, cpu_set_size(), &mut set) != 0 {
-            return;
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
-            .collect()
-    };
-    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if allowed.len() < 2 || usable < allowed.len() {
+    use dagmm_model::cpu_pinning::{pin_current_thread, pinnable_cpus};
+    let Some(allowed) = pinnable_cpus() else {
         return;
-    }
+    };
     let _ = rayon::ThreadPoolBuilder::new()
         .start_handler(move |thread| {
-            let cpu = allowed[thread % allowed.len()];
-            // SAFETY: as above; a refused affinity leaves the thread unpinned.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
-                libc::sched_setaffinity(0, cpu_set_size(), &set);
-            }
+            // A refused affinity leaves the thread unpinned.
+            pin_current_thread(allowed[thread % allowed.len()]);
         })
         .build_global();
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn pin_scoring_threads() {}
 
 fn run_batch(args: ScoreArgs) -> Result<()> {
     use dagmm_datasets::read::{ReadOptions, ShapeOption};

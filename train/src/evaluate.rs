@@ -14,7 +14,8 @@ use dagmm_datasets::read::{numeric_column, read_input};
 use dagmm_model::eval::{Detection, detection};
 use dagmm_model::thresholds::percentile_of_sorted;
 use dagmm_model::{
-    EpochLosses, FeatureSpec, NetworkConfig, Preprocessor, Scorer, TrainConfig, fit,
+    EpochLosses, FeatureSpec, NetworkConfig, Preprocessor, Scorer, TrainConfig, cores_per_fit,
+    fit_on_cores,
 };
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -444,8 +445,9 @@ pub fn run_seed(
     cfg: &TrainConfig,
     protocol: &Protocol,
     seed: u64,
+    cores: usize,
 ) -> Result<Run> {
-    let s = score_split(data, net, cfg, protocol, seed)?;
+    let s = score_split(data, net, cfg, protocol, seed, cores)?;
     let cutoff = protocol
         .threshold
         .cutoff(&s.train_energies, &s.test_energies);
@@ -466,6 +468,7 @@ pub fn score_split(
     cfg: &TrainConfig,
     protocol: &Protocol,
     seed: u64,
+    cores: usize,
 ) -> Result<Scored> {
     let Protocol {
         split,
@@ -504,7 +507,7 @@ pub fn score_split(
             .with_trimmed_ranges(&train_x, range_trim)?
     };
     let start = Instant::now();
-    let out = fit(
+    let out = fit_on_cores(
         net,
         &TrainConfig {
             seed,
@@ -512,6 +515,7 @@ pub fn score_split(
         },
         pre,
         &train_x,
+        cores,
         &mut |_| {},
     )?;
     let train_seconds = start.elapsed().as_secs_f64();
@@ -640,10 +644,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     );
     // Seeds are independent fits (each keeps its kernels on one thread), so they run side by
     // side on the rayon pool; rows print as seeds finish, and `collect` keeps seed order.
+    let cores = cores_per_fit(args.seeds as usize);
     let runs = (0..args.seeds)
         .into_par_iter()
         .map(|seed| {
-            let r = run_seed(&data, &net, &cfg, &protocol, seed)?;
+            let r = run_seed(&data, &net, &cfg, &protocol, seed, cores)?;
             print_run(&r);
             Ok(r)
         })
@@ -726,7 +731,7 @@ mod tests {
             range_trim: 0.0,
             threshold: Threshold::TopRatio { ratio: 0.2 },
         };
-        let s = score_split(&data, &net, &cfg, &protocol, 0).unwrap();
+        let s = score_split(&data, &net, &cfg, &protocol, 0, 1).unwrap();
         // The right threshold flags exactly the test part's share of anomalies.
         let ratio =
             s.test_labels.iter().filter(|&&l| l).count() as f64 / s.test_labels.len() as f64;

@@ -15,7 +15,7 @@ use dagmm_datasets::read::{ReadOptions, ShapeOption, format_time, parse_time_tex
 use dagmm_model::bundle::EXTENSION;
 use dagmm_model::{
     Bundle, EpochLosses, FeatureSpec, NetworkConfig, Preprocessor, TrainConfig, TrainingSummary,
-    fit,
+    cores_per_fit, fit_on_cores,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -275,12 +275,20 @@ pub fn run(args: FitArgs) -> Result<()> {
     } else {
         ProgressDrawTarget::stderr()
     });
+    // Hosts train side by side, each on a core of its own; spare cores (fewer hosts than
+    // threads) split the larger products of each fit.
+    let plan = FitPlan {
+        network: &network,
+        train: &train,
+        features: &features,
+        cores: cores_per_fit(groups.len()),
+    };
     let results: Vec<Result<Trained>> = groups
         .par_iter()
         .map(|group| {
             let name = group.name.clone().unwrap_or_else(|| args.name.clone());
             let bar = bars.add(epoch_bar(&name, train.epochs));
-            let outcome = fit_group(&args, group, &name, &network, &train, &features, &bar);
+            let outcome = fit_group(&args, group, &name, &plan, &bar);
             bar.finish_and_clear();
             outcome.with_context(|| format!("model {name}"))
         })
@@ -301,22 +309,36 @@ fn epoch_bar(name: &str, epochs: usize) -> ProgressBar {
     bar
 }
 
+/// What every host's fit shares.
+struct FitPlan<'a> {
+    network: &'a NetworkConfig,
+    train: &'a TrainConfig,
+    features: &'a [FeatureSpec],
+    /// Cores per fit: more than one where there are fewer hosts than threads.
+    cores: usize,
+}
+
 fn fit_group(
     args: &FitArgs,
     group: &GroupData,
     name: &str,
-    network: &NetworkConfig,
-    train: &TrainConfig,
-    features: &[FeatureSpec],
+    plan: &FitPlan,
     bar: &ProgressBar,
 ) -> Result<Trained> {
+    let FitPlan {
+        network,
+        train,
+        features,
+        cores,
+    } = *plan;
     let rows: Vec<f64> = group.rows.iter().flatten().copied().collect();
     let preprocessor = Preprocessor::fit(features.to_vec(), &rows)?;
-    let out = fit(
+    let out = fit_on_cores(
         network,
         train,
         preprocessor,
         &rows,
+        cores,
         &mut |l: &EpochLosses| {
             bar.set_position(l.epoch as u64);
             bar.set_message(format!(
