@@ -168,7 +168,7 @@ impl<'a> Matrix<'a> {
 /// arguments, so the bits are flex's. Calling them here saves what flex's product adds around
 /// them: it zeroes a fresh output and copies it into an aligned buffer, and the bias then takes
 /// another pass. Where this thread has helpers, large products are split by rows over them
-/// ([`split_rows`]); each part fills its rows with the bias, multiplies and squashes them.
+/// ([`split_rows`]); each chunk fills its rows with the bias, multiplies and squashes them.
 fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Vec<f32> {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
@@ -197,14 +197,14 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Ve
     }
     let mut output = Vec::with_capacity(m * n);
     let output_start = SharedOutput(output.as_mut_ptr());
-    let product_rows = |part: usize, parts: usize| {
-        let rows = part_rows(m, part, parts);
+    let product_rows = |chunk: usize, chunks: usize| {
+        let rows = chunk_rows(m, chunk, chunks);
         if rows.is_empty() {
             return;
         }
         // SAFETY: both operands' elements lie inside their buffers (`Matrix::in_bounds`,
         // checked when each view was made), so do the rows taken here; the output has room
-        // for m·n values, written row-major, and each part writes only its own rows. Without
+        // for m·n values, written row-major, and each chunk writes only its own rows. Without
         // a bias gemm is told not to read the output, and writes every element of it, so the
         // rows are not zeroed first.
         unsafe {
@@ -235,7 +235,7 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Ve
                 false,
                 false,
                 false,
-                // Spare cores, where a fit has them, take whole parts of rows instead.
+                // Spare cores, where a fit has them, take whole chunks of rows instead.
                 gemm::Parallelism::None,
             );
             if squash {
@@ -244,13 +244,15 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Ve
         }
     };
     helper_threads::with_current(|helpers| {
-        let parts = helpers.map_or(1, |helpers| split_rows(m, k, n, helpers.parts()));
-        match helpers.filter(|_| parts > 1) {
-            Some(helpers) => helpers.run_parts(parts, &|part| product_rows(part, parts)),
+        let chunks = helpers.map_or(1, |helpers| {
+            split_rows(m, k, n, CHUNKS_PER_THREAD * helpers.threads())
+        });
+        match helpers.filter(|_| chunks > 1) {
+            Some(helpers) => helpers.run_chunks(chunks, &|chunk| product_rows(chunk, chunks)),
             None => product_rows(0, 1),
         }
     });
-    // SAFETY: every row is written by one part: the bias and gemm's products, or gemm's alone.
+    // SAFETY: every row is written by one chunk: the bias and gemm's products, or gemm's alone.
     unsafe { output.set_len(m * n) };
     output
 }
@@ -274,7 +276,7 @@ unsafe fn fill_rows(start: *mut f32, rows: usize, bias: &[f32]) {
     }
 }
 
-/// The output buffer's start, shared by the parts that write its disjoint rows.
+/// The output buffer's start, shared by the chunks that write its disjoint rows.
 #[derive(Clone, Copy)]
 struct SharedOutput(*mut f32);
 
@@ -289,27 +291,31 @@ impl SharedOutput {
     }
 }
 
-// SAFETY: parts write disjoint rows through it, and the buffer outlives them
-// (`HelperThreads::run_parts` returns only when all are done).
+// SAFETY: chunks write disjoint rows through it, and the buffer outlives them
+// (`HelperThreads::run_chunks` returns only when all are done).
 unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 
-/// Products with fewer multiply-adds stay on one thread: a part costs about a microsecond to
-/// hand over, and a 1024 × 10 × 30 product takes some 10 µs.
+/// Products with fewer multiply-adds per chunk stay whole: a chunk costs about a microsecond
+/// to hand over, and a 1024 × 10 × 30 product takes some 10 µs.
 const MIN_SPLIT_MULTIPLY_ADDS: usize = 1 << 18;
 
-/// The rows of part `part` of `parts`: whole blocks of eight rows, the last part taking what
-/// is left (possibly nothing).
-fn part_rows(m: usize, part: usize, parts: usize) -> Range<usize> {
-    let per_part = m.div_ceil(parts).next_multiple_of(8);
-    (part * per_part).min(m)..((part + 1) * per_part).min(m)
+/// Chunks per thread of a split product, so that a thread whose CPU is taken by other work
+/// for a while leaves its share to the others instead of holding them up.
+const CHUNKS_PER_THREAD: usize = 2;
+
+/// The rows of chunk `chunk` of `chunks`: whole blocks of eight rows, the last chunk taking
+/// what is left (possibly nothing).
+fn chunk_rows(m: usize, chunk: usize, chunks: usize) -> Range<usize> {
+    let per_chunk = m.div_ceil(chunks).next_multiple_of(8);
+    (chunk * per_chunk).min(m)..((chunk + 1) * per_chunk).min(m)
 }
 
-/// Into how many parts of rows an m × k by k × n product goes when `threads` can take one
-/// each: 1 for small products, and only as many as keep every part on the path gemm takes for
-/// the whole, with the same blocks of the inner dimension, so each element gets the same bits
-/// whatever the number of threads.
-fn split_rows(m: usize, k: usize, n: usize, threads: usize) -> usize {
+/// Into how many chunks of rows (at most `most`) an m × k by k × n product is split: 1 for
+/// small products, and only as many as keep every chunk on the path gemm takes for the whole,
+/// with the same blocks of the inner dimension, so each element gets the same bits whatever
+/// the number of threads.
+fn split_rows(m: usize, k: usize, n: usize, most: usize) -> usize {
     // gemm's blocked kernels; its paths for tiny outputs, single rows or columns and inner
     // dimensions of one or two sum differently.
     let blocked = |rows: usize| rows > 1 && n > 1 && k > 2 && rows * n > 16 * 16;
@@ -317,14 +323,14 @@ fn split_rows(m: usize, k: usize, n: usize, threads: usize) -> usize {
     // both sides are at most 64 long.
     let small_sides = |rows: usize| rows <= 64 && n <= 64;
     let same_blocks = |rows: usize| k <= 512 || small_sides(rows) == small_sides(m);
-    let fits = |parts: usize| {
-        m * k * n >= MIN_SPLIT_MULTIPLY_ADDS * parts
-            && (0..parts).all(|part| {
-                let rows = part_rows(m, part, parts).len();
+    let fits = |chunks: usize| {
+        m * k * n >= MIN_SPLIT_MULTIPLY_ADDS * chunks
+            && (0..chunks).all(|chunk| {
+                let rows = chunk_rows(m, chunk, chunks).len();
                 blocked(rows) && same_blocks(rows)
             })
     };
-    (2..=threads).rev().find(|&parts| fits(parts)).unwrap_or(1)
+    (2..=most).rev().find(|&chunks| fits(chunks)).unwrap_or(1)
 }
 
 /// `tanh_f32` of every value, in place. The build's baseline is SSE2 (four lanes), so CPUs
@@ -864,21 +870,21 @@ mod tests {
     }
 
     #[test]
-    fn parts_of_rows_cover_every_row_once() {
+    fn chunks_of_rows_cover_every_row_once() {
         for m in [1, 7, 8, 9, 40, 300, 1023, 1024] {
-            for parts in 1..=5 {
+            for chunks in 1..=5 {
                 let ranges: Vec<Range<usize>> =
-                    (0..parts).map(|p| part_rows(m, p, parts)).collect();
+                    (0..chunks).map(|c| chunk_rows(m, c, chunks)).collect();
                 let mut next = 0;
                 for range in &ranges {
                     assert!(
                         range.start == next || range.is_empty(),
-                        "{m} rows, {parts} parts"
+                        "{m} rows, {chunks} chunks"
                     );
                     assert!(range.start.is_multiple_of(8) || range.is_empty());
                     next = next.max(range.end);
                 }
-                assert_eq!(next, m, "{m} rows, {parts} parts");
+                assert_eq!(next, m, "{m} rows, {chunks} chunks");
             }
         }
     }
@@ -916,7 +922,8 @@ mod tests {
                 let alone = product(&lhs, &rhs, bias, squash);
                 for (slot, helpers) in [1, 3].into_iter().enumerate() {
                     let _lent = helper_threads::lend_unpinned(helpers);
-                    split_shapes[slot] += usize::from(split_rows(m, k, n, helpers + 1) > 1);
+                    split_shapes[slot] +=
+                        usize::from(split_rows(m, k, n, CHUNKS_PER_THREAD * (helpers + 1)) > 1);
                     let split = product(&lhs, &rhs, bias, squash);
                     assert!(
                         alone
@@ -932,7 +939,7 @@ mod tests {
             }
         }
         // Four shapes are split (the network's products and gradients); the others stay whole,
-        // two of them because their parts would take gemm's other block length.
+        // two of them because their chunks would take gemm's other block length.
         assert_eq!(split_shapes, [4 * 3; 2]);
         assert_eq!(split_rows(100, 1024, 30, 2), 1);
         assert_eq!(split_rows(130, 700, 64, 2), 1);

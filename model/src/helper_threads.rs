@@ -1,10 +1,10 @@
-//! Spare cores for one fit: helper threads that take parts of its larger products.
+//! Spare cores for one fit: helper threads that take chunks of its larger products.
 //!
 //! A training step hands out dozens of products of 5–70 µs each. rayon's workers go to sleep
 //! between them, and waking a sleeping thread (on a VM, a halted vCPU) costs about as much as
-//! the part it would take over: a fit whose products went through a rayon pool of two ran
-//! slower than on one thread. These helpers spin for a while after each part before they
-//! sleep, so during training a part starts within a fraction of a microsecond.
+//! the chunk it would take over: a fit whose products went through a rayon pool of two ran
+//! slower than on one thread. These helpers spin for a while after their work before they
+//! sleep, so during training a chunk starts within a fraction of a microsecond.
 //!
 //! A fit lends itself helpers with [`lend`]; its products find them with [`with_current`].
 //! The fit's thread and its helpers are pinned to CPUs of their own: unpinned, a woken helper
@@ -14,7 +14,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -27,10 +27,11 @@ const SPIN_BEFORE_SLEEP: Duration = Duration::from_millis(2);
 
 const WAITING: u8 = 0;
 const READY: u8 = 1;
-const DONE: u8 = 2;
-const STOP: u8 = 3;
+const RUNNING: u8 = 2;
+const DONE: u8 = 3;
+const STOP: u8 = 4;
 
-/// The work every thread runs a part of, given the part's number.
+/// Work in numbered chunks, given a chunk's number.
 type Work<'a> = dyn Fn(usize) + Sync + 'a;
 
 /// A borrowed `&Work` with its lifetime erased, to cross to a helper.
@@ -38,14 +39,14 @@ type Work<'a> = dyn Fn(usize) + Sync + 'a;
 struct WorkPtr(*const Work<'static>);
 
 // SAFETY: `Work` is `Sync`, so calling it from another thread is sound; the lifetime is kept
-// by `HelperThreads::run_parts`, which does not return before every helper is done with it.
+// by `HelperThreads::run_chunks`, which does not return before every helper is done with it.
 unsafe impl Send for WorkPtr {}
 
 /// One helper's mailbox.
 struct Slot {
     state: AtomicU8,
     sleeping: AtomicBool,
-    job: Mutex<Option<(WorkPtr, usize)>>,
+    job: Mutex<Option<WorkPtr>>,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
@@ -60,7 +61,7 @@ impl Slot {
     }
 }
 
-/// Threads that each run one part of the work handed to [`HelperThreads::run_parts`].
+/// Threads that run chunks of the work handed to [`HelperThreads::run_chunks`].
 pub(crate) struct HelperThreads {
     slots: Vec<Arc<Slot>>,
     threads: Vec<JoinHandle<()>>,
@@ -92,28 +93,38 @@ impl HelperThreads {
         helpers
     }
 
-    /// How many threads can run parts at once: the helpers and the caller.
-    pub(crate) fn parts(&self) -> usize {
+    /// How many threads can run chunks at once: the helpers and the caller.
+    pub(crate) fn threads(&self) -> usize {
         self.slots.len() + 1
     }
 
-    /// Runs `work(0)` here and `work(1)` … `work(parts − 1)` on helpers, and returns when all
-    /// have finished. A panic in any part is raised here once every part has stopped.
-    pub(crate) fn run_parts(&self, parts: usize, work: &Work<'_>) {
-        assert!(
-            (1..=self.parts()).contains(&parts),
-            "{parts} parts for {} threads",
-            self.parts()
-        );
-        let helpers = &self.slots[..parts - 1];
-        // SAFETY: only the lifetime changes; `wait` below (also on unwinding) outlives every
-        // helper's use of the pointer.
-        let erased: WorkPtr =
-            WorkPtr(unsafe { std::mem::transmute::<*const Work<'_>, *const Work<'static>>(work) });
-        for ((slot, thread), part) in helpers.iter().zip(&self.threads).zip(1..) {
-            // A part's panic left behind when the caller's own part panicked too.
+    /// Runs `work(0)` … `work(chunks − 1)`, each once, here and on up to `chunks − 1` helpers,
+    /// and returns when all have finished. Each thread takes the next chunk not yet taken, so
+    /// a helper that falls behind (its CPU taken by other work) takes fewer, and one that has
+    /// not started when the chunks run out is called off rather than waited for. A panic in
+    /// any chunk is raised here once every thread has stopped.
+    pub(crate) fn run_chunks(&self, chunks: usize, work: &Work<'_>) {
+        let next = AtomicUsize::new(0);
+        let take_chunks = |_: usize| {
+            loop {
+                let chunk = next.fetch_add(1, Ordering::Relaxed);
+                if chunk >= chunks {
+                    break;
+                }
+                work(chunk);
+            }
+        };
+        let take_chunks: &Work<'_> = &take_chunks;
+        let helpers = &self.slots[..chunks.saturating_sub(1).min(self.slots.len())];
+        // SAFETY: only the lifetime changes; `WaitFor` below (also on unwinding) outlives
+        // every helper's use of the pointer.
+        let erased = WorkPtr(unsafe {
+            std::mem::transmute::<*const Work<'_>, *const Work<'static>>(take_chunks)
+        });
+        for (slot, thread) in helpers.iter().zip(&self.threads) {
+            // A chunk's panic left behind when the caller's own chunk panicked too.
             lock(&slot.panic).take();
-            *lock(&slot.job) = Some((erased, part));
+            *lock(&slot.job) = Some(erased);
             // SeqCst against the helper's `sleeping` store and `state` load: either it sees
             // READY before it parks, or this sees it sleeping and wakes it.
             slot.state.store(READY, Ordering::SeqCst);
@@ -122,7 +133,7 @@ impl HelperThreads {
             }
         }
         let waiting = WaitFor(helpers);
-        work(0);
+        take_chunks(0);
         drop(waiting);
         for slot in helpers {
             if let Some(panic) = lock(&slot.panic).take() {
@@ -139,18 +150,26 @@ impl Drop for HelperThreads {
             thread.thread().unpark();
         }
         for thread in self.threads.drain(..) {
-            // A helper catches its parts' panics, so joining cannot fail.
+            // A helper catches its work's panics, so joining cannot fail.
             let _ = thread.join();
         }
     }
 }
 
-/// Waits, when dropped, until each of its helpers has finished its part.
+/// Waits, when dropped, until each of its helpers has finished its work, or calls off those
+/// that have not started it.
 struct WaitFor<'a>(&'a [Arc<Slot>]);
 
 impl Drop for WaitFor<'_> {
     fn drop(&mut self) {
         for slot in self.0 {
+            let called_off = slot
+                .state
+                .compare_exchange(READY, DONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if called_off {
+                continue;
+            }
             let started = Instant::now();
             let mut spins = 0u32;
             while slot.state.load(Ordering::Acquire) != DONE {
@@ -167,7 +186,8 @@ impl Drop for WaitFor<'_> {
     }
 }
 
-/// A helper's loop: wait for READY (spinning, then asleep), run the part, report DONE.
+/// A helper's loop: wait for READY (spinning, then asleep), take the work unless the owner
+/// called it off meanwhile, run it, report DONE.
 fn serve(slot: &Slot) {
     loop {
         let mut idle_since = Instant::now();
@@ -190,9 +210,16 @@ fn serve(slot: &Slot) {
             slot.sleeping.store(false, Ordering::SeqCst);
             idle_since = Instant::now();
         }
-        if let Some((work, part)) = lock(&slot.job).take() {
+        let taken = slot
+            .state
+            .compare_exchange(READY, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !taken {
+            continue;
+        }
+        if let Some(work) = lock(&slot.job).take() {
             // SAFETY: the owner keeps the work alive until this slot reports DONE.
-            let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { (*work.0)(part) }));
+            let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { (*work.0)(0) }));
             if let Err(panic) = outcome {
                 *lock(&slot.panic) = Some(panic);
             }
@@ -305,53 +332,60 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     #[test]
-    fn every_part_runs_once_on_its_own_thread() {
+    fn every_chunk_runs_once() {
         let helpers = HelperThreads::start(&[None; 3]);
-        assert_eq!(helpers.parts(), 4);
-        for parts in 1..=4 {
-            let runs: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
-            let threads = Mutex::new(Vec::new());
-            helpers.run_parts(parts, &|part| {
-                runs[part].fetch_add(1, Ordering::Relaxed);
-                lock(&threads).push(thread::current().id());
+        assert_eq!(helpers.threads(), 4);
+        for chunks in 0..=9 {
+            let runs: Vec<AtomicUsize> = (0..9).map(|_| AtomicUsize::new(0)).collect();
+            helpers.run_chunks(chunks, &|chunk| {
+                runs[chunk].fetch_add(1, Ordering::Relaxed);
             });
             let counts: Vec<usize> = runs.iter().map(|r| r.load(Ordering::Relaxed)).collect();
-            let expected: Vec<usize> = (0..4).map(|p| usize::from(p < parts)).collect();
-            assert_eq!(counts, expected, "{parts} parts");
-            let mut threads = threads.into_inner().unwrap();
-            threads.sort_by_key(|id| format!("{id:?}"));
-            threads.dedup();
-            assert_eq!(threads.len(), parts, "one thread per part");
+            let expected: Vec<usize> = (0..9).map(|c| usize::from(c < chunks)).collect();
+            assert_eq!(counts, expected, "{chunks} chunks");
         }
     }
 
     #[test]
-    fn helpers_wake_after_sleeping() {
+    fn chunks_run_on_two_threads_at_once() {
         let helpers = HelperThreads::start(&[None]);
-        let total = AtomicUsize::new(0);
         for round in 0..3 {
             if round > 0 {
+                // Asleep by now: the next round has to wake it.
                 thread::sleep(SPIN_BEFORE_SLEEP * 3);
             }
-            helpers.run_parts(2, &|part| {
-                total.fetch_add(part + 1, Ordering::Relaxed);
+            // Each chunk waits until the other has started: on one thread this cannot finish.
+            let started = AtomicUsize::new(0);
+            let threads = Mutex::new(Vec::new());
+            helpers.run_chunks(2, &|_| {
+                started.fetch_add(1, Ordering::SeqCst);
+                lock(&threads).push(thread::current().id());
+                let waiting_since = Instant::now();
+                while started.load(Ordering::SeqCst) < 2 {
+                    assert!(waiting_since.elapsed() < Duration::from_secs(10), "alone");
+                    std::hint::spin_loop();
+                }
             });
+            let threads = threads.into_inner().unwrap();
+            assert_eq!(threads.len(), 2);
+            assert_ne!(threads[0], threads[1], "round {round}");
         }
-        assert_eq!(total.load(Ordering::Relaxed), 3 * (1 + 2));
     }
 
     #[test]
-    fn a_panicking_part_reaches_the_caller_and_the_helpers_keep_working() {
+    fn a_panicking_chunk_reaches_the_caller_and_the_helpers_keep_working() {
         let helpers = HelperThreads::start(&[None]);
-        let caught = catch_unwind(AssertUnwindSafe(|| {
-            helpers.run_parts(2, &|part| assert_ne!(part, 1, "part one fails"))
-        }));
-        assert!(caught.is_err());
+        for _ in 0..20 {
+            let caught = catch_unwind(AssertUnwindSafe(|| {
+                helpers.run_chunks(4, &|chunk| assert_ne!(chunk, 2, "chunk two fails"))
+            }));
+            assert!(caught.is_err());
+        }
         let ran = AtomicUsize::new(0);
-        helpers.run_parts(2, &|_| {
+        helpers.run_chunks(4, &|_| {
             ran.fetch_add(1, Ordering::Relaxed);
         });
-        assert_eq!(ran.load(Ordering::Relaxed), 2);
+        assert_eq!(ran.load(Ordering::Relaxed), 4);
     }
 
     #[test]
@@ -359,14 +393,14 @@ mod tests {
         assert!(with_current(|h| h.is_none()));
         {
             let _lent = lend_unpinned(2);
-            assert_eq!(with_current(|h| h.map(HelperThreads::parts)), Some(3));
+            assert_eq!(with_current(|h| h.map(HelperThreads::threads)), Some(3));
             let other = thread::spawn(|| with_current(|h| h.is_none()));
             assert!(other.join().unwrap(), "another thread has none");
             {
                 let _one = lend(1);
                 assert!(with_current(|h| h.is_none()), "one core lends none");
             }
-            assert_eq!(with_current(|h| h.map(HelperThreads::parts)), Some(3));
+            assert_eq!(with_current(|h| h.map(HelperThreads::threads)), Some(3));
         }
         assert!(with_current(|h| h.is_none()));
     }
@@ -378,12 +412,12 @@ mod tests {
         let cpus = cpu_pinning::pinnable_cpus().map_or(0, |cpus| cpus.len());
         {
             let _lent = lend(2);
-            let parts = with_current(|h| h.map_or(1, HelperThreads::parts));
-            // Two parts wherever two CPUs can be pinned.
-            assert_eq!(parts, if cpus >= 2 { 2 } else { 1 });
+            let threads = with_current(|h| h.map_or(1, HelperThreads::threads));
+            // Two threads wherever two CPUs can be pinned.
+            assert_eq!(threads, if cpus >= 2 { 2 } else { 1 });
             let claimed = lock(&CLAIMED_CPUS).clone();
-            assert_eq!(claimed.len(), if parts > 1 { 2 } else { 0 });
-            if parts > 1 {
+            assert_eq!(claimed.len(), if threads > 1 { 2 } else { 0 });
+            if threads > 1 {
                 assert_ne!(claimed[0], claimed[1]);
                 assert_eq!(cpu_pinning::current_cpu(), Some(claimed[0]), "pinned here");
             }
