@@ -8,8 +8,8 @@
 //!
 //! A fit lends itself helpers with [`lend`]; its products find them with [`with_current`].
 //! The fit's thread and its helpers are pinned to CPUs of their own: unpinned, a woken helper
-//! was often placed on the fit's CPU, and the two took turns there (KDDCUP99 epochs took
-//! 8.6 s instead of 5.7 s in one run of three).
+//! was often placed on the fit's CPU, and the two took turns there (three 12-epoch KDDCUP99
+//! fits of nine took 7.6–8.6 s, the others 5.6–6.4 s).
 
 use std::any::Any;
 use std::cell::RefCell;
