@@ -58,10 +58,14 @@ pub fn fit(
     fit_on_cores(net_cfg, cfg, preprocessor, raw_rows, 1, on_epoch)
 }
 
+/// The most cores one fit takes. Splitting its products was measured on two cores only; on
+/// more, the chunks get smaller and every extra helper spins while the fit runs.
+pub const MAX_CORES_PER_FIT: usize = 2;
+
 /// The cores each of `fits` fits run side by side on the current rayon pool may have: the
-/// pool's threads shared out, at least one each.
+/// pool's threads shared out, at least one each and at most [`MAX_CORES_PER_FIT`].
 pub fn cores_per_fit(fits: usize) -> usize {
-    (rayon::current_num_threads() / fits.max(1)).max(1)
+    (rayon::current_num_threads() / fits.max(1)).clamp(1, MAX_CORES_PER_FIT)
 }
 
 /// [`fit`] with `cores` cores to itself: its larger matrix products are split by rows over that
@@ -452,6 +456,24 @@ mod tests {
         assert_eq!(a.history, b.history);
         let c = fit_rows(&rows, &quick(20, 8));
         assert_ne!(a.model.weights, c.model.weights);
+    }
+
+    #[test]
+    fn cores_are_shared_out_between_fits_up_to_the_cap() {
+        let in_pool = |threads: usize, fits: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| cores_per_fit(fits))
+        };
+        assert_eq!(in_pool(1, 1), 1);
+        assert_eq!(in_pool(2, 1), 2);
+        assert_eq!(in_pool(2, 2), 1);
+        assert_eq!(in_pool(2, 0), 2);
+        assert_eq!(in_pool(3, 2), 1);
+        assert_eq!(in_pool(8, 3), 2);
+        assert_eq!(in_pool(8, 1), MAX_CORES_PER_FIT);
     }
 
     #[test]
