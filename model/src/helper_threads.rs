@@ -12,7 +12,7 @@
 //! fits of nine took 7.6–8.6 s, the others 5.6–6.4 s).
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -235,6 +235,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 thread_local! {
     static CURRENT: RefCell<Option<HelperThreads>> = const { RefCell::new(None) };
+    /// Whether this thread's helpers take chunks now ([`SplitChooser`]).
+    static SPLITTING: Cell<bool> = const { Cell::new(true) };
 }
 
 /// CPUs pinned by lent helpers and their fits, so that two fits never pin to the same one.
@@ -321,9 +323,65 @@ pub(crate) fn lend_unpinned(helpers: usize) -> Lent {
     }
 }
 
-/// Calls `f` with this thread's helpers, if it has any.
+/// Calls `f` with this thread's helpers, if it has any and splitting is on.
 pub(crate) fn with_current<R>(f: impl FnOnce(Option<&HelperThreads>) -> R) -> R {
-    CURRENT.with(|current| f(current.borrow().as_ref()))
+    CURRENT.with(|current| f(current.borrow().as_ref().filter(|_| SPLITTING.get())))
+}
+
+/// Steps in each cycle that run split, then as many whole, to time both.
+const PROBE_STEPS: u64 = 8;
+/// Steps per cycle: the two probes, then the faster way.
+const CYCLE_STEPS: u64 = 128;
+
+/// Chooses, a training step at a time, whether this thread's helpers take chunks. On a VM two
+/// busy vCPUs can run much slower than one (see RESULTS), so each cycle of steps times a few
+/// steps split and a few whole and runs the rest the faster way. The choice changes only
+/// which thread computes a chunk, never the bits.
+pub(crate) struct SplitChooser {
+    step: u64,
+    /// Time of the probe steps: split, then whole.
+    probes: [Duration; 2],
+    started: Instant,
+}
+
+impl SplitChooser {
+    pub(crate) fn new() -> Self {
+        SplitChooser {
+            step: 0,
+            probes: [Duration::ZERO; 2],
+            started: Instant::now(),
+        }
+    }
+
+    /// Sets splitting on or off for the step about to run.
+    pub(crate) fn start_step(&mut self) {
+        let phase = self.step % CYCLE_STEPS;
+        if phase == 0 {
+            self.probes = [Duration::ZERO; 2];
+        }
+        let split = match phase {
+            p if p < PROBE_STEPS => true,
+            p if p < 2 * PROBE_STEPS => false,
+            _ => self.probes[0] <= self.probes[1],
+        };
+        SPLITTING.set(split);
+        self.started = Instant::now();
+    }
+
+    /// Records the step that has just run.
+    pub(crate) fn end_step(&mut self) {
+        let phase = self.step % CYCLE_STEPS;
+        if phase < 2 * PROBE_STEPS {
+            self.probes[usize::from(phase >= PROBE_STEPS)] += self.started.elapsed();
+        }
+        self.step += 1;
+    }
+}
+
+impl Drop for SplitChooser {
+    fn drop(&mut self) {
+        SPLITTING.set(true);
+    }
 }
 
 #[cfg(test)]
@@ -403,6 +461,36 @@ mod tests {
             assert_eq!(with_current(|h| h.map(HelperThreads::threads)), Some(3));
         }
         assert!(with_current(|h| h.is_none()));
+    }
+
+    #[test]
+    fn the_chooser_probes_both_ways_and_keeps_the_faster() {
+        for whole_is_slower in [true, false] {
+            let mut chooser = SplitChooser::new();
+            let mut splits = Vec::new();
+            for _ in 0..2 * CYCLE_STEPS {
+                chooser.start_step();
+                let split = SPLITTING.get();
+                splits.push(split);
+                if split == whole_is_slower {
+                    // The faster way: no time at all.
+                } else {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                chooser.end_step();
+            }
+            for cycle in splits.chunks(CYCLE_STEPS as usize) {
+                let (probes, rest) = cycle.split_at(2 * PROBE_STEPS as usize);
+                assert!(probes[..PROBE_STEPS as usize].iter().all(|&s| s));
+                assert!(probes[PROBE_STEPS as usize..].iter().all(|&s| !s));
+                assert!(
+                    rest.iter().all(|&s| s == whole_is_slower),
+                    "{whole_is_slower}"
+                );
+            }
+            drop(chooser);
+            assert!(SPLITTING.get(), "splitting is on again");
+        }
     }
 
     #[test]

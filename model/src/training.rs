@@ -159,11 +159,13 @@ fn fit_on_one_thread(
     let mut order: Vec<usize> = (0..n).collect();
     let mut history = Vec::with_capacity(cfg.epochs);
     let warmup_epochs = (cfg.epochs as f64 * cfg.warmup_fraction).round() as usize;
+    let mut split_chooser = helper_threads::SplitChooser::new();
     for epoch in 1..=cfg.epochs {
         let joint = epoch > warmup_epochs;
         order.shuffle(&mut rng);
         let mut sums = [0f64; 4];
         for b in 0..n_batches {
+            split_chooser.start_step();
             let rows = &order[b * n / n_batches..(b + 1) * n / n_batches];
             // Gathered straight into the buffer the tensor takes over: one copy per batch.
             let mut batch = Vec::with_capacity(rows.len() * d);
@@ -196,6 +198,7 @@ fn fit_on_one_thread(
             }
             let grads = GradientsParams::from_grads(loss.backward(), &net);
             net = optimizer.step(cfg.learning_rate, net, grads);
+            split_chooser.end_step();
         }
         let mean = |i: usize| sums[i] / n_batches as f64;
         let losses = EpochLosses {
