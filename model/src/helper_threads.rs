@@ -246,27 +246,17 @@ static CLAIMED_CPUS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 /// pinned to a free CPU, with this thread pinned to another. None for one core, where threads
 /// cannot be pinned ([`cpu_pinning::pinnable_cpus`]), or where fewer than two CPUs are free.
 pub(crate) fn lend(cores: usize) -> Lent {
-    let claim = (cores > 1).then(|| claim_cpus(cores)).flatten();
-    let saved = claim
-        .as_ref()
-        .and_then(|_| SavedAffinity::of_current_thread());
-    let pinned = match (&claim, &saved) {
-        (Some(cpus), Some(_)) => cpu_pinning::pin_current_thread(cpus[0]),
-        _ => false,
+    let Some(cpus) = (cores > 1).then(|| claim_cpus(cores)).flatten() else {
+        return Lent::install(None, Vec::new(), None);
     };
-    let helpers = match &claim {
-        Some(cpus) if pinned => {
-            let helper_cpus: Vec<Option<usize>> = cpus[1..].iter().copied().map(Some).collect();
-            Some(HelperThreads::start(&helper_cpus))
-        }
-        _ => None,
-    };
-    let previous = CURRENT.with(|current| current.replace(helpers));
-    Lent {
-        previous,
-        claimed: claim.unwrap_or_default(),
-        saved: saved.filter(|_| pinned),
+    let saved =
+        SavedAffinity::of_current_thread().filter(|_| cpu_pinning::pin_current_thread(cpus[0]));
+    if saved.is_none() {
+        release_cpus(&cpus);
+        return Lent::install(None, Vec::new(), None);
     }
+    let helper_cpus: Vec<Option<usize>> = cpus[1..].iter().copied().map(Some).collect();
+    Lent::install(Some(HelperThreads::start(&helper_cpus)), cpus, saved)
 }
 
 /// Up to `cores` CPUs no other lent group has pinned, the caller's own first (its caches hold
@@ -290,12 +280,32 @@ fn claim_cpus(cores: usize) -> Option<Vec<usize>> {
     Some(free)
 }
 
+fn release_cpus(cpus: &[usize]) {
+    lock(&CLAIMED_CPUS).retain(|cpu| !cpus.contains(cpu));
+}
+
 /// Gives this thread's helpers back (stopping them), unpins it and frees the CPUs when
 /// dropped.
 pub(crate) struct Lent {
     previous: Option<HelperThreads>,
     claimed: Vec<usize>,
     saved: Option<SavedAffinity>,
+}
+
+impl Lent {
+    /// Makes `helpers` this thread's until the guard drops.
+    fn install(
+        helpers: Option<HelperThreads>,
+        claimed: Vec<usize>,
+        saved: Option<SavedAffinity>,
+    ) -> Self {
+        let previous = CURRENT.with(|current| current.replace(helpers));
+        Lent {
+            previous,
+            claimed,
+            saved,
+        }
+    }
 }
 
 impl Drop for Lent {
@@ -306,7 +316,7 @@ impl Drop for Lent {
         if let Some(saved) = self.saved.take() {
             saved.restore();
         }
-        lock(&CLAIMED_CPUS).retain(|cpu| !self.claimed.contains(cpu));
+        release_cpus(&self.claimed);
     }
 }
 
@@ -314,13 +324,11 @@ impl Drop for Lent {
 /// split work on any machine.
 #[cfg(test)]
 pub(crate) fn lend_unpinned(helpers: usize) -> Lent {
-    let started = HelperThreads::start(&vec![None; helpers]);
-    let previous = CURRENT.with(|current| current.replace(Some(started)));
-    Lent {
-        previous,
-        claimed: Vec::new(),
-        saved: None,
-    }
+    Lent::install(
+        Some(HelperThreads::start(&vec![None; helpers])),
+        Vec::new(),
+        None,
+    )
 }
 
 /// Calls `f` with this thread's helpers, if it has any and splitting is on.

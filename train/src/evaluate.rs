@@ -642,8 +642,9 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         "{:>4} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "seed", "precision", "recall", "F1", "ROC-AUC", "PR-AUC", "train s"
     );
-    // Seeds are independent fits (each keeps its kernels on one thread), so they run side by
-    // side on the rayon pool; rows print as seeds finish, and `collect` keeps seed order.
+    // Seeds are independent fits (each keeps its kernels on one thread, helped by a spare core
+    // when there are fewer seeds than threads), so they run side by side on the rayon pool;
+    // rows print as seeds finish, and `collect` keeps seed order.
     let cores = cores_per_fit(args.seeds as usize);
     let runs = (0..args.seeds)
         .into_par_iter()
