@@ -12,6 +12,7 @@
 //! gradient; those values match the dense ones up to the order of the additions.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use burn::backend::autodiff::NodeId;
@@ -26,7 +27,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::helper_threads;
+use crate::helper_threads::{self, CHUNKS_PER_THREAD, chunk_rows};
 use crate::network::tanh_f32;
 use crate::scorer::Isa;
 use crate::sparse_rows::SparseRows;
@@ -300,17 +301,6 @@ unsafe impl Sync for SharedOutput {}
 /// to hand over, and a 1024 × 10 × 30 product takes some 10 µs.
 const MIN_SPLIT_MULTIPLY_ADDS: usize = 1 << 18;
 
-/// Chunks per thread of a split product, so that a thread whose CPU is taken by other work
-/// for a while leaves its share to the others instead of holding them up.
-const CHUNKS_PER_THREAD: usize = 2;
-
-/// The rows of chunk `chunk` of `chunks`: whole blocks of eight rows, the last chunk taking
-/// what is left (possibly nothing).
-fn chunk_rows(m: usize, chunk: usize, chunks: usize) -> Range<usize> {
-    let per_chunk = m.div_ceil(chunks).next_multiple_of(8);
-    (chunk * per_chunk).min(m)..((chunk + 1) * per_chunk).min(m)
-}
-
 /// Into how many chunks of rows (at most `most`) an m × k by k × n product is split: 1 for
 /// small products, and only as many as keep every chunk on the path gemm takes for the whole,
 /// with the same blocks of the inner dimension, so each element gets the same bits whatever
@@ -384,64 +374,68 @@ fn pre_activation_gradient<'a>(
     output: Option<&[f32]>,
     columns: usize,
 ) -> (Cow<'a, [f32]>, Vec<f32>) {
-    #[cfg(target_arch = "x86_64")]
-    match Isa::best(16) {
-        // SAFETY: Isa::best only names instruction sets this CPU has.
-        Isa::Avx512 => return unsafe { pre_activation_gradient_avx512(grad, output, columns) },
-        Isa::Avx2 => return unsafe { pre_activation_gradient_avx2(grad, output, columns) },
-        Isa::Portable => {}
-    }
-    pre_activation_gradient_portable(grad, output, columns)
+    let values = match output {
+        Some(output) => Cow::Owned(through_tanh(grad, output, columns)),
+        None => Cow::Borrowed(grad),
+    };
+    let sums = match Isa::best(16) {
+        // SAFETY (both): Isa::best only names instruction sets this CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { column_sums_avx512(&values, columns) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { column_sums_avx2(&values, columns) },
+        _ => column_sums(&values, columns),
+    };
+    (values, sums)
+}
+
+/// grad · (1 − y²), y being the tanh output. Rows are independent: a fit's spare cores take
+/// chunks of them.
+fn through_tanh(grad: &[f32], output: &[f32], columns: usize) -> Vec<f32> {
+    assert_eq!(grad.len(), output.len(), "gradient and output shapes");
+    let rows = grad.len().checked_div(columns).unwrap_or(0);
+    let gradient_of = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+        let values = rows.start * columns..rows.end * columns;
+        let (grad, output) = (&grad[values.clone()], &output[values]);
+        #[cfg(target_arch = "x86_64")]
+        match Isa::best(16) {
+            // SAFETY (both): Isa::best only names instruction sets this CPU has.
+            Isa::Avx512 => return unsafe { through_tanh_avx512(grad, output, out) },
+            Isa::Avx2 => return unsafe { through_tanh_avx2(grad, output, out) },
+            Isa::Portable => {}
+        }
+        through_tanh_rows(grad, output, out)
+    };
+    // SAFETY: each chunk writes every value of its rows (`through_tanh_rows`).
+    unsafe { helper_threads::rows_written_in_chunks(rows, columns, columns, &gradient_of) }
 }
 
 #[inline(always)]
-fn pre_activation_gradient_portable<'a>(
-    grad: &'a [f32],
-    output: Option<&[f32]>,
-    columns: usize,
-) -> (Cow<'a, [f32]>, Vec<f32>) {
-    let values = through_tanh(grad, output);
-    let sums = column_sums(&values, columns);
-    (values, sums)
+fn through_tanh_rows(grad: &[f32], output: &[f32], out: &mut [MaybeUninit<f32>]) {
+    for ((&g, &y), out) in grad.iter().zip(output).zip(out) {
+        // As the composed version computed it: g · ((−(y·y)) + 1).
+        out.write(g * (-(y * y) + 1.0));
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
-fn pre_activation_gradient_avx512<'a>(
-    grad: &'a [f32],
-    output: Option<&[f32]>,
-    columns: usize,
-) -> (Cow<'a, [f32]>, Vec<f32>) {
-    let values = through_tanh(grad, output);
-    let sums = column_sums_avx512(&values, columns);
-    (values, sums)
+fn through_tanh_avx512(grad: &[f32], output: &[f32], out: &mut [MaybeUninit<f32>]) {
+    through_tanh_rows(grad, output, out)
 }
 
-/// The portable loops with AVX2's sixteen registers of eight lanes: [`column_sums`] keeps its
-/// sixty-four-column blocks in eight of them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn pre_activation_gradient_avx2<'a>(
-    grad: &'a [f32],
-    output: Option<&[f32]>,
-    columns: usize,
-) -> (Cow<'a, [f32]>, Vec<f32>) {
-    pre_activation_gradient_portable(grad, output, columns)
+fn through_tanh_avx2(grad: &[f32], output: &[f32], out: &mut [MaybeUninit<f32>]) {
+    through_tanh_rows(grad, output, out)
 }
 
-/// grad · (1 − y²) where y is the tanh output, else grad itself.
-#[inline(always)]
-fn through_tanh<'a>(grad: &'a [f32], output: Option<&[f32]>) -> Cow<'a, [f32]> {
-    match output {
-        Some(output) => Cow::Owned(
-            grad.iter()
-                .zip(output)
-                // As the composed version computed it: g · ((−(y·y)) + 1).
-                .map(|(&g, &y)| g * (-(y * y) + 1.0))
-                .collect(),
-        ),
-        None => Cow::Borrowed(grad),
-    }
+/// [`column_sums`] with AVX2's sixteen registers of eight lanes: its sixty-four-column blocks
+/// fit in eight of them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn column_sums_avx2(values: &[f32], columns: usize) -> Vec<f32> {
+    column_sums(values, columns)
 }
 
 /// [`column_sums`] with AVX-512 masked loads: every block of sixteen columns of up to eight
@@ -702,10 +696,11 @@ fn sparse_layer(
         return None;
     }
     let rows = SparseRows::compress(&f32_values(x), x_shape[1])?;
-    let mut values = rows.product(&f32_values(weight), &f32_values(bias));
-    if squash {
-        tanh_in_place(&mut values);
-    }
+    let values = rows.product(&f32_values(weight), &f32_values(bias), &|rows| {
+        if squash {
+            tanh_in_place(rows);
+        }
+    });
     let output = FlexTensor::from_data(TensorData::new(values, [rows.rows(), bias_shape[0]]));
     Some((rows, output))
 }
@@ -870,22 +865,23 @@ mod tests {
     }
 
     #[test]
-    fn chunks_of_rows_cover_every_row_once() {
-        for m in [1, 7, 8, 9, 40, 300, 1023, 1024] {
-            for chunks in 1..=5 {
-                let ranges: Vec<Range<usize>> =
-                    (0..chunks).map(|c| chunk_rows(m, c, chunks)).collect();
-                let mut next = 0;
-                for range in &ranges {
-                    assert!(
-                        range.start == next || range.is_empty(),
-                        "{m} rows, {chunks} chunks"
-                    );
-                    assert!(range.start.is_multiple_of(8) || range.is_empty());
-                    next = next.max(range.end);
-                }
-                assert_eq!(next, m, "{m} rows, {chunks} chunks");
-            }
+    fn tanh_gradients_split_over_helpers_give_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let (rows, columns) = (1024, 60);
+        let grad: Vec<f32> = (0..rows * columns)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let output: Vec<f32> = (0..rows * columns)
+            .map(|_| rng.random_range(-1.0f32..1.0).tanh())
+            .collect();
+        let whole = pre_activation_gradient(&grad, Some(&output), columns);
+        for helpers in [1, 3] {
+            let _lent = helper_threads::lend_unpinned(helpers);
+            assert!(helper_threads::chunks_worth(rows * columns) > 1, "split");
+            let split = pre_activation_gradient(&grad, Some(&output), columns);
+            // Compared whole: a mismatch would print two thousand-value buffers.
+            assert!(split.0 == whole.0, "{helpers}");
+            assert!(split.1 == whole.1, "{helpers}");
         }
     }
 
@@ -1061,7 +1057,7 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if Isa::Avx2.supported() {
                 // SAFETY: the CPU has AVX2, checked just above.
-                let (_, sums) = unsafe { pre_activation_gradient_avx2(&values, None, columns) };
+                let sums = unsafe { column_sums_avx2(&values, columns) };
                 assert_eq!(bits(&sums), bits(&want), "{columns} columns, AVX2");
             }
             let reversed: Vec<f32> = (0..columns)

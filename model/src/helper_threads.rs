@@ -13,8 +13,10 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
+use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -31,7 +33,11 @@ const RUNNING: u8 = 2;
 const DONE: u8 = 3;
 const STOP: u8 = 4;
 
-/// Work in numbered chunks, given a chunk's number.
+/// Writes the values of a range of rows, given the range and the rows' slice of the buffer.
+type WriteRows<'a, T> = dyn Fn(Range<usize>, &mut [MaybeUninit<T>]) + Sync + 'a;
+
+/// Work given a number: a chunk's, or, as a helper takes it, the number of the thread (the
+/// owner 0, its helpers from 1).
 type Work<'a> = dyn Fn(usize) + Sync + 'a;
 
 /// A borrowed `&Work` with its lifetime erased, to cross to a helper.
@@ -84,7 +90,7 @@ impl HelperThreads {
                     if let Some(cpu) = cpu {
                         cpu_pinning::pin_current_thread(cpu);
                     }
-                    serve(&for_thread)
+                    serve(&for_thread, index + 1)
                 });
             let Ok(handle) = started else { break };
             helpers.slots.push(slot);
@@ -99,23 +105,26 @@ impl HelperThreads {
     }
 
     /// Runs `work(0)` … `work(chunks − 1)`, each once, here and on up to `chunks − 1` helpers,
-    /// and returns when all have finished. Each thread takes the next chunk not yet taken, so
-    /// a helper that falls behind (its CPU taken by other work) takes fewer, and one that has
-    /// not started when the chunks run out is called off rather than waited for. A panic in
-    /// any chunk is raised here once every thread has stopped.
+    /// and returns when all have finished. Each thread has a share of consecutive chunks (this
+    /// thread the first), so work split the same way step after step (rows of one batch through
+    /// the layers) finds its rows in the cache of the thread that wrote them. A thread that
+    /// has done its share takes the others' not yet started, from the far end, so a helper that
+    /// falls behind (its CPU taken by other work) does less, and one that has not started when
+    /// the chunks run out is called off rather than waited for. A panic in any chunk is raised
+    /// here once every thread has stopped.
     pub(crate) fn run_chunks(&self, chunks: usize, work: &Work<'_>) {
-        let next = AtomicUsize::new(0);
-        let take_chunks = |_: usize| {
-            loop {
-                let chunk = next.fetch_add(1, Ordering::Relaxed);
-                if chunk >= chunks {
-                    break;
+        let helpers = &self.slots[..chunks.saturating_sub(1).min(self.slots.len())];
+        let threads = helpers.len() + 1;
+        let taken: Vec<AtomicBool> = (0..chunks).map(|_| AtomicBool::new(false)).collect();
+        let take_chunks = |thread: usize| {
+            let share = (0..chunks).filter(|&chunk| chunk * threads / chunks == thread);
+            for chunk in share.chain((0..chunks).rev()) {
+                if !taken[chunk].swap(true, Ordering::AcqRel) {
+                    work(chunk);
                 }
-                work(chunk);
             }
         };
         let take_chunks: &Work<'_> = &take_chunks;
-        let helpers = &self.slots[..chunks.saturating_sub(1).min(self.slots.len())];
         // SAFETY: only the lifetime changes; `WaitFor` below (also on unwinding) outlives
         // every helper's use of the pointer.
         let erased = WorkPtr(unsafe {
@@ -133,7 +142,11 @@ impl HelperThreads {
             }
         }
         let waiting = WaitFor(helpers);
-        take_chunks(0);
+        {
+            // The helpers are busy: work inside a chunk runs where the chunk runs.
+            let _not_nested = SplittingOff::new();
+            take_chunks(0);
+        }
         drop(waiting);
         for slot in helpers {
             if let Some(panic) = lock(&slot.panic).take() {
@@ -186,9 +199,9 @@ impl Drop for WaitFor<'_> {
     }
 }
 
-/// A helper's loop: wait for READY (spinning, then asleep), take the work unless the owner
-/// called it off meanwhile, run it, report DONE.
-fn serve(slot: &Slot) {
+/// Helper `thread`'s loop: wait for READY (spinning, then asleep), take the work unless the
+/// owner called it off meanwhile, run it, report DONE.
+fn serve(slot: &Slot, thread: usize) {
     loop {
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
@@ -219,7 +232,7 @@ fn serve(slot: &Slot) {
         }
         if let Some(work) = lock(&slot.job).take() {
             // SAFETY: the owner keeps the work alive until this slot reports DONE.
-            let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { (*work.0)(0) }));
+            let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { (*work.0)(thread) }));
             if let Err(panic) = outcome {
                 *lock(&slot.panic) = Some(panic);
             }
@@ -331,10 +344,147 @@ pub(crate) fn lend_unpinned(helpers: usize) -> Lent {
     )
 }
 
+/// Turns this thread's splitting off until dropped, then back to what it was.
+struct SplittingOff(bool);
+
+impl SplittingOff {
+    fn new() -> Self {
+        SplittingOff(SPLITTING.replace(false))
+    }
+}
+
+impl Drop for SplittingOff {
+    fn drop(&mut self) {
+        SPLITTING.set(self.0);
+    }
+}
+
 /// Calls `f` with this thread's helpers, if it has any and splitting is on.
 pub(crate) fn with_current<R>(f: impl FnOnce(Option<&HelperThreads>) -> R) -> R {
     CURRENT.with(|current| f(current.borrow().as_ref().filter(|_| SPLITTING.get())))
 }
+
+/// Chunks per thread of split work, so that a thread whose CPU is taken by other work for a
+/// while leaves its share to the others instead of holding them up.
+pub(crate) const CHUNKS_PER_THREAD: usize = 2;
+
+/// Values of simple per-value work (a copy, a multiply and add) that a chunk must hold to be
+/// worth handing over: a hand-over costs about a microsecond, 2¹⁴ values a few.
+const MIN_CHUNK_VALUES: usize = 1 << 14;
+
+/// The rows of chunk `chunk` of `chunks` over `0..rows`: whole blocks of eight rows, the last
+/// chunk taking what is left (possibly nothing).
+pub(crate) fn chunk_rows(rows: usize, chunk: usize, chunks: usize) -> Range<usize> {
+    let per_chunk = rows.div_ceil(chunks).next_multiple_of(8);
+    (chunk * per_chunk).min(rows)..((chunk + 1) * per_chunk).min(rows)
+}
+
+/// Into how many chunks `values` values of simple work are worth splitting on this thread
+/// now: 1 where it has no helpers or splitting is off, else as many as keep each chunk worth
+/// handing over, at most [`CHUNKS_PER_THREAD`] per thread.
+pub(crate) fn chunks_worth(values: usize) -> usize {
+    with_current(|helpers| {
+        helpers.map_or(1, |helpers| {
+            (values / MIN_CHUNK_VALUES).clamp(1, CHUNKS_PER_THREAD * helpers.threads())
+        })
+    })
+}
+
+/// Runs `work(0)` … `work(chunks − 1)`: on this thread's helpers where it has them and
+/// splitting is on, else one after another here.
+pub(crate) fn run_in_chunks(chunks: usize, work: &(dyn Fn(usize) + Sync)) {
+    with_current(|helpers| match helpers.filter(|_| chunks > 1) {
+        Some(helpers) => helpers.run_chunks(chunks, work),
+        None => (0..chunks).for_each(work),
+    })
+}
+
+/// How many chunks of rows [`rows_written_in_chunks`] makes: whole blocks of eight rows.
+fn row_chunks(rows: usize, values_per_row: usize) -> usize {
+    chunks_worth(rows.saturating_mul(values_per_row)).min(rows.div_ceil(8).max(1))
+}
+
+/// A row-major buffer of `rows` rows of `width` values, written by `write(rows, values)` for
+/// chunks of rows (whole blocks of eight), each row worth `values_per_row` values of simple
+/// work, split as [`chunks_worth`] says. For work whose rows are independent, so that the
+/// split never changes a bit.
+///
+/// # Safety
+/// `write` must initialise every value of the slice it is given.
+pub(crate) unsafe fn rows_written_in_chunks<T: Send + Sync>(
+    rows: usize,
+    width: usize,
+    values_per_row: usize,
+    write: &WriteRows<'_, T>,
+) -> Vec<T> {
+    let chunks = row_chunks(rows, values_per_row);
+    let ranges: Vec<Range<usize>> = (0..chunks)
+        .map(|chunk| chunk_rows(rows, chunk, chunks))
+        .collect();
+    // SAFETY: the caller's.
+    unsafe { rows_written_in_ranges(rows, width, &ranges, write) }
+}
+
+/// A row-major buffer of `rows` rows of `width` values, written by `write(range, values)` for
+/// each of `ranges` (which must cover `0..rows` without overlap, in order), each on whichever
+/// thread takes it. The values are not set beforehand: every one is written once.
+///
+/// # Safety
+/// `write` must initialise every value of the slice it is given.
+pub(crate) unsafe fn rows_written_in_ranges<T: Send + Sync>(
+    rows: usize,
+    width: usize,
+    ranges: &[Range<usize>],
+    write: &WriteRows<'_, T>,
+) -> Vec<T> {
+    let covered = ranges.iter().try_fold(0, |end, range| {
+        (range.start == end && range.end >= range.start).then_some(range.end)
+    });
+    assert_eq!(covered, Some(rows), "ranges must cover the rows in order");
+    let len = rows.checked_mul(width).expect("buffer size overflows");
+    let mut buffer: Vec<T> = Vec::with_capacity(len);
+    let start = SharedBuffer(buffer.spare_capacity_mut().as_mut_ptr());
+    run_in_chunks(ranges.len(), &|chunk| {
+        let range = ranges[chunk].clone();
+        // SAFETY: the buffer has room for rows · width values and outlives every chunk
+        // (`run_in_chunks` returns when all are done); the ranges are disjoint rows inside it
+        // (asserted above), so each slice is this chunk's alone.
+        let values = unsafe {
+            std::slice::from_raw_parts_mut(start.add(range.start * width), range.len() * width)
+        };
+        write(range, values);
+    });
+    // SAFETY: the ranges covered every row, and `write` initialised each chunk's values (the
+    // caller's promise).
+    unsafe { buffer.set_len(len) };
+    buffer
+}
+
+/// The start of a buffer whose disjoint parts chunks write.
+struct SharedBuffer<T>(*mut T);
+
+impl<T> SharedBuffer<T> {
+    /// The element `offset` places from the start.
+    ///
+    /// # Safety
+    /// It must lie inside the buffer.
+    unsafe fn add(&self, offset: usize) -> *mut T {
+        // SAFETY: the caller's.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+impl<T> Clone for SharedBuffer<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SharedBuffer<T> {}
+
+// SAFETY: chunks write disjoint parts through it, and the buffer outlives them.
+unsafe impl<T: Send> Send for SharedBuffer<T> {}
+unsafe impl<T: Send> Sync for SharedBuffer<T> {}
 
 /// Steps in each cycle that run split, then as many whole, to time both.
 const PROBE_STEPS: u64 = 8;
@@ -439,6 +589,44 @@ mod tests {
     }
 
     #[test]
+    fn each_thread_takes_its_own_share_of_chunks_first() {
+        let helpers = HelperThreads::start(&[None]);
+        let caller = thread::current().id();
+        for _ in 0..5 {
+            let started = [AtomicBool::new(false), AtomicBool::new(false)];
+            let ran_on = Mutex::new(vec![None; 4]);
+            // Chunk 0 (the caller's share) and chunk 2 (the helper's) wait for each other, and
+            // chunk 1 for chunk 2: a helper that took chunk 1 before its own share would wait
+            // there for a chunk no thread is free to take.
+            let wait_for = |other: usize| {
+                let waiting_since = Instant::now();
+                while !started[other].load(Ordering::SeqCst) {
+                    assert!(waiting_since.elapsed() < Duration::from_secs(10), "stuck");
+                    std::hint::spin_loop();
+                }
+            };
+            helpers.run_chunks(4, &|chunk| {
+                lock(&ran_on)[chunk] = Some(thread::current().id());
+                match chunk {
+                    0 | 2 => {
+                        started[chunk / 2].store(true, Ordering::SeqCst);
+                        wait_for(1 - chunk / 2);
+                    }
+                    1 => wait_for(1),
+                    _ => {}
+                }
+            });
+            let ran_on = ran_on.into_inner().unwrap();
+            assert_eq!(ran_on[0], Some(caller), "chunk 0 is the caller's");
+            assert!(
+                ran_on[2].is_some_and(|helper| helper != caller),
+                "chunk 2 the helper's"
+            );
+            assert!(ran_on.iter().all(Option::is_some), "every chunk ran");
+        }
+    }
+
+    #[test]
     fn a_panicking_chunk_reaches_the_caller_and_the_helpers_keep_working() {
         let helpers = HelperThreads::start(&[None]);
         for _ in 0..20 {
@@ -469,6 +657,80 @@ mod tests {
             assert_eq!(with_current(|h| h.map(HelperThreads::threads)), Some(3));
         }
         assert!(with_current(|h| h.is_none()));
+    }
+
+    #[test]
+    fn chunks_of_rows_cover_every_row_once() {
+        for m in [1, 7, 8, 9, 40, 300, 1023, 1024] {
+            for chunks in 1..=5 {
+                let ranges: Vec<Range<usize>> =
+                    (0..chunks).map(|c| chunk_rows(m, c, chunks)).collect();
+                let mut next = 0;
+                for range in &ranges {
+                    assert!(
+                        range.start == next || range.is_empty(),
+                        "{m} rows, {chunks} chunks"
+                    );
+                    assert!(range.start.is_multiple_of(8) || range.is_empty());
+                    next = next.max(range.end);
+                }
+                assert_eq!(next, m, "{m} rows, {chunks} chunks");
+            }
+        }
+    }
+
+    #[test]
+    fn buffers_written_in_chunks_get_every_row_once_whoever_writes_it() {
+        fn write_rows(
+            threads: &Mutex<Vec<thread::ThreadId>>,
+            rows: Range<usize>,
+            out: &mut [MaybeUninit<u64>],
+        ) {
+            lock(threads).push(thread::current().id());
+            assert_eq!(out.len(), rows.len() * 3);
+            for (row, values) in rows.zip(out.chunks_exact_mut(3)) {
+                values.write_copy_of_slice(&[row as u64, 7, row as u64 * 2]);
+            }
+        }
+        let want: Vec<u64> = (0..1001).flat_map(|r| [r, 7, r * 2]).collect();
+        // Alone: one piece, here.
+        let threads = Mutex::new(Vec::new());
+        // SAFETY (here and below): `write_rows` writes every value it is given.
+        let written =
+            unsafe { rows_written_in_chunks(1001, 3, 1 << 20, &|r, o| write_rows(&threads, r, o)) };
+        assert_eq!(written, want);
+        assert_eq!(lock(&threads).len(), 1);
+        let _lent = lend_unpinned(2);
+        for (values_per_row, chunks) in [(1 << 20, 6), (64, 3), (1, 1)] {
+            let threads = Mutex::new(Vec::new());
+            let written = unsafe {
+                rows_written_in_chunks(1001, 3, values_per_row, &|r, o| write_rows(&threads, r, o))
+            };
+            assert_eq!(written, want, "{values_per_row} values per row");
+            assert_eq!(
+                lock(&threads).len(),
+                chunks,
+                "{values_per_row} values per row"
+            );
+        }
+        // Uneven ranges, some empty.
+        let ranges = [0..0, 0..900, 900..901, 901..901, 901..1001];
+        let threads = Mutex::new(Vec::new());
+        let written =
+            unsafe { rows_written_in_ranges(1001, 3, &ranges, &|r, o| write_rows(&threads, r, o)) };
+        assert_eq!(written, want);
+        let written =
+            unsafe { rows_written_in_chunks(0, 3, 1 << 20, &|r, o| write_rows(&threads, r, o)) };
+        assert!(written.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "cover the rows in order")]
+    fn ranges_that_leave_a_gap_are_refused() {
+        // SAFETY: refused before anything is written.
+        unsafe {
+            rows_written_in_ranges(10, 1, &[0..4, 5..10], &|_, _: &mut [MaybeUninit<f32>]| {})
+        };
     }
 
     #[test]

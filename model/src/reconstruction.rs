@@ -7,6 +7,9 @@
 //! pass gives the plain scorer's features bit for bit and keeps its row sums; the backward pass
 //! turns them into per-row coefficients in f64 and applies those in f32.
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -17,6 +20,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 
+use crate::helper_threads;
 use crate::network::NORM_EPS;
 use crate::scorer::{Isa, add_to_sums, features_from_sums};
 use crate::step_support::to_f64;
@@ -67,6 +71,18 @@ fn row_sums_f64(x: &[f64], x_hat: &[f64], d: usize) -> Vec<RowSums<f64>> {
 /// side by side so the in-order sums still vectorise; CPUs with AVX-512 (AVX2) turn each block
 /// of sixteen (eight) rows by as many columns into columns in registers.
 fn row_sums_f32(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
+    let n = x.len().checked_div(d).unwrap_or(0);
+    // Rows are independent: a fit's spare cores take chunks of them.
+    let sums_of = |rows: Range<usize>, sums: &mut [MaybeUninit<RowSums<f32>>]| {
+        let values = rows.start * d..rows.end * d;
+        sums.write_copy_of_slice(&row_sums_f32_serial(&x[values.clone()], &x_hat[values], d));
+    };
+    // SAFETY: each chunk writes one sum per row.
+    unsafe { helper_threads::rows_written_in_chunks(n, 1, 2 * d, &sums_of) }
+}
+
+/// [`row_sums_f32`] on this thread.
+fn row_sums_f32_serial(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> {
     #[cfg(target_arch = "x86_64")]
     match Isa::best(16) {
         // SAFETY: Isa::best only names instruction sets this CPU has.
@@ -444,43 +460,65 @@ fn gradient_f64(x: &[f64], x_hat: &[f64], rows: &[[f64; 3]], d: usize) -> Vec<f6
 }
 
 /// The gradient of f32 rows (training), in f32 from f64 coefficients; CPUs with AVX2 or
-/// AVX-512 get their own copies of the loop.
+/// AVX-512 get their own copies of the loop. Rows are independent: a fit's spare cores take
+/// chunks of them.
 fn gradient_f32(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    match Isa::best(16) {
-        // SAFETY: Isa::best only names instruction sets this CPU has.
-        Isa::Avx512 => return unsafe { gradient_f32_avx512(x, x_hat, rows, d) },
-        Isa::Avx2 => return unsafe { gradient_f32_avx2(x, x_hat, rows, d) },
-        Isa::Portable => {}
-    }
-    gradient_f32_body(x, x_hat, rows, d)
+    let gradient_of = |chunk: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+        let values = chunk.start * d..chunk.end * d;
+        let (x, x_hat) = (&x[values.clone()], &x_hat[values]);
+        let rows = &rows[chunk];
+        #[cfg(target_arch = "x86_64")]
+        match Isa::best(16) {
+            // SAFETY: Isa::best only names instruction sets this CPU has.
+            Isa::Avx512 => return unsafe { gradient_f32_avx512(x, x_hat, rows, d, out) },
+            Isa::Avx2 => return unsafe { gradient_f32_avx2(x, x_hat, rows, d, out) },
+            Isa::Portable => {}
+        }
+        gradient_f32_body(x, x_hat, rows, d, out)
+    };
+    // SAFETY: each chunk writes every value of its rows (`gradient_f32_body`).
+    unsafe { helper_threads::rows_written_in_chunks(rows.len(), d, 3 * d, &gradient_of) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn gradient_f32_avx2(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
-    gradient_f32_body(x, x_hat, rows, d)
+fn gradient_f32_avx2(
+    x: &[f32],
+    x_hat: &[f32],
+    rows: &[[f64; 3]],
+    d: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    gradient_f32_body(x, x_hat, rows, d, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
-fn gradient_f32_avx512(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
-    gradient_f32_body(x, x_hat, rows, d)
+fn gradient_f32_avx512(
+    x: &[f32],
+    x_hat: &[f32],
+    rows: &[[f64; 3]],
+    d: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    gradient_f32_body(x, x_hat, rows, d, out)
 }
 
 #[inline(always)]
-fn gradient_f32_body(x: &[f32], x_hat: &[f32], rows: &[[f64; 3]], d: usize) -> Vec<f32> {
-    // Filled row by row, not zeroed first and then overwritten.
-    let mut out = Vec::with_capacity(x.len());
-    for ((x, x_hat), coefficients) in x.chunks_exact(d).zip(x_hat.chunks_exact(d)).zip(rows) {
+fn gradient_f32_body(
+    x: &[f32],
+    x_hat: &[f32],
+    rows: &[[f64; 3]],
+    d: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let row_values = x.chunks_exact(d).zip(x_hat.chunks_exact(d));
+    for (((x, x_hat), coefficients), out) in row_values.zip(rows).zip(out.chunks_exact_mut(d)) {
         let [along, own_x, own_x_hat] = coefficients.map(|c| c as f32);
-        out.extend(
-            x.iter()
-                .zip(x_hat)
-                .map(|(&xj, &hj)| along * (xj - hj) + own_x * xj + own_x_hat * hj),
-        );
+        for ((&xj, &hj), out) in x.iter().zip(x_hat).zip(out) {
+            out.write(along * (xj - hj) + own_x * xj + own_x_hat * hj);
+        }
     }
-    out
 }
 
 /// Calls `work` with the values of x and x' (and their row length) as f32 or f64 slices.
@@ -720,5 +758,32 @@ mod tests {
         assert!(all_finite(terms));
         assert!(all_finite(x.grad(&grads).unwrap()));
         assert!(all_finite(x_hat.grad(&grads).unwrap()));
+    }
+
+    #[test]
+    fn rows_split_over_helpers_give_the_same_bits() {
+        let (n, d) = (1024, 118);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut values =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let (x, x_hat) = (values(n * d), values(n * d));
+        let coefficients: Vec<[f64; 3]> = values(n * 3)
+            .chunks_exact(3)
+            .map(|c| [c[0], c[1], c[2]].map(f64::from))
+            .collect();
+        let whole = (
+            row_sums_f32(&x, &x_hat, d),
+            gradient_f32(&x, &x_hat, &coefficients, d),
+        );
+        for helpers in [1, 3] {
+            let _lent = helper_threads::lend_unpinned(helpers);
+            assert!(helper_threads::chunks_worth(n * d) > 1, "split");
+            // Compared whole: a mismatch would print two thousand-value buffers.
+            assert!(row_sums_f32(&x, &x_hat, d) == whole.0, "{helpers}");
+            assert!(
+                gradient_f32(&x, &x_hat, &coefficients, d) == whole.1,
+                "{helpers}"
+            );
+        }
     }
 }

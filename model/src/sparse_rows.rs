@@ -8,6 +8,10 @@
 //! add, never fused, so every instruction set gives the same bits.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use crate::helper_threads;
 
 use crate::scorer::Isa;
 
@@ -120,58 +124,106 @@ impl SparseRows {
 
     /// x·W + b as a row-major `[rows, outputs]` buffer, for W row-major `[columns, outputs]`
     /// and b of length `outputs`: each output row sums its nonzeros' weight rows in column
-    /// order, then adds the bias, as the dense layer adds it to the finished product.
-    pub(crate) fn product(&self, weight: &[f32], bias: &[f32]) -> Vec<f32> {
-        let outputs = bias.len();
-        assert_eq!(weight.len(), self.columns * outputs, "weight shape");
-        #[cfg(target_arch = "x86_64")]
-        if Isa::Avx2.supported() {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.product_avx2(weight, bias) };
-        }
-        self.product_portable(weight, bias)
+    /// order, then adds the bias, as the dense layer adds it to the finished product. `finish`
+    /// then takes each finished block of rows (tanh, say) while it is still in cache. Rows
+    /// are independent: a fit's spare cores take chunks of them.
+    pub(crate) fn product(
+        &self,
+        weight: &[f32],
+        bias: &[f32],
+        finish: &(dyn Fn(&mut [f32]) + Sync),
+    ) -> Vec<f32> {
+        self.product_on(Isa::Avx2.supported(), weight, bias, finish)
     }
 
-    #[inline(always)]
-    fn product_portable(&self, weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    /// [`SparseRows::product`] through the AVX2 copy of the loop when `avx2`, which only a
+    /// CPU with AVX2 may ask for.
+    fn product_on(
+        &self,
+        avx2: bool,
+        weight: &[f32],
+        bias: &[f32],
+        finish: &(dyn Fn(&mut [f32]) + Sync),
+    ) -> Vec<f32> {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = avx2;
         let outputs = bias.len();
-        let mut output = vec![0f32; self.rows() * outputs];
+        assert_eq!(weight.len(), self.columns * outputs, "weight shape");
         if outputs == 0 {
-            return output;
+            return Vec::new();
         }
         let (weight, stride) = padded(weight, outputs);
-        for (row, sums) in output.chunks_exact_mut(outputs).enumerate() {
-            sum_rows(self.row(row), &weight, stride, sums);
+        let nonzeros_per_row = self.values.len() / self.rows().max(1);
+        let values_per_row = (nonzeros_per_row + 1) * outputs;
+        let product_of = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+            let out = match () {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: only a CPU with AVX2 asks for it.
+                () if avx2 => unsafe { self.product_rows_avx2(rows, &weight, stride, bias, out) },
+                () => self.product_rows(rows, &weight, stride, bias, out),
+            };
+            finish(out);
+        };
+        // SAFETY: each chunk writes every value of its rows (`SparseRows::product_rows`).
+        unsafe {
+            helper_threads::rows_written_in_chunks(
+                self.rows(),
+                outputs,
+                values_per_row,
+                &product_of,
+            )
+        }
+    }
+
+    /// Rows `rows` of [`SparseRows::product`] written into `output`, W padded to `stride`
+    /// columns; every value is written.
+    #[inline(always)]
+    fn product_rows<'o>(
+        &self,
+        rows: Range<usize>,
+        weight: &[f32],
+        stride: usize,
+        bias: &[f32],
+        output: &'o mut [MaybeUninit<f32>],
+    ) -> &'o mut [f32] {
+        assert_eq!(output.len(), rows.len() * bias.len(), "output rows");
+        for (row, sums) in rows.zip(output.chunks_exact_mut(bias.len())) {
+            let sums = sum_rows(self.row(row), weight, stride, sums);
             for (sum, b) in sums.iter_mut().zip(bias) {
                 *sum += b;
             }
         }
-        output
+        // SAFETY: `sum_rows` wrote every value of every row (asserted to fill the output).
+        unsafe { output.assume_init_mut() }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn product_avx2(&self, weight: &[f32], bias: &[f32]) -> Vec<f32> {
-        self.product_portable(weight, bias)
+    fn product_rows_avx2<'o>(
+        &self,
+        rows: Range<usize>,
+        weight: &[f32],
+        stride: usize,
+        bias: &[f32],
+        output: &'o mut [MaybeUninit<f32>],
+    ) -> &'o mut [f32] {
+        self.product_rows(rows, weight, stride, bias, output)
     }
 
     /// xᵀ·g as a row-major `[columns, outputs]` buffer, for g row-major `[rows, outputs]`:
     /// each nonzero x[i][j] adds x[i][j]·g[i] to row j, rows i in order.
     pub(crate) fn transposed_product(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
-        assert_eq!(grad.len(), self.rows() * outputs, "gradient shape");
-        #[cfg(target_arch = "x86_64")]
-        if Isa::Avx2.supported() {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { self.transposed_product_avx2(grad, outputs) };
-        }
-        self.transposed_product_portable(grad, outputs)
+        self.transposed_product_on(Isa::Avx2.supported(), grad, outputs)
     }
 
-    #[inline(always)]
-    fn transposed_product_portable(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
-        let mut output = vec![0f32; self.columns * outputs];
+    /// [`SparseRows::transposed_product`] through the AVX2 copy of the loop when `avx2`, which
+    /// only a CPU with AVX2 may ask for.
+    fn transposed_product_on(&self, avx2: bool, grad: &[f32], outputs: usize) -> Vec<f32> {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = avx2;
+        assert_eq!(grad.len(), self.rows() * outputs, "gradient shape");
         if outputs == 0 {
-            return output;
+            return Vec::new();
         }
         // The entries column by column, rows in order within each: each output row then sums
         // in registers, and in the same order as row after row would.
@@ -194,18 +246,37 @@ impl SparseRows {
             }
         }
         let (grad, stride) = padded(grad, outputs);
-        for (column, sums) in output.chunks_exact_mut(outputs).enumerate() {
-            let range = column_starts[column]..column_starts[column + 1];
-            let entries = (&rows_by_column[range.clone()], &values_by_column[range]);
-            sum_rows(entries, &grad, stride, sums);
+        // Output rows are independent: a fit's spare cores take runs of them with about equal
+        // shares of the entries.
+        let entries = self.values.len();
+        let chunks = helper_threads::chunks_worth(entries * outputs);
+        let mut bounds = vec![0];
+        bounds.extend(
+            (1..chunks).map(|chunk| {
+                column_starts.partition_point(|&start| start < chunk * entries / chunks)
+            }),
+        );
+        bounds.push(self.columns);
+        bounds.dedup();
+        // No ranges at all where there are no columns.
+        let ranges: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
+        let gradient_of = |columns: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+            for (column, sums) in columns.zip(out.chunks_exact_mut(outputs)) {
+                let range = column_starts[column]..column_starts[column + 1];
+                let entries = (&rows_by_column[range.clone()], &values_by_column[range]);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: only a CPU with AVX2 asks for it.
+                    unsafe { sum_rows_avx2(entries, &grad, stride, sums) };
+                    continue;
+                }
+                sum_rows(entries, &grad, stride, sums);
+            }
+        };
+        // SAFETY: each chunk writes every value of its rows (`sum_rows`).
+        unsafe {
+            helper_threads::rows_written_in_ranges(self.columns, outputs, &ranges, &gradient_of)
         }
-        output
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn transposed_product_avx2(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
-        self.transposed_product_portable(grad, outputs)
     }
 }
 
@@ -263,7 +334,16 @@ fn padded(matrix: &[f32], columns: usize) -> (Cow<'_, [f32]>, usize) {
 /// sums are kept in registers, eight vectors (64 lanes) at a time at most: each entry then
 /// starts eight independent additions, where one would wait on the one before.
 #[inline(always)]
-fn sum_rows(entries: (&[u32], &[f32]), matrix: &[f32], stride: usize, sums: &mut [f32]) {
+fn sum_rows<'s>(
+    entries: (&[u32], &[f32]),
+    matrix: &[f32],
+    stride: usize,
+    sums: &'s mut [MaybeUninit<f32>],
+) -> &'s mut [f32] {
+    assert!(
+        stride >= sums.len() && stride.is_multiple_of(LANES),
+        "padded rows"
+    );
     let mut start = 0;
     for width in [64, 32, LANES] {
         while start + width <= stride && start < sums.len() {
@@ -271,15 +351,29 @@ fn sum_rows(entries: (&[u32], &[f32]), matrix: &[f32], stride: usize, sums: &mut
             let target = &mut sums[start..start + valid];
             match width {
                 64 => target
-                    .copy_from_slice(&sum_block::<64>(entries, matrix, stride, start)[..valid]),
+                    .write_copy_of_slice(&sum_block::<64>(entries, matrix, stride, start)[..valid]),
                 32 => target
-                    .copy_from_slice(&sum_block::<32>(entries, matrix, stride, start)[..valid]),
-                _ => target
-                    .copy_from_slice(&sum_block::<LANES>(entries, matrix, stride, start)[..valid]),
-            }
+                    .write_copy_of_slice(&sum_block::<32>(entries, matrix, stride, start)[..valid]),
+                _ => target.write_copy_of_slice(
+                    &sum_block::<LANES>(entries, matrix, stride, start)[..valid],
+                ),
+            };
             start += width;
         }
     }
+    // SAFETY: the blocks ran up to the padded width, which covers every sum (asserted above).
+    unsafe { sums.assume_init_mut() }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_rows_avx2<'s>(
+    entries: (&[u32], &[f32]),
+    matrix: &[f32],
+    stride: usize,
+    sums: &'s mut [MaybeUninit<f32>],
+) -> &'s mut [f32] {
+    sum_rows(entries, matrix, stride, sums)
 }
 
 /// Σ value·matrix[index][start..start + W] over the entries, in order.
@@ -389,7 +483,10 @@ mod tests {
         assert_eq!(SparseRows::compress(&[0.0; 10], 0), None);
         let empty = SparseRows::compress(&[], 5).expect("no rows is sparse");
         assert_eq!(empty.rows(), 0);
-        assert_eq!(empty.product(&[0.5; 15], &[1.0; 3]), Vec::<f32>::new());
+        assert_eq!(
+            empty.product(&[0.5; 15], &[1.0; 3], &|_| {}),
+            Vec::<f32>::new()
+        );
         assert_eq!(empty.transposed_product(&[], 3), vec![0.0; 15]);
     }
 
@@ -402,10 +499,10 @@ mod tests {
             let weight = uniform(columns * outputs, 3);
             let bias = uniform(outputs, 4);
             let rows = SparseRows::compress(&x, columns).unwrap();
-            let product = rows.product(&weight, &bias);
+            let product = rows.product(&weight, &bias, &|_| {});
             assert_close(&product, &dense_product(&x, &weight, &bias, columns));
             assert_eq!(product[..outputs], bias[..]);
-            assert_eq!(rows.product_portable(&weight, &bias), product);
+            assert_eq!(rows.product_on(false, &weight, &bias, &|_| {}), product);
         }
     }
 
@@ -429,7 +526,38 @@ mod tests {
                 .collect();
             let gradient = rows.transposed_product(&grad, outputs);
             assert_close(&gradient, &expected);
-            assert_eq!(rows.transposed_product_portable(&grad, outputs), gradient);
+            assert_eq!(rows.transposed_product_on(false, &grad, outputs), gradient);
+        }
+    }
+
+    #[test]
+    fn products_split_over_helpers_give_the_same_bits() {
+        let (n, columns, outputs) = (1024, 118, 60);
+        let x = mostly_zeros(n, columns, 0.1, 21);
+        let weight = uniform(columns * outputs, 22);
+        let bias = uniform(outputs, 23);
+        let grad = uniform(n * outputs, 24);
+        let rows = SparseRows::compress(&x, columns).unwrap();
+        let square = |out: &mut [f32]| out.iter_mut().for_each(|v| *v *= *v);
+        let whole = (
+            rows.product(&weight, &bias, &square),
+            rows.transposed_product(&grad, outputs),
+        );
+        for helpers in [1, 3] {
+            let _lent = helper_threads::lend_unpinned(helpers);
+            assert!(
+                helper_threads::chunks_worth(n * columns * outputs) > 1,
+                "split"
+            );
+            // Compared whole: a mismatch would print two thousand-value buffers.
+            assert!(
+                rows.product(&weight, &bias, &square) == whole.0,
+                "{helpers}"
+            );
+            assert!(
+                rows.transposed_product(&grad, outputs) == whole.1,
+                "{helpers}"
+            );
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The DAGMM training loop: Adam on reconstruction + λ1·energy + λ2·covariance penalty, then
 //! GMM parameters over the whole training set and energy cutoffs from the plain scorer.
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -168,13 +170,18 @@ fn fit_on_one_thread(
             split_chooser.start_step();
             let rows = &order[b * n / n_batches..(b + 1) * n / n_batches];
             // Gathered straight into the buffer the tensor takes over: one copy per batch.
-            let mut batch = Vec::with_capacity(rows.len() * d);
-            for (i, &r) in rows.iter().enumerate() {
-                if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
-                    prefetch(&x[ahead * d..(ahead + 1) * d]);
+            let gather = |chunk: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+                for (i, row) in chunk.zip(out.chunks_exact_mut(d)) {
+                    if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
+                        prefetch(&x[ahead * d..(ahead + 1) * d]);
+                    }
+                    let r = rows[i];
+                    row.write_copy_of_slice(&x[r * d..(r + 1) * d]);
                 }
-                batch.extend_from_slice(&x[r * d..(r + 1) * d]);
-            }
+            };
+            // SAFETY: each chunk's rows are copied whole into its d-wide rows.
+            let batch =
+                unsafe { helper_threads::rows_written_in_chunks(rows.len(), d, d, &gather) };
             let xb = Tensor::<2>::from_data(TensorData::new(batch, [rows.len(), d]), &device);
             let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
             let out = net.forward(xb, masks.as_deref());
@@ -483,33 +490,47 @@ mod tests {
     fn a_fit_on_two_cores_is_the_fit_on_one_bit_for_bit() {
         let _one_at_a_time = crate::testing::PINNING.lock();
         // Wide enough layers (1024 × 12 × 96 multiply-adds) that the products are split over
-        // the second core wherever two CPUs can be pinned.
-        let d = 12;
+        // the second core wherever two CPUs can be pinned; and a mostly-zero input (64
+        // features, a tenth of them set) whose first layer goes through its nonzeros, with
+        // the batch gather and the reconstruction rows split too.
         let mut rng = ChaCha8Rng::seed_from_u64(4);
-        let rows: Vec<f64> = (0..1100 * d).map(|_| rng.random_range(0.0..1.0)).collect();
-        let names: Vec<String> = (0..d).map(|i| format!("f{i}")).collect();
-        let net = NetworkConfig {
-            input_dim: d,
-            hidden: vec![96, 48],
-            latent_dim: 1,
-            estimation_hidden: vec![10],
-            gmm_k: 2,
-            dropout: 0.5,
-        };
-        let cfg = TrainConfig {
-            epochs: 3,
-            batch_size: 1024,
-            seed: 1,
-            ..TrainConfig::default()
-        };
-        let fit_on = |cores| {
-            let pre = Preprocessor::fit(FeatureSpec::plain(&names), &rows).unwrap();
-            fit_on_cores(&net, &cfg, pre, &rows, cores, &mut |_| {}).unwrap()
-        };
-        let (one, two) = (fit_on(1), fit_on(2));
-        assert_eq!(one.model, two.model);
-        assert_eq!(one.history, two.history);
-        assert_eq!(one.train_energies, two.train_energies);
+        let dense: Vec<f64> = (0..1100 * 12).map(|_| rng.random_range(0.0..1.0)).collect();
+        let sparse: Vec<f64> = (0..1100 * 64)
+            .map(|_| {
+                if rng.random_bool(0.1) {
+                    rng.random_range(0.1..1.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        // Scaled into [0, 1] rather than the default [1, 2], so that zeros stay zeros.
+        for (d, rows, offset) in [(12, dense, 1.0), (64, sparse, 0.0)] {
+            let names: Vec<String> = (0..d).map(|i| format!("f{i}")).collect();
+            let net = NetworkConfig {
+                input_dim: d,
+                hidden: vec![96, 48],
+                latent_dim: 1,
+                estimation_hidden: vec![10],
+                gmm_k: 2,
+                dropout: 0.5,
+            };
+            let cfg = TrainConfig {
+                epochs: 3,
+                batch_size: 1024,
+                seed: 1,
+                ..TrainConfig::default()
+            };
+            let fit_on = |cores| {
+                let mut pre = Preprocessor::fit(FeatureSpec::plain(&names), &rows).unwrap();
+                pre.offset = offset;
+                fit_on_cores(&net, &cfg, pre, &rows, cores, &mut |_| {}).unwrap()
+            };
+            let (one, two) = (fit_on(1), fit_on(2));
+            assert_eq!(one.model, two.model, "{d} features");
+            assert_eq!(one.history, two.history, "{d} features");
+            assert_eq!(one.train_energies, two.train_energies, "{d} features");
+        }
     }
 
     #[test]
