@@ -5,7 +5,12 @@
 #  2. The 4-metric server scenario: 1000 samples of one generated host, the `fit` network
 #     (4-16-8-1, 3-10-4), batch 1024, 1000 epochs; PyTorch through benches/race_metrics4.py.
 #
-#   benches/race_pytorch.sh [EPOCHS] [THREADS] [ROUNDS]   (defaults: 10 epochs, 1 thread, 3 rounds)
+#   benches/race_pytorch.sh [EPOCHS] [THREADS] [ROUNDS] [SCENARIOS]
+#
+# Defaults: 10 epochs, 1 thread, 3 rounds, both scenarios (SCENARIOS: kdd, metrics4 or both).
+# To race on another machine without a Rust toolchain, point DAGMM_TRAIN at a release
+# `dagmm-train` built for it (nothing is built then) and DAGMM_SHARED at a folder holding
+# datasets/kddcup99/kdd_cup.{npz,parquet} and bench/pytorch_dagmm.py (default ../shared).
 #
 # Each round times ours and then PyTorch, so both see the machine in the same state; a
 # round's ratio compares the two, and the summary gives the median and range over the rounds.
@@ -27,18 +32,34 @@ if ! [[ "$rounds" =~ ^[1-9][0-9]*$ ]]; then
     echo "ROUNDS must be a positive whole number, got '$rounds'" >&2
     exit 2
 fi
+scenarios="${4:-both}"
+case "$scenarios" in
+    kdd | metrics4 | both) ;;
+    *)
+        echo "SCENARIOS must be kdd, metrics4 or both, got '$scenarios'" >&2
+        exit 2
+        ;;
+esac
 venv="${DAGMM_TORCH_VENV:-/tmp/torch-venv}"
-data_npz=../shared/datasets/kddcup99/kdd_cup.npz
-data_parquet=../shared/datasets/kddcup99/kdd_cup.parquet
+shared="${DAGMM_SHARED:-../shared}"
+reference="$shared/bench/pytorch_dagmm.py"
+data_npz="$shared/datasets/kddcup99/kdd_cup.npz"
+data_parquet="$shared/datasets/kddcup99/kdd_cup.parquet"
 
-cargo build --release -q -p dagmm-train -p dagmm-serve
+if [[ -n "${DAGMM_TRAIN:-}" ]]; then
+    dagmm_train="$DAGMM_TRAIN"
+else
+    cargo build --release -q -p dagmm-train
+    dagmm_train=./target/release/dagmm-train
+fi
+echo "dagmm-train: $dagmm_train; PyTorch $("$venv/bin/python3" -c 'import torch; print(torch.__version__)')"
 
 # Training seconds at full precision from the JSON report (the printed summary rounds them to
 # a tenth of a second, too coarse for a slope over a few epochs).
 fit_seconds() {
     local report
     report=$(mktemp)
-    RAYON_NUM_THREADS="$threads" ./target/release/dagmm-train evaluate --input "$data_parquet" \
+    RAYON_NUM_THREADS="$threads" "$dagmm_train" evaluate --input "$data_parquet" \
         --preset kddcup --seeds 1 --epochs "$1" --threshold top-ratio:0.2 --json "$report" >/dev/null
     python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['runs'][0]['train_seconds'])" "$report"
     rm -f "$report"
@@ -66,22 +87,25 @@ kdd_ours() {
 }
 kdd_theirs() {
     local seconds
-    seconds=$("$venv/bin/python" ../shared/bench/pytorch_dagmm.py --data "$data_npz" --epochs "$epochs" \
+    seconds=$("$venv/bin/python3" "$reference" --data "$data_npz" --epochs "$epochs" \
         --threads "$threads" --seed 0 --log-every 1000000 | awk '/^train_seconds/ {print $2}')
     python3 -c "print(f'{$seconds / $epochs:.3f}')"
 }
-echo "KDDCUP99, paper configuration, $epochs epochs, $threads thread(s), $rounds round(s)"
-race s/epoch kdd_ours kdd_theirs
+if [[ "$scenarios" != metrics4 ]]; then
+    echo "KDDCUP99, paper configuration, $epochs epochs, $threads thread(s), $rounds round(s)"
+    race s/epoch kdd_ours kdd_theirs
+fi
+[[ "$scenarios" != kdd ]] || exit 0
 
 # 2. The 4-metric scenario.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-./target/release/dagmm-train generate --out "$work/host.csv" --hosts 1 --days 1 \
+"$dagmm_train" generate --out "$work/host.csv" --hosts 1 --days 1 \
     --anomalies-per-day 0 >/dev/null
 fit_wall() {
     local start end
     start=$(date +%s.%N)
-    RAYON_NUM_THREADS="$threads" ./target/release/dagmm-train fit --input "$work/host.csv" \
+    RAYON_NUM_THREADS="$threads" "$dagmm_train" fit --input "$work/host.csv" \
         --last 1000 --out "$work/models" --epochs "$1" --warmup 0 -q >/dev/null
     end=$(date +%s.%N)
     python3 -c "print($end - $start)"
@@ -93,7 +117,7 @@ metrics_ours() {
     python3 -c "print(f'{($long - $short):.3f}')"
 }
 metrics_theirs() {
-    "$venv/bin/python" benches/race_metrics4.py --reference ../shared/bench/pytorch_dagmm.py \
+    "$venv/bin/python3" benches/race_metrics4.py --reference "$reference" \
         --data "$work/host.csv" --epochs 1000 --threads "$threads" | awk '/^train_seconds/ {print $2}'
 }
 echo "4 metrics, 1000 samples, 1000 epochs, $threads thread(s), $rounds round(s)"
