@@ -298,8 +298,10 @@ unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 
 /// Products with fewer multiply-adds per chunk stay whole: a chunk costs about a microsecond
-/// to hand over, and a 1024 × 10 × 30 product takes some 10 µs.
-const MIN_SPLIT_MULTIPLY_ADDS: usize = 1 << 18;
+/// to hand over. At 2¹⁷ (a few microseconds of work) KDDCUP99's 1024 × 30 × 10 products and
+/// their gradients are split in two as well; a two-core step then took 0.79–0.82 of a one-core
+/// step, against 0.83–0.89 with 2¹⁸ (medians over the chooser's cycles, four runs each).
+const MIN_SPLIT_MULTIPLY_ADDS: usize = 1 << 17;
 
 /// Into how many chunks of rows (at most `most`) an m × k by k × n product is split: 1 for
 /// small products, and only as many as keep every chunk on the path gemm takes for the whole,
@@ -934,9 +936,9 @@ mod tests {
                 }
             }
         }
-        // Four shapes are split (the network's products and gradients); the others stay whole,
+        // Five shapes are split (the network's products and gradients); the others stay whole,
         // two of them because their chunks would take gemm's other block length.
-        assert_eq!(split_shapes, [4 * 3; 2]);
+        assert_eq!(split_shapes, [5 * 3; 2]);
         assert_eq!(split_rows(100, 1024, 30, 2), 1);
         assert_eq!(split_rows(130, 700, 64, 2), 1);
         assert_eq!(split_rows(1000, 16, 4, 4), 1, "too small to hand over");
