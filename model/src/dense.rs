@@ -196,20 +196,16 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Ve
         }
         return output;
     }
-    let mut output = Vec::with_capacity(m * n);
-    let output_start = SharedOutput(output.as_mut_ptr());
-    let product_rows = |chunk: usize, chunks: usize| {
-        let rows = chunk_rows(m, chunk, chunks);
+    let product_rows = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
         if rows.is_empty() {
             return;
         }
+        let start = out.as_mut_ptr().cast::<f32>();
         // SAFETY: both operands' elements lie inside their buffers (`Matrix::in_bounds`,
-        // checked when each view was made), so do the rows taken here; the output has room
-        // for m·n values, written row-major, and each chunk writes only its own rows. Without
-        // a bias gemm is told not to read the output, and writes every element of it, so the
-        // rows are not zeroed first.
+        // checked when each view was made), so do the rows taken here; `out` holds these rows'
+        // n values each, row-major. Without a bias gemm is told not to read the output, and
+        // writes every element of it, so the rows are not zeroed first.
         unsafe {
-            let start = output_start.row(rows.start, n);
             if let Some(bias) = bias {
                 fill_rows(start, rows.len(), bias);
             }
@@ -244,18 +240,15 @@ fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Ve
             }
         }
     };
-    helper_threads::with_current(|helpers| {
-        let chunks = helpers.map_or(1, |helpers| {
-            split_rows(m, k, n, CHUNKS_PER_THREAD * helpers.threads())
-        });
-        match helpers.filter(|_| chunks > 1) {
-            Some(helpers) => helpers.run_chunks(chunks, &|chunk| product_rows(chunk, chunks)),
-            None => product_rows(0, 1),
-        }
-    });
-    // SAFETY: every row is written by one chunk: the bias and gemm's products, or gemm's alone.
-    unsafe { output.set_len(m * n) };
-    output
+    let threads = helper_threads::threads_now();
+    let chunks = match threads {
+        1 => 1,
+        _ => split_rows(m, k, n, CHUNKS_PER_THREAD * threads),
+    };
+    let ranges: Vec<Range<usize>> = (0..chunks).map(|c| chunk_rows(m, c, chunks)).collect();
+    // SAFETY: every value of a chunk's rows is written: the bias and gemm's products, or
+    // gemm's alone.
+    unsafe { helper_threads::rows_written_in_ranges(m, n, &ranges, &product_rows) }
 }
 
 /// `bias` in each of `rows` rows from `start`: copied once, then the rows so far doubled, a
@@ -276,26 +269,6 @@ unsafe fn fill_rows(start: *mut f32, rows: usize, bias: &[f32]) {
         }
     }
 }
-
-/// The output buffer's start, shared by the chunks that write its disjoint rows.
-#[derive(Clone, Copy)]
-struct SharedOutput(*mut f32);
-
-impl SharedOutput {
-    /// Where row `row` of an output n values wide starts.
-    ///
-    /// # Safety
-    /// The row must lie inside the buffer.
-    unsafe fn row(self, row: usize, n: usize) -> *mut f32 {
-        // SAFETY: the caller's.
-        unsafe { self.0.add(row * n) }
-    }
-}
-
-// SAFETY: chunks write disjoint rows through it, and the buffer outlives them
-// (`HelperThreads::run_chunks` returns only when all are done).
-unsafe impl Send for SharedOutput {}
-unsafe impl Sync for SharedOutput {}
 
 /// Products with fewer multiply-adds per chunk stay whole: a chunk costs about a microsecond
 /// to hand over. At 2¹⁷ (a few microseconds of work) KDDCUP99's 1024 × 30 × 10 products and

@@ -385,11 +385,16 @@ pub(crate) fn chunk_rows(rows: usize, chunk: usize, chunks: usize) -> Range<usiz
 /// now: 1 where it has no helpers or splitting is off, else as many as keep each chunk worth
 /// handing over, at most [`CHUNKS_PER_THREAD`] per thread.
 pub(crate) fn chunks_worth(values: usize) -> usize {
-    with_current(|helpers| {
-        helpers.map_or(1, |helpers| {
-            (values / MIN_CHUNK_VALUES).clamp(1, CHUNKS_PER_THREAD * helpers.threads())
-        })
-    })
+    match threads_now() {
+        1 => 1,
+        threads => (values / MIN_CHUNK_VALUES).clamp(1, CHUNKS_PER_THREAD * threads),
+    }
+}
+
+/// How many threads can take chunks on this thread now: it and its helpers where it has them
+/// and splitting is on, else 1.
+pub(crate) fn threads_now() -> usize {
+    with_current(|helpers| helpers.map_or(1, HelperThreads::threads))
 }
 
 /// Runs `work(0)` … `work(chunks − 1)`: on this thread's helpers where it has them and
