@@ -340,28 +340,30 @@ fn tanh_backward(output: FlexTensor, grad: FlexTensor) -> FlexTensor {
     Flex::float_mul(grad, slope)
 }
 
-/// The gradient reaching x·W + b (through tanh when `output` is its tanh output) as a
-/// row-major buffer, and its column sums, the bias gradient. The sums run down each column in
-/// row order, as flex's sum over rows does. The build's baseline is SSE2, so CPUs with AVX2
-/// or AVX-512 get their own copies of the loops (two or four times the lanes, the same bits).
-fn pre_activation_gradient<'a>(
+/// The gradient reaching x·W + b: `grad` itself, or through tanh given its output.
+fn pre_activation_values<'a>(
     grad: &'a [f32],
     output: Option<&[f32]>,
     columns: usize,
-) -> (Cow<'a, [f32]>, Vec<f32>) {
-    let values = match output {
+) -> Cow<'a, [f32]> {
+    match output {
         Some(output) => Cow::Owned(through_tanh(grad, output, columns)),
         None => Cow::Borrowed(grad),
-    };
-    let sums = match Isa::best(16) {
+    }
+}
+
+/// The bias gradient: the column sums of the gradient at x·W + b, down each column in row
+/// order, as flex's sum over rows does. The build's baseline is SSE2, so CPUs with AVX2 or
+/// AVX-512 get their own copies of the loops (two or four times the lanes, the same bits).
+fn bias_gradient(values: &[f32], columns: usize) -> Vec<f32> {
+    match Isa::best(16) {
         // SAFETY (both): Isa::best only names instruction sets this CPU has.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { column_sums_avx512(&values, columns) },
+        Isa::Avx512 => unsafe { column_sums_avx512(values, columns) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { column_sums_avx2(&values, columns) },
-        _ => column_sums(&values, columns),
-    };
-    (values, sums)
+        Isa::Avx2 => unsafe { column_sums_avx2(values, columns) },
+        _ => column_sums(values, columns),
+    }
 }
 
 /// grad · (1 − y²), y being the tanh output. Rows are independent: a fit's spare cores take
@@ -630,24 +632,45 @@ fn layer_gradients_f32(
     };
     let output = output.map(f32_values);
     let grad = f32_values(grad);
-    let (values, bias) = pre_activation_gradient(&grad, output.as_deref(), columns);
+    let values = pre_activation_values(&grad, output.as_deref(), columns);
     let pre = Matrix::row_major(&values, rows, columns);
-    let tensor =
-        |values: Vec<f32>, shape: [usize; 2]| FlexTensor::from_data(TensorData::new(values, shape));
-    let dw = match (x_view, x) {
-        (Some(x), _) => Some(tensor(
-            product(&x.transposed(), &pre, None, false),
-            [x.columns, columns],
-        )),
-        (None, Some(LayerInput::Sparse(x))) => Some(tensor(
-            x.transposed_product(&values, columns),
-            [x.columns(), columns],
-        )),
+    let input_gradient = || {
+        weight
+            .as_ref()
+            .map(|w| product(&pre, &w.transposed(), None, false))
+    };
+    let weight_gradient = || match (&x_view, x) {
+        (Some(x), _) => Some(product(&x.transposed(), &pre, None, false)),
+        (None, Some(LayerInput::Sparse(x))) => Some(x.transposed_product(&values, columns)),
         (None, _) => None,
     };
+    // With both products to form, the fit's helper takes the weight gradient whole while this
+    // thread forms the input gradient and the bias sums: the two products share no output, and
+    // whole they need none of the packing that chunks of each repeat. A lone weight gradient
+    // (the first layer's) is split by its rows instead.
+    let ((dx, bias), dw) = match (&weight, &x_view) {
+        (Some(_), Some(_)) => helper_threads::join(
+            || (input_gradient(), bias_gradient(&values, columns)),
+            weight_gradient,
+        ),
+        _ => (
+            (input_gradient(), bias_gradient(&values, columns)),
+            weight_gradient(),
+        ),
+    };
+    let tensor =
+        |values: Vec<f32>, shape: [usize; 2]| FlexTensor::from_data(TensorData::new(values, shape));
+    let x_columns = x_view.as_ref().map_or_else(
+        || match x {
+            Some(LayerInput::Sparse(x)) => x.columns(),
+            _ => 0,
+        },
+        |x| x.columns,
+    );
     Some([
-        weight.map(|w| tensor(product(&pre, &w.transposed(), None, false), [rows, w.rows])),
-        dw,
+        dx.zip(weight.as_ref())
+            .map(|(dx, w)| tensor(dx, [rows, w.rows])),
+        dw.map(|dw| tensor(dw, [x_columns, columns])),
         Some(FlexTensor::from_data(TensorData::new(bias, [columns]))),
     ])
 }
@@ -840,23 +863,38 @@ mod tests {
     }
 
     #[test]
-    fn tanh_gradients_split_over_helpers_give_the_same_bits() {
+    fn layer_gradients_with_helpers_give_the_same_bits() {
+        // KDDCUP99's last decoder layer (60 → 118, tanh, a batch of 1024): with helpers the
+        // tanh gradient is split by rows, and the weight gradient runs on a helper while this
+        // thread forms the input gradient and the bias sums.
         let mut rng = ChaCha8Rng::seed_from_u64(8);
-        let (rows, columns) = (1024, 60);
-        let grad: Vec<f32> = (0..rows * columns)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        let output: Vec<f32> = (0..rows * columns)
-            .map(|_| rng.random_range(-1.0f32..1.0).tanh())
-            .collect();
-        let whole = pre_activation_gradient(&grad, Some(&output), columns);
+        let (rows, inputs, columns) = (1024, 60, 118);
+        let mut matrix = |shape: [usize; 2], squash: bool| {
+            let values: Vec<f32> = (0..shape[0] * shape[1])
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .map(|v| if squash { v.tanh() } else { v })
+                .collect();
+            FlexTensor::from_data(TensorData::new(values, shape))
+        };
+        let grad = matrix([rows, columns], false);
+        let output = matrix([rows, columns], true);
+        let x = LayerInput::Dense(matrix([rows, inputs], false));
+        let weight = matrix([inputs, columns], false);
+        let gradients = || {
+            layer_gradients_f32(&grad, Some(&output), Some(&x), Some(&weight))
+                .expect("f32 matrices")
+                .map(|gradient| f32_values(&gradient.expect("each gradient")).into_owned())
+        };
+        let whole = gradients();
+        assert_eq!(
+            whole.each_ref().map(|g| g.len()),
+            [rows * inputs, inputs * columns, columns]
+        );
         for helpers in [1, 3] {
             let _lent = helper_threads::lend_unpinned(helpers);
             assert!(helper_threads::chunks_worth(rows * columns) > 1, "split");
-            let split = pre_activation_gradient(&grad, Some(&output), columns);
-            // Compared whole: a mismatch would print two thousand-value buffers.
-            assert!(split.0 == whole.0, "{helpers}");
-            assert!(split.1 == whole.1, "{helpers}");
+            // Compared whole: a mismatch would print thousand-value buffers.
+            assert!(gradients() == whole, "{helpers} helpers");
         }
     }
 

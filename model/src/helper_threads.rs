@@ -406,6 +406,35 @@ pub(crate) fn run_in_chunks(chunks: usize, work: &(dyn Fn(usize) + Sync)) {
     })
 }
 
+/// `first()` here and `second()` on a helper, at once, where this thread has helpers and
+/// splitting is on; else one after the other here. Either way the work inside each runs
+/// whole, on one thread, so the results are the same bits. Like `rayon::join`, on the fit's
+/// spinning helpers.
+pub(crate) fn join<A: Send, B: Send>(
+    first: impl FnOnce() -> A + Send,
+    second: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if threads_now() == 1 {
+        return (first(), second());
+    }
+    let (first, second) = (Mutex::new(Some(first)), Mutex::new(Some(second)));
+    let (first_result, second_result) = (Mutex::new(None), Mutex::new(None));
+    run_in_chunks(2, &|chunk| {
+        if chunk == 0 {
+            let first = lock(&first).take().expect("the first work runs once");
+            *lock(&first_result) = Some(first());
+        } else {
+            let second = lock(&second).take().expect("the second work runs once");
+            *lock(&second_result) = Some(second());
+        }
+    });
+    let ran = "run_in_chunks runs every chunk before it returns";
+    (
+        first_result.into_inner().ok().flatten().expect(ran),
+        second_result.into_inner().ok().flatten().expect(ran),
+    )
+}
+
 /// How many chunks of rows [`rows_written_in_chunks`] makes: whole blocks of eight rows.
 fn row_chunks(rows: usize, values_per_row: usize) -> usize {
     chunks_worth(rows.saturating_mul(values_per_row)).min(rows.div_ceil(8).max(1))
@@ -593,6 +622,32 @@ mod tests {
             assert_eq!(threads.len(), 2);
             assert_ne!(threads[0], threads[1], "round {round}");
         }
+    }
+
+    #[test]
+    fn join_runs_both_at_once_with_a_helper_and_in_turn_without() {
+        // Each side waits until the other has started, so with a helper it cannot finish
+        // on one thread; without one the two run in turn.
+        let both_started = |started: &AtomicUsize, value: u32| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let waiting_since = Instant::now();
+            while started.load(Ordering::SeqCst) < 2 {
+                assert!(waiting_since.elapsed() < Duration::from_secs(10), "alone");
+                std::hint::spin_loop();
+            }
+            value
+        };
+        {
+            let _lent = lend_unpinned(1);
+            let started = AtomicUsize::new(0);
+            let joined = join(
+                || both_started(&started, 1),
+                || (both_started(&started, 2), thread::current().id()),
+            );
+            assert_eq!((joined.0, joined.1.0), (1, 2));
+        }
+        let here = thread::current().id();
+        assert_eq!(join(|| 1, || (2, thread::current().id())), (1, (2, here)));
     }
 
     #[test]
