@@ -12,6 +12,9 @@
 // Index loops read closest to the substitution formulas.
 #![allow(clippy::needless_range_loop)]
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -25,6 +28,7 @@ use burn::tensor::Tensor;
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
 use crate::fastmath::exp_non_positive;
 use crate::gmm::LaneMixture;
+use crate::helper_threads;
 use crate::scorer::{Isa, mixture_energies};
 use crate::step_support::{from_f64, register_gradients, to_f64};
 
@@ -72,70 +76,159 @@ const LANES: usize = 16;
 const GRADIENT_LANES: usize = 8;
 
 impl Mixture {
-    /// The scorer's energies ([`LaneMixture::energies`]), sixteen samples at a time.
+    /// The scorer's energies ([`LaneMixture::energies`]), sixteen samples at a time; a fit's
+    /// spare cores take runs of the blocks (each sample's energy is its own lane's).
     fn energies(&self) -> Vec<f64> {
-        let (n, d) = (self.n, self.d);
+        let (n, d, k) = (self.n, self.d, self.k);
         let mixture = LaneMixture::<f64>::from_parts(d, &self.mu, &self.chol, &self.log_norm);
         let isa = Isa::best(LANES);
-        let mut energies = Vec::with_capacity(n.next_multiple_of(LANES));
-        let mut code = [[0f64; LANES]; MAX_Z_DIM];
-        for start in (0..n).step_by(LANES) {
-            let used = LANES.min(n - start);
-            for (j, lane) in code[..d].iter_mut().enumerate() {
-                for (r, value) in lane.iter_mut().enumerate() {
-                    // Padding lanes repeat the block's first sample.
-                    let row = start + if r < used { r } else { 0 };
-                    *value = self.z[row * d + j];
+        let block_energies = |blocks: Range<usize>, out: &mut [MaybeUninit<f64>]| {
+            let mut code = [[0f64; LANES]; MAX_Z_DIM];
+            for (block, out) in blocks.zip(out.chunks_exact_mut(LANES)) {
+                let start = block * LANES;
+                let used = LANES.min(n - start);
+                for (j, lane) in code[..d].iter_mut().enumerate() {
+                    for (r, value) in lane.iter_mut().enumerate() {
+                        // Padding lanes repeat the block's first sample.
+                        let row = start + if r < used { r } else { 0 };
+                        *value = self.z[row * d + j];
+                    }
+                }
+                let energies = mixture_energies::<f64, LANES>(isa, &mixture, &code[..d]);
+                for (out, energy) in out.iter_mut().zip(energies) {
+                    out.write(energy);
                 }
             }
-            let block = mixture_energies::<f64, LANES>(isa, &mixture, &code[..d]);
-            energies.extend_from_slice(&block[..used]);
-        }
+        };
+        let blocks = n.div_ceil(LANES);
+        // SAFETY: `block_energies` writes all LANES values of each block.
+        let mut energies = unsafe {
+            helper_threads::rows_written_in_chunks(
+                blocks,
+                LANES,
+                LANES * k * d * d,
+                &block_energies,
+            )
+        };
+        energies.truncate(n);
         energies
     }
 
-    /// (z̄, μ̄, L̄, log_norm̄) for the output gradient `grad`, compiled for the best
-    /// instruction set (the exp below uses fused multiply-adds).
+    /// (z̄, μ̄, L̄, log_norm̄) for the output gradient `grad`. Blocks of eight samples are
+    /// independent but for their shares of μ̄, L̄ and log_norm̄, so a fit's spare cores take
+    /// runs of blocks: each block writes its samples' z̄ and its shares to a row of its own,
+    /// and the shares are then added up here block after block, the order of one thread.
     fn gradients(&self, grad: &[f64]) -> [Vec<f64>; 4] {
-        #[cfg(target_arch = "x86_64")]
-        match Isa::best(LANES) {
-            // SAFETY: Isa::best only names instruction sets this CPU has.
-            Isa::Avx512 => return unsafe { self.gradients_avx512(grad) },
-            Isa::Avx2 => return unsafe { self.gradients_fma(grad) },
-            Isa::Portable => {}
+        const L: usize = GRADIENT_LANES;
+        let (n, d, k) = (self.n, self.d, self.k);
+        let width = self.block_width();
+        let blocks = n.div_ceil(L);
+        let inverse_pivots: Vec<f64> = (0..k * d)
+            .map(|at| self.chol[(at / d) * d * d + (at % d) * (d + 1)].recip())
+            .collect();
+        let block_rows = |blocks: Range<usize>, out: &mut [MaybeUninit<f64>]| {
+            for value in out.iter_mut() {
+                value.write(0.0);
+            }
+            // SAFETY: every value was just written.
+            let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
+            #[cfg(target_arch = "x86_64")]
+            match Isa::best(LANES) {
+                // SAFETY (both): Isa::best only names instruction sets this CPU has.
+                Isa::Avx512 => {
+                    return unsafe { self.blocks_avx512(grad, &inverse_pivots, blocks, out) };
+                }
+                Isa::Avx2 => return unsafe { self.blocks_fma(grad, &inverse_pivots, blocks, out) },
+                Isa::Portable => {}
+            }
+            self.blocks_body(grad, &inverse_pivots, blocks, out)
+        };
+        let work_per_block = L * k * d * d * 4;
+        // SAFETY: `block_rows` writes every value of its rows (zeros first).
+        let rows = unsafe {
+            helper_threads::rows_written_in_chunks(blocks, width, work_per_block, &block_rows)
+        };
+        let mut z_bar = Vec::with_capacity(n * d);
+        let mut mu_bar = vec![0.0; k * d];
+        let mut chol_bar = vec![0.0; k * d * d];
+        let mut log_norm_bar = vec![0.0; k];
+        for (block, row) in rows.chunks_exact(width.max(1)).enumerate() {
+            let used = L.min(n - block * L);
+            let (z_part, shares) = row.split_at(L * d);
+            z_bar.extend_from_slice(&z_part[..used * d]);
+            let (log_norm_shares, rest) = shares.split_at(k);
+            let (chol_shares, mu_shares) = rest.split_at(k * d * d);
+            for (total, share) in log_norm_bar.iter_mut().zip(log_norm_shares) {
+                *total -= share;
+            }
+            for c in 0..k {
+                for j in 0..d {
+                    for p in 0..=j {
+                        chol_bar[c * d * d + j * d + p] -= chol_shares[c * d * d + j * d + p];
+                    }
+                }
+            }
+            for (total, share) in mu_bar.iter_mut().zip(mu_shares) {
+                *total -= share;
+            }
         }
-        self.gradients_body(grad)
+        [z_bar, mu_bar, chol_bar, log_norm_bar]
+    }
+
+    /// Values in a block's row: its samples' z̄ (`GRADIENT_LANES` × d), then its shares of
+    /// log_norm̄ (k), L̄ (k × d × d, lower triangle) and μ̄ (k × d), each to be subtracted.
+    fn block_width(&self) -> usize {
+        let (d, k) = (self.d, self.k);
+        GRADIENT_LANES * d + k + k * d * d + k * d
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma,avx2")]
-    fn gradients_avx512(&self, grad: &[f64]) -> [Vec<f64>; 4] {
-        self.gradients_body(grad)
+    fn blocks_avx512(
+        &self,
+        grad: &[f64],
+        inverse_pivots: &[f64],
+        blocks: Range<usize>,
+        out: &mut [f64],
+    ) {
+        self.blocks_body(grad, inverse_pivots, blocks, out)
     }
 
+    /// The blocks' rows compiled for AVX2 with fused multiply-adds (the exp below uses them).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "fma,avx2")]
-    fn gradients_fma(&self, grad: &[f64]) -> [Vec<f64>; 4] {
-        self.gradients_body(grad)
+    fn blocks_fma(
+        &self,
+        grad: &[f64],
+        inverse_pivots: &[f64],
+        blocks: Range<usize>,
+        out: &mut [f64],
+    ) {
+        self.blocks_body(grad, inverse_pivots, blocks, out)
     }
 
+    /// The rows ([`Mixture::block_width`]) of `blocks`, in `out`, which starts zeroed.
     #[inline(always)]
-    fn gradients_body(&self, grad: &[f64]) -> [Vec<f64>; 4] {
+    fn blocks_body(
+        &self,
+        grad: &[f64],
+        inverse_pivots: &[f64],
+        blocks: Range<usize>,
+        out: &mut [f64],
+    ) {
         const L: usize = GRADIENT_LANES;
         let (n, d, k) = (self.n, self.d, self.k);
-        let mut z_bar = vec![0.0; n * d];
-        let mut mu_bar = vec![0.0; k * d];
-        let mut chol_bar = vec![0.0; k * d * d];
-        let mut log_norm_bar = vec![0.0; k];
-        let inverse_pivots: Vec<f64> = (0..k * d)
-            .map(|at| self.chol[(at / d) * d * d + (at % d) * (d + 1)].recip())
-            .collect();
+        let width = self.block_width();
         // L samples side by side, so every step below runs across lanes and vectorises.
         let mut y = [[[0f64; L]; MAX_Z_DIM]; MAX_GMM_K];
         let mut log_terms = [[0f64; L]; MAX_GMM_K];
         let mut r_bar = [[0f64; L]; MAX_Z_DIM];
-        for start in (0..n).step_by(L) {
+        for (block, row) in blocks.zip(out.chunks_exact_mut(width)) {
+            let start = block * L;
             let used = L.min(n - start);
+            let (z_bar, shares) = row.split_at_mut(L * d);
+            let (log_norm_shares, rest) = shares.split_at_mut(k);
+            let (chol_shares, mu_shares) = rest.split_at_mut(k * d * d);
             // Padding lanes repeat the first sample with a zero gradient, so they add nothing.
             let row = |r: usize| start + if r < used { r } else { 0 };
             let g: [f64; L] = std::array::from_fn(|r| if r < used { grad[start + r] } else { 0.0 });
@@ -174,7 +267,7 @@ impl Mixture {
                 let l = &self.chol[c * d * d..(c + 1) * d * d];
                 // ∂E/∂log_term_c = −w_c, so log_term_c's gradient is −g·w_c and ‖y_c‖²'s g·w_c/2.
                 let gw: [f64; L] = std::array::from_fn(|r| g[r] * log_terms[c][r] / total[r]);
-                log_norm_bar[c] -= gw.iter().sum::<f64>();
+                log_norm_shares[c] = gw.iter().sum::<f64>();
                 // ȳ = g·w·y; r̄ = L⁻ᵀȳ (back substitution); L̄ = −r̄ yᵀ on the lower triangle.
                 for j in (0..d).rev() {
                     let mut rhs: [f64; L] = std::array::from_fn(|r| gw[r] * y[c][j][r]);
@@ -193,16 +286,15 @@ impl Mixture {
                         for r in 0..L {
                             sum += r_bar[j][r] * y[c][p][r];
                         }
-                        chol_bar[c * d * d + j * d + p] -= sum;
+                        chol_shares[c * d * d + j * d + p] = sum;
                     }
                     for r in 0..used {
-                        z_bar[(start + r) * d + j] += r_bar[j][r];
+                        z_bar[r * d + j] += r_bar[j][r];
                     }
-                    mu_bar[c * d + j] -= r_bar[j].iter().sum::<f64>();
+                    mu_shares[c * d + j] = r_bar[j].iter().sum::<f64>();
                 }
             }
         }
-        [z_bar, mu_bar, chol_bar, log_norm_bar]
     }
 }
 
@@ -305,6 +397,57 @@ impl<C: CheckpointStrategy> MixtureEnergyBackend for Autodiff<Flex, C> {
                 chol.into_primitive(),
                 log_norm.into_primitive(),
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn energies_and_their_gradients_split_over_helpers_give_the_same_bits() {
+        // A KDDCUP99-sized batch (not a whole number of blocks), four components in three
+        // dimensions.
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (n, d, k) = (1021, 3, 4);
+        let mut random = |count: usize| -> Vec<f64> {
+            (0..count).map(|_| rng.random_range(-1.0..1.0)).collect()
+        };
+        let mut chol = random(k * d * d);
+        for c in 0..k {
+            for j in 0..d {
+                chol[c * d * d + j * d + j] = 0.5 + chol[c * d * d + j * d + j].abs();
+                for p in j + 1..d {
+                    chol[c * d * d + j * d + p] = 0.0;
+                }
+            }
+        }
+        let mixture = Mixture {
+            n,
+            d,
+            k,
+            z: random(n * d),
+            mu: random(k * d),
+            chol,
+            log_norm: random(k),
+        };
+        let grad = random(n);
+        let energies = mixture.energies();
+        assert!(energies.len() == n && energies.iter().all(|e| e.is_finite()));
+        let whole = mixture.gradients(&grad);
+        assert_eq!(whole.each_ref().map(Vec::len), [n * d, k * d, k * d * d, k]);
+        assert!(whole.iter().flatten().all(|v| v.is_finite()));
+        let blocks = n.div_ceil(GRADIENT_LANES);
+        for helpers in [1, 3] {
+            let _lent = helper_threads::lend_unpinned(helpers);
+            let work = blocks * GRADIENT_LANES * k * d * d * 4;
+            assert!(helper_threads::chunks_worth(work) > 1, "split");
+            // Compared whole: a mismatch would print thousand-value buffers.
+            assert!(mixture.gradients(&grad) == whole, "{helpers} helpers");
+            assert!(mixture.energies() == energies, "{helpers} helpers");
         }
     }
 }

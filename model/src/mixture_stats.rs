@@ -10,6 +10,9 @@
 // Index loops read closest to the formulas.
 #![allow(clippy::needless_range_loop)]
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -21,6 +24,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::tensor::Tensor;
 
 use crate::gmm::MIN_WEIGHT;
+use crate::helper_threads;
 use crate::step_support::{from_f64, register_gradients, to_f64};
 
 #[backend_extension(Flex, Autodiff)]
@@ -134,31 +138,43 @@ fn stats_gradients<const D: usize>(stats: &Stats, grad: &[f64]) -> [Vec<f64>; 2]
     }
     let inverse_sums: Vec<f64> = stats.sums.iter().map(|s| s.recip()).collect();
     let phi_bar: Vec<f64> = (0..k).map(|c| grad[c * width] / n as f64).collect();
-    let mut z_bar = vec![[0f64; D]; n];
-    let mut gamma_bar = vec![0f64; n * k];
-    for ((zi, gi), (z_bar_i, gamma_bar_i)) in codes
-        .iter()
-        .zip(stats.gamma.chunks_exact(k))
-        .zip(z_bar.iter_mut().zip(gamma_bar.chunks_exact_mut(k)))
-    {
-        for c in 0..k {
-            let (inverse_sum, g) = (inverse_sums[c], gi[c]);
-            let r: [f64; D] = std::array::from_fn(|j| zi[j] - mu[c][j]);
-            let mut value = phi_bar[c] - cov_dot[c] * inverse_sum;
-            for a in 0..D {
-                let mut through_cov = 0.0;
-                let mut quadratic = 0.0;
-                for b in 0..D {
-                    through_cov += symmetric[c][a][b] * r[b];
-                    quadratic += cov_bar[c][a][b] * r[b];
+    // Each sample's row: its z̄ (D values), then its γ̄ (k). Rows are independent, so a fit's
+    // spare cores take chunks of them.
+    let rows_of = |rows: Range<usize>, out: &mut [MaybeUninit<f64>]| {
+        for (i, row) in rows.zip(out.chunks_exact_mut(D + k)) {
+            let (zi, gi) = (&codes[i], &stats.gamma[i * k..(i + 1) * k]);
+            let (z_bar_i, gamma_bar_i) = row.split_at_mut(D);
+            let mut z_bar = [0f64; D];
+            for c in 0..k {
+                let (inverse_sum, g) = (inverse_sums[c], gi[c]);
+                let r: [f64; D] = std::array::from_fn(|j| zi[j] - mu[c][j]);
+                let mut value = phi_bar[c] - cov_dot[c] * inverse_sum;
+                for a in 0..D {
+                    let mut through_cov = 0.0;
+                    let mut quadratic = 0.0;
+                    for b in 0..D {
+                        through_cov += symmetric[c][a][b] * r[b];
+                        quadratic += cov_bar[c][a][b] * r[b];
+                    }
+                    z_bar[a] += g * (mu_bar[c][a] + through_cov) * inverse_sum;
+                    value += (mu_bar[c][a] + quadratic) * r[a] * inverse_sum;
                 }
-                z_bar_i[a] += g * (mu_bar[c][a] + through_cov) * inverse_sum;
-                value += (mu_bar[c][a] + quadratic) * r[a] * inverse_sum;
+                gamma_bar_i[c].write(value);
             }
-            gamma_bar_i[c] = value;
+            for (out, value) in z_bar_i.iter_mut().zip(z_bar) {
+                out.write(value);
+            }
         }
+    };
+    // SAFETY: `rows_of` writes each row's D + k values.
+    let rows = unsafe { helper_threads::rows_written_in_chunks(n, D + k, 4 * k * D * D, &rows_of) };
+    let mut z_bar = Vec::with_capacity(n * D);
+    let mut gamma_bar = Vec::with_capacity(n * k);
+    for row in rows.chunks_exact(D + k) {
+        z_bar.extend_from_slice(&row[..D]);
+        gamma_bar.extend_from_slice(&row[D..]);
     }
-    [z_bar.concat(), gamma_bar]
+    [z_bar, gamma_bar]
 }
 
 /// Calls `$function::<D>(args)` with the const D equal to the code width `$d`, so that the
@@ -396,6 +412,32 @@ mod tests {
                 &stats_and_gradients(false, dtype),
                 tolerance,
             );
+        }
+    }
+
+    #[test]
+    fn gradients_split_over_helpers_give_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (n, d, k) = (1021, 3, 4);
+        let z: Vec<f64> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let gamma: Vec<f64> = (0..n)
+            .flat_map(|_| {
+                let weights: Vec<f64> = (0..k).map(|_| rng.random_range(0.01..1.0)).collect();
+                let total: f64 = weights.iter().sum();
+                weights.into_iter().map(move |w| w / total)
+            })
+            .collect();
+        let grad: Vec<f64> = (0..k * (1 + d + d * d))
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let stats = Stats::new(z, gamma, n, d, k);
+        let whole = stats.gradients(&grad);
+        assert_eq!(whole.each_ref().map(Vec::len), [n * d, n * k]);
+        for helpers in [1, 3] {
+            let _lent = helper_threads::lend_unpinned(helpers);
+            assert!(helper_threads::chunks_worth(n * 4 * k * d * d) > 1, "split");
+            // Compared whole: a mismatch would print thousand-value buffers.
+            assert!(stats.gradients(&grad) == whole, "{helpers} helpers");
         }
     }
 }
