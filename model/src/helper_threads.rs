@@ -497,14 +497,19 @@ pub(crate) unsafe fn rows_written_in_ranges<T: Send + Sync>(
 }
 
 /// The start of a buffer whose disjoint parts chunks write.
-struct SharedBuffer<T>(*mut T);
+pub(crate) struct SharedBuffer<T>(*mut T);
 
 impl<T> SharedBuffer<T> {
+    /// The unfilled part of `buffer`, for chunks to write before its length is set.
+    pub(crate) fn spare_of(buffer: &mut Vec<T>) -> SharedBuffer<MaybeUninit<T>> {
+        SharedBuffer(buffer.spare_capacity_mut().as_mut_ptr())
+    }
+
     /// The element `offset` places from the start.
     ///
     /// # Safety
     /// It must lie inside the buffer.
-    unsafe fn add(&self, offset: usize) -> *mut T {
+    pub(crate) unsafe fn add(&self, offset: usize) -> *mut T {
         // SAFETY: the caller's.
         unsafe { self.0.add(offset) }
     }

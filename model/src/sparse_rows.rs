@@ -34,60 +34,96 @@ pub(crate) struct SparseRows {
 
 impl SparseRows {
     /// The nonzero entries of row-major `values` with `columns` columns, or `None` when more
-    /// than [`MAX_DENSITY`] of them are nonzero (or the shape does not divide).
+    /// than [`MAX_DENSITY`] of them are nonzero (or the shape does not divide). Rows are
+    /// independent: a fit's spare cores take chunks of them, first for their bit masks, then
+    /// for their entries.
     pub(crate) fn compress(values: &[f32], columns: usize) -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        if Isa::Avx2.supported() {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { Self::compress_avx2(values, columns) };
-        }
-        Self::compress_with::<false>(values, columns)
+        Self::compress_on(Isa::Avx2.supported(), values, columns)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn compress_avx2(values: &[f32], columns: usize) -> Option<Self> {
-        Self::compress_with::<true>(values, columns)
-    }
-
-    /// [`SparseRows::compress`], the masks taken with AVX2 compares when `AVX2`, which only a
+    /// [`SparseRows::compress`], the masks taken with AVX2 compares when `avx2`, which only a
     /// CPU with AVX2 may ask for.
-    #[inline(always)]
-    fn compress_with<const AVX2: bool>(values: &[f32], columns: usize) -> Option<Self> {
+    fn compress_on(avx2: bool, values: &[f32], columns: usize) -> Option<Self> {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = avx2;
         if columns == 0 || !values.len().is_multiple_of(columns) || columns > u32::MAX as usize {
             return None;
         }
-        // Each row's nonzeros as bit masks of 64 entries, counted on the way.
-        let mut masks = Vec::with_capacity(values.len() / columns * columns.div_ceil(64));
-        let mut nonzeros = 0;
-        for row in values.chunks_exact(columns) {
-            for word in row.chunks(64) {
-                let mask = nonzero_mask::<AVX2>(word);
-                nonzeros += mask.count_ones() as usize;
-                masks.push(mask);
+        let (rows, words) = (values.len() / columns, columns.div_ceil(64));
+        // Each row's nonzeros as bit masks of 64 entries.
+        let masks_of = |rows: Range<usize>, out: &mut [MaybeUninit<u64>]| {
+            let values = &values[rows.start * columns..rows.end * columns];
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: only a CPU with AVX2 asks for it.
+                return unsafe { row_masks_avx2(values, columns, out) };
             }
+            row_masks::<false>(values, columns, out)
+        };
+        // SAFETY: `row_masks` writes every row's words.
+        let masks =
+            unsafe { helper_threads::rows_written_in_chunks(rows, words, columns, &masks_of) };
+        let mut row_starts = Vec::with_capacity(rows + 1);
+        row_starts.push(0);
+        let mut nonzeros = 0;
+        for row in masks.chunks_exact(words) {
+            nonzeros += row
+                .iter()
+                .map(|mask| mask.count_ones() as usize)
+                .sum::<usize>();
+            row_starts.push(nonzeros);
         }
         if nonzeros as f64 > MAX_DENSITY * values.len() as f64 {
             return None;
         }
-        let mut column_indices = Vec::with_capacity(nonzeros);
-        let mut kept = Vec::with_capacity(nonzeros);
-        let mut row_starts = Vec::with_capacity(values.len() / columns + 1);
-        row_starts.push(0);
-        let mut masks = masks.into_iter();
-        for row in values.chunks_exact(columns) {
-            // One step per set bit: which entries are zero is too irregular to branch on one
-            // entry at a time.
-            for (word_index, mut mask) in masks.by_ref().take(columns.div_ceil(64)).enumerate() {
-                while mask != 0 {
-                    let column = word_index * 64 + mask.trailing_zeros() as usize;
-                    column_indices.push(column as u32);
-                    kept.push(row[column]);
-                    mask &= mask - 1;
+        // The entries, in chunks of whole rows: each chunk's entries follow the previous one's.
+        let chunks = helper_threads::chunks_worth(values.len());
+        let entry_ranges: Vec<Range<usize>> = (0..chunks)
+            .map(|chunk| helper_threads::chunk_rows(rows, chunk, chunks))
+            .map(|rows| row_starts[rows.start]..row_starts[rows.end])
+            .collect();
+        // The rows whose entries fill `entries`, from the last row starting at or before it (a
+        // row with entries: an empty row shares its start with the next).
+        let rows_of = |entries: &Range<usize>| {
+            let first = row_starts.partition_point(|&start| start <= entries.start) - 1;
+            let last = row_starts.partition_point(|&start| start < entries.end);
+            first..last.max(first)
+        };
+        // Each chunk writes its entries' column indices and, through `kept_at`, their values.
+        let mut kept: Vec<f32> = Vec::with_capacity(nonzeros);
+        let kept_at = helper_threads::SharedBuffer::spare_of(&mut kept);
+        let entries_of = |entries: Range<usize>, out: &mut [MaybeUninit<u32>]| {
+            let mut written = 0;
+            for row in rows_of(&entries) {
+                let row_values = &values[row * columns..(row + 1) * columns];
+                for (word_index, &word) in masks[row * words..(row + 1) * words].iter().enumerate()
+                {
+                    // One step per set bit: which entries are zero is too irregular to branch
+                    // on one entry at a time.
+                    let mut mask = word;
+                    while mask != 0 {
+                        let column = word_index * 64 + mask.trailing_zeros() as usize;
+                        assert!(written < out.len(), "a chunk's rows fill its entries");
+                        out[written].write(column as u32);
+                        // SAFETY: entry `entries.start + written` lies inside `entries`, this
+                        // chunk's alone, and `kept` has room for every entry.
+                        unsafe {
+                            (*kept_at.add(entries.start + written)).write(row_values[column])
+                        };
+                        written += 1;
+                        mask &= mask - 1;
+                    }
                 }
             }
-            row_starts.push(column_indices.len());
-        }
+            assert_eq!(written, out.len(), "a chunk's rows fill its entries");
+        };
+        // SAFETY: the rows of a chunk hold exactly its entries (asserted), so each chunk writes
+        // every column index and value of its range.
+        let column_indices = unsafe {
+            helper_threads::rows_written_in_ranges(nonzeros, 1, &entry_ranges, &entries_of)
+        };
+        // SAFETY: the ranges cover all `nonzeros` entries, each value written above.
+        unsafe { kept.set_len(nonzeros) };
         Some(SparseRows {
             columns,
             row_starts,
@@ -280,6 +316,26 @@ impl SparseRows {
     }
 }
 
+/// The bit masks of rows of `values` (`columns` wide), 64 entries a word, into `out`.
+#[inline(always)]
+fn row_masks<const AVX2: bool>(values: &[f32], columns: usize, out: &mut [MaybeUninit<u64>]) {
+    let words = columns.div_ceil(64);
+    for (row, out) in values
+        .chunks_exact(columns)
+        .zip(out.chunks_exact_mut(words))
+    {
+        for (word, out) in row.chunks(64).zip(out) {
+            out.write(nonzero_mask::<AVX2>(word));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn row_masks_avx2(values: &[f32], columns: usize, out: &mut [MaybeUninit<u64>]) {
+    row_masks::<true>(values, columns, out)
+}
+
 /// Bit k set where `word[k]` (at most 64 entries) is not zero (NaN included); eight entries
 /// to one vector compare when `AVX2`, which only code compiled for AVX2 may ask for.
 #[inline(always)]
@@ -292,7 +348,7 @@ fn nonzero_mask<const AVX2: bool>(word: &[f32]) -> u64 {
         let eights = word.chunks_exact(8);
         first_unmasked = word.len() - eights.remainder().len();
         for (c, chunk) in eights.enumerate() {
-            // SAFETY: AVX2 is only asked for from code compiled for it (`compress_avx2`), and
+            // SAFETY: AVX2 is only asked for from code compiled for it (`row_masks_avx2`), and
             // the load reads the chunk's eight values.
             let bits = unsafe {
                 use std::arch::x86_64::*;
@@ -468,9 +524,27 @@ mod tests {
                     .all(|(a, b)| a == b || (a.is_nan() && b.is_nan()))
             );
             // The masks from vector compares and from one entry at a time agree.
-            let portable = SparseRows::compress_with::<false>(&x, columns).unwrap();
+            let portable = SparseRows::compress_on(false, &x, columns).unwrap();
             assert_eq!(portable.row_starts, rows.row_starts);
             assert_eq!(portable.column_indices, rows.column_indices);
+        }
+    }
+
+    #[test]
+    fn compressed_in_chunks_over_helpers_gives_the_same_rows() {
+        // KDDCUP99's batch shape, with empty rows at both ends and a run of them long enough
+        // to leave a chunk without entries.
+        let (n, columns) = (1021, 118);
+        let mut x = mostly_zeros(n, columns, 0.1, 9);
+        for row in (0..5).chain(300..560).chain(n - 3..n) {
+            x[row * columns..(row + 1) * columns].fill(0.0);
+        }
+        let whole = SparseRows::compress(&x, columns).expect("sparse enough");
+        assert_eq!(whole.to_dense(), x);
+        for helpers in [1, 3] {
+            let _lent = helper_threads::lend_unpinned(helpers);
+            assert!(helper_threads::chunks_worth(n * columns) > 1, "split");
+            assert_eq!(SparseRows::compress(&x, columns).as_ref(), Some(&whole));
         }
     }
 
