@@ -1,5 +1,5 @@
 //! Spare cores for one fit: helper threads that take chunks of its larger products and of its
-//! row-wise work.
+//! row-wise work, and a layer's weight gradient while the fit's thread forms its input gradient.
 //!
 //! A training step hands out dozens of products of 5–70 µs each. rayon's workers go to sleep
 //! between them, and waking a sleeping thread (on a VM, a halted vCPU) costs about as much as
@@ -8,7 +8,8 @@
 //! sleep, so during training a chunk starts within a fraction of a microsecond.
 //!
 //! A fit lends itself helpers with [`lend`]; its products find them with [`with_current`], its
-//! row-wise kernels through [`rows_written_in_chunks`].
+//! row-wise kernels through [`rows_written_in_chunks`], a layer's two gradient products
+//! through [`join`].
 //! The fit's thread and its helpers are pinned to CPUs of their own: unpinned, a woken helper
 //! was often placed on the fit's CPU, and the two took turns there (three 12-epoch KDDCUP99
 //! fits of nine took 7.6–8.6 s, the others 5.6–6.4 s).
