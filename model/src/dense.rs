@@ -639,9 +639,12 @@ fn layer_gradients_f32(
             .as_ref()
             .map(|w| product(&pre, &w.transposed(), None, false))
     };
+    // With the number of its rows, x's columns.
     let weight_gradient = || match (&x_view, x) {
-        (Some(x), _) => Some(product(&x.transposed(), &pre, None, false)),
-        (None, Some(LayerInput::Sparse(x))) => Some(x.transposed_product(&values, columns)),
+        (Some(x), _) => Some((product(&x.transposed(), &pre, None, false), x.columns)),
+        (None, Some(LayerInput::Sparse(x))) => {
+            Some((x.transposed_product(&values, columns), x.columns()))
+        }
         (None, _) => None,
     };
     // With both products to form, the fit's helper takes the weight gradient whole while this
@@ -660,17 +663,10 @@ fn layer_gradients_f32(
     };
     let tensor =
         |values: Vec<f32>, shape: [usize; 2]| FlexTensor::from_data(TensorData::new(values, shape));
-    let x_columns = x_view.as_ref().map_or_else(
-        || match x {
-            Some(LayerInput::Sparse(x)) => x.columns(),
-            _ => 0,
-        },
-        |x| x.columns,
-    );
     Some([
         dx.zip(weight.as_ref())
             .map(|(dx, w)| tensor(dx, [rows, w.rows])),
-        dw.map(|dw| tensor(dw, [x_columns, columns])),
+        dw.map(|(dw, inputs)| tensor(dw, [inputs, columns])),
         Some(FlexTensor::from_data(TensorData::new(bias, [columns]))),
     ])
 }

@@ -131,7 +131,7 @@ impl Mixture {
                 value.write(0.0);
             }
             // SAFETY: every value was just written.
-            let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
+            let out = unsafe { out.assume_init_mut() };
             #[cfg(target_arch = "x86_64")]
             match Isa::best(LANES) {
                 // SAFETY (both): Isa::best only names instruction sets this CPU has.
@@ -143,6 +143,8 @@ impl Mixture {
             }
             self.blocks_body(grad, &inverse_pivots, blocks, out)
         };
+        // Per sample and component, a forward and a back substitution and L̄'s triangle: a
+        // few multiply-adds per entry of the factor.
         let work_per_block = L * k * d * d * 4;
         // SAFETY: `block_rows` writes every value of its rows (zeros first).
         let rows = unsafe {
