@@ -369,19 +369,24 @@ fn nonzero_mask<const AVX2: bool>(word: &[f32]) -> u64 {
 const LANES: usize = 8;
 
 /// `matrix` (row-major, `columns` wide) with each row padded with zeros to a multiple of
-/// [`LANES`], and the padded width.
+/// [`LANES`], and the padded width. Each value is written once (zeroing the whole copy first
+/// was most of the fit thread's `memset`), and a fit's spare cores take chunks of the rows.
 fn padded(matrix: &[f32], columns: usize) -> (Cow<'_, [f32]>, usize) {
     let stride = columns.next_multiple_of(LANES);
     if stride == columns {
         return (Cow::Borrowed(matrix), stride);
     }
-    let mut padded = vec![0f32; matrix.len() / columns * stride];
-    for (to, from) in padded
-        .chunks_exact_mut(stride)
-        .zip(matrix.chunks_exact(columns))
-    {
-        to[..columns].copy_from_slice(from);
-    }
+    let rows_of = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+        let from = &matrix[rows.start * columns..rows.end * columns];
+        for (to, from) in out.chunks_exact_mut(stride).zip(from.chunks_exact(columns)) {
+            let (values, padding) = to.split_at_mut(columns);
+            values.write_copy_of_slice(from);
+            padding.fill(MaybeUninit::new(0.0));
+        }
+    };
+    let rows = matrix.len() / columns;
+    // SAFETY: each row's values and padding are written.
+    let padded = unsafe { helper_threads::rows_written_in_chunks(rows, stride, stride, &rows_of) };
     (Cow::Owned(padded), stride)
 }
 
