@@ -138,12 +138,13 @@ fn stats_gradients<const D: usize>(stats: &Stats, grad: &[f64]) -> [Vec<f64>; 2]
     }
     let inverse_sums: Vec<f64> = stats.sums.iter().map(|s| s.recip()).collect();
     let phi_bar: Vec<f64> = (0..k).map(|c| grad[c * width] / n as f64).collect();
-    // Each sample's row: its z̄ (D values), then its γ̄ (k). Rows are independent, so a fit's
-    // spare cores take chunks of them.
-    let rows_of = |rows: Range<usize>, out: &mut [MaybeUninit<f64>]| {
-        for (i, row) in rows.zip(out.chunks_exact_mut(D + k)) {
+    // Rows are independent, so a fit's spare cores take chunks of them: each writes its rows
+    // of z̄ and, through `gamma_bar_at`, of γ̄.
+    let mut gamma_bar: Vec<f64> = Vec::with_capacity(n * k);
+    let gamma_bar_at = helper_threads::SharedBuffer::spare_of(&mut gamma_bar);
+    let rows_of = |rows: Range<usize>, z_bar_rows: &mut [MaybeUninit<f64>]| {
+        for (i, z_bar_i) in rows.zip(z_bar_rows.chunks_exact_mut(D)) {
             let (zi, gi) = (&codes[i], &stats.gamma[i * k..(i + 1) * k]);
-            let (z_bar_i, gamma_bar_i) = row.split_at_mut(D);
             let mut z_bar = [0f64; D];
             for c in 0..k {
                 let (inverse_sum, g) = (inverse_sums[c], gi[c]);
@@ -159,21 +160,19 @@ fn stats_gradients<const D: usize>(stats: &Stats, grad: &[f64]) -> [Vec<f64>; 2]
                     z_bar[a] += g * (mu_bar[c][a] + through_cov) * inverse_sum;
                     value += (mu_bar[c][a] + quadratic) * r[a] * inverse_sum;
                 }
-                gamma_bar_i[c].write(value);
+                // SAFETY: row i's γ̄ lies inside the n·k values reserved, and row i is this
+                // chunk's alone.
+                unsafe { (*gamma_bar_at.add(i * k + c)).write(value) };
             }
             for (out, value) in z_bar_i.iter_mut().zip(z_bar) {
                 out.write(value);
             }
         }
     };
-    // SAFETY: `rows_of` writes each row's D + k values.
-    let rows = unsafe { helper_threads::rows_written_in_chunks(n, D + k, 4 * k * D * D, &rows_of) };
-    let mut z_bar = Vec::with_capacity(n * D);
-    let mut gamma_bar = Vec::with_capacity(n * k);
-    for row in rows.chunks_exact(D + k) {
-        z_bar.extend_from_slice(&row[..D]);
-        gamma_bar.extend_from_slice(&row[D..]);
-    }
+    // SAFETY: `rows_of` writes each row's D values of z̄.
+    let z_bar = unsafe { helper_threads::rows_written_in_chunks(n, D, 4 * k * D * D, &rows_of) };
+    // SAFETY: the chunks covered every row, each writing the row's k values of γ̄.
+    unsafe { gamma_bar.set_len(n * k) };
     [z_bar, gamma_bar]
 }
 
