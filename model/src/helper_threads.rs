@@ -16,6 +16,8 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -57,6 +59,9 @@ struct Slot {
     sleeping: AtomicBool,
     job: Mutex<Option<WorkPtr>>,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
+    /// Background work ([`background`]), run a piece at a time while no chunks wait.
+    background: Mutex<VecDeque<Arc<dyn Pieces>>>,
+    has_background: AtomicBool,
 }
 
 impl Slot {
@@ -66,6 +71,8 @@ impl Slot {
             sleeping: AtomicBool::new(false),
             job: Mutex::new(None),
             panic: Mutex::new(None),
+            background: Mutex::new(VecDeque::new()),
+            has_background: AtomicBool::new(false),
         }
     }
 }
@@ -214,13 +221,20 @@ fn serve(slot: &Slot, thread: usize) {
                 STOP => return,
                 _ => {}
             }
+            if slot.has_background.load(Ordering::Acquire) {
+                run_background_piece(slot);
+                idle_since = Instant::now();
+                continue;
+            }
             spins = spins.wrapping_add(1);
             if !spins.is_multiple_of(256) || idle_since.elapsed() < SPIN_BEFORE_SLEEP {
                 std::hint::spin_loop();
                 continue;
             }
             slot.sleeping.store(true, Ordering::SeqCst);
-            if !matches!(slot.state.load(Ordering::SeqCst), READY | STOP) {
+            if !matches!(slot.state.load(Ordering::SeqCst), READY | STOP)
+                && !slot.has_background.load(Ordering::SeqCst)
+            {
                 thread::park();
             }
             slot.sleeping.store(false, Ordering::SeqCst);
@@ -241,6 +255,137 @@ fn serve(slot: &Slot, thread: usize) {
             }
         }
         slot.state.store(DONE, Ordering::Release);
+    }
+}
+
+/// Runs one piece of the helper's oldest background work, and drops that work from its queue
+/// once nothing of it is left.
+fn run_background_piece(slot: &Slot) {
+    let Some(work) = lock(&slot.background).front().cloned() else {
+        slot.has_background.store(false, Ordering::Release);
+        return;
+    };
+    if work.run_piece() {
+        let mut queue = lock(&slot.background);
+        if queue.front().is_some_and(|front| Arc::ptr_eq(front, &work)) {
+            queue.pop_front();
+        }
+        if queue.is_empty() {
+            slot.has_background.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Work a helper can do a piece at a time.
+trait Pieces: Send + Sync {
+    /// Runs the next piece; true when nothing is left.
+    fn run_piece(&self) -> bool;
+}
+
+/// A piece of background work: `None` while more is left, the result after the last piece.
+type Piece<'a, T> = dyn FnMut() -> Option<T> + Send + 'a;
+
+enum BackgroundState<T> {
+    Working(Box<Piece<'static, T>>),
+    Done(T),
+    Panicked(Box<dyn Any + Send>),
+    /// Taken by [`Background::finish`], or dropped unfinished.
+    Gone,
+}
+
+struct BackgroundWork<T> {
+    state: Mutex<BackgroundState<T>>,
+}
+
+impl<T: Send> BackgroundWork<T> {
+    /// Runs a piece where one is left, under the state's lock (so the owner never sees a piece
+    /// half-run); true when nothing is left.
+    fn piece(state: &mut BackgroundState<T>) -> bool {
+        let BackgroundState::Working(piece) = state else {
+            return true;
+        };
+        match catch_unwind(AssertUnwindSafe(piece)) {
+            Ok(None) => false,
+            Ok(Some(result)) => {
+                *state = BackgroundState::Done(result);
+                true
+            }
+            Err(panic) => {
+                *state = BackgroundState::Panicked(panic);
+                true
+            }
+        }
+    }
+}
+
+impl<T: Send> Pieces for BackgroundWork<T> {
+    fn run_piece(&self) -> bool {
+        Self::piece(&mut lock(&self.state))
+    }
+}
+
+/// Work handed to this thread's first helper to do in the background, a piece at a time,
+/// while it has no chunks to take: between a step's products, where it would otherwise spin.
+/// [`Background::finish`] returns the result, running here whatever pieces are left. Without
+/// helpers (or with splitting off) every piece runs at `finish`, here. Each piece must leave
+/// the work in a state the next piece can carry on from, whichever thread runs it.
+pub(crate) struct Background<'a, T: Send + 'static> {
+    work: Arc<BackgroundWork<T>>,
+    _borrows: PhantomData<&'a ()>,
+}
+
+/// Starts `pieces` as [`Background`] work.
+pub(crate) fn background<'a, T: Send + 'static>(
+    pieces: impl FnMut() -> Option<T> + Send + 'a,
+) -> Background<'a, T> {
+    let pieces: Box<Piece<'a, T>> = Box::new(pieces);
+    // SAFETY: only the lifetime changes. The work runs only under its state's lock while it
+    // is `Working`, and `Background` replaces it (dropping the closure) under that lock before
+    // the borrows of 'a end, in `finish` or on drop.
+    let pieces =
+        unsafe { std::mem::transmute::<Box<Piece<'a, T>>, Box<Piece<'static, T>>>(pieces) };
+    let work = Arc::new(BackgroundWork {
+        state: Mutex::new(BackgroundState::Working(pieces)),
+    });
+    with_current(|helpers| {
+        if let Some(slot) = helpers.and_then(|helpers| helpers.slots.first()) {
+            lock(&slot.background).push_back(Arc::clone(&work) as Arc<dyn Pieces>);
+            // SeqCst against the helper's `sleeping` store, as for READY in `run_chunks`.
+            slot.has_background.store(true, Ordering::SeqCst);
+            if slot.sleeping.load(Ordering::SeqCst)
+                && let Some(thread) = helpers.and_then(|helpers| helpers.threads.first())
+            {
+                thread.thread().unpark();
+            }
+        }
+    });
+    Background {
+        work,
+        _borrows: PhantomData,
+    }
+}
+
+impl<T: Send + 'static> Background<'_, T> {
+    /// The result: the helper's, or this thread's after it runs the pieces left. A piece's
+    /// panic is raised here.
+    pub(crate) fn finish(self) -> T {
+        let mut state = lock(&self.work.state);
+        while !BackgroundWork::piece(&mut state) {}
+        match std::mem::replace(&mut *state, BackgroundState::Gone) {
+            BackgroundState::Done(result) => result,
+            BackgroundState::Panicked(panic) => resume_unwind(panic),
+            BackgroundState::Working(_) | BackgroundState::Gone => {
+                unreachable!("background work runs until it is done or panics, and is taken once")
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Background<'_, T> {
+    fn drop(&mut self) {
+        // Unfinished work borrows what is about to go: drop it where no piece can be running.
+        let unfinished = std::mem::replace(&mut *lock(&self.work.state), BackgroundState::Gone);
+        drop(unfinished);
     }
 }
 
@@ -590,6 +735,95 @@ impl Drop for SplitChooser {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    /// Background work of `pieces` pieces that counts the pieces run and notes the last thread
+    /// (by name) to run one; its result is the list of pieces in the order run.
+    fn counted_pieces<'a>(
+        pieces: usize,
+        runs: &'a AtomicUsize,
+        ran_on: &'a Mutex<Option<String>>,
+    ) -> impl FnMut() -> Option<Vec<usize>> + Send + 'a {
+        let mut done = Vec::new();
+        move || {
+            done.push(runs.fetch_add(1, Ordering::SeqCst));
+            *lock(ran_on) = thread::current().name().map(str::to_owned);
+            (done.len() == pieces).then(|| std::mem::take(&mut done))
+        }
+    }
+
+    #[test]
+    fn background_work_runs_on_the_helper_between_chunks_and_gives_its_result() {
+        let _lent = lend_unpinned(1);
+        let (runs, ran_on) = (AtomicUsize::new(0), Mutex::new(None));
+        let work = background(counted_pieces(5, &runs, &ran_on));
+        // Chunks handed out meanwhile still run, on both threads.
+        let chunk_runs: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+        run_in_chunks(4, &|chunk| {
+            chunk_runs[chunk].fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(
+            chunk_runs
+                .iter()
+                .all(|runs| runs.load(Ordering::SeqCst) == 1)
+        );
+        // This thread runs no piece before `finish`: every piece run so far is the helper's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.load(Ordering::SeqCst) < 5 {
+            assert!(Instant::now() < deadline, "the helper never ran the pieces");
+            std::hint::spin_loop();
+        }
+        assert_eq!(lock(&ran_on).as_deref(), Some("dagmm-helper-0"));
+        assert_eq!(work.finish(), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn background_work_without_helpers_runs_here_at_finish() {
+        let (runs, ran_on) = (AtomicUsize::new(0), Mutex::new(None));
+        let work = background(counted_pieces(3, &runs, &ran_on));
+        thread::sleep(Duration::from_millis(5));
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing runs before finish");
+        assert_eq!(work.finish(), vec![0, 1, 2]);
+        assert_eq!(*lock(&ran_on), thread::current().name().map(str::to_owned));
+    }
+
+    #[test]
+    fn unfinished_background_work_stops_when_dropped_and_panics_reach_finish() {
+        let _lent = lend_unpinned(1);
+        // A piece that waits for a go: the helper stays inside the first until it is given.
+        let go = AtomicBool::new(false);
+        let runs = AtomicUsize::new(0);
+        let work = background(|| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            while !go.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            None::<()>
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the helper never started the work"
+            );
+            std::hint::spin_loop();
+        }
+        go.store(true, Ordering::SeqCst);
+        // Dropping waits out the piece in progress and no piece starts after it.
+        drop(work);
+        let after_drop = runs.load(Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(5));
+        assert_eq!(runs.load(Ordering::SeqCst), after_drop);
+
+        let failing = background(|| -> Option<()> { panic!("piece failed") });
+        let raised = catch_unwind(AssertUnwindSafe(|| failing.finish()));
+        assert!(raised.is_err());
+        // The helper still takes chunks after the panic.
+        let chunk_runs = AtomicUsize::new(0);
+        run_in_chunks(4, &|_| {
+            chunk_runs.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(chunk_runs.load(Ordering::SeqCst), 4);
+    }
 
     #[test]
     fn every_chunk_runs_once() {

@@ -1,8 +1,6 @@
 //! The DAGMM training loop: Adam on reconstruction + λ1·energy + λ2·covariance penalty, then
 //! GMM parameters over the whole training set and energy cutoffs from the plain scorer.
 
-use std::mem::MaybeUninit;
-use std::ops::Range;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -166,25 +164,26 @@ fn fit_on_one_thread(
         let joint = epoch > warmup_epochs;
         order.shuffle(&mut rng);
         let mut sums = [0f64; 4];
+        // Each batch is gathered by the fit's helper in the background during the step before
+        // (the first of an epoch here, after the shuffle): one copy per batch, straight into
+        // the buffer the tensor takes over.
+        let batch_rows = |b: usize| &order[b * n / n_batches..(b + 1) * n / n_batches];
+        let mut next_batch = None;
         for b in 0..n_batches {
             split_chooser.start_step();
-            let rows = &order[b * n / n_batches..(b + 1) * n / n_batches];
-            // Gathered straight into the buffer the tensor takes over: one copy per batch.
-            let gather = |chunk: Range<usize>, out: &mut [MaybeUninit<f32>]| {
-                for (i, row) in chunk.zip(out.chunks_exact_mut(d)) {
-                    if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
-                        prefetch(&x[ahead * d..(ahead + 1) * d]);
-                    }
-                    let r = rows[i];
-                    row.write_copy_of_slice(&x[r * d..(r + 1) * d]);
-                }
-            };
-            // SAFETY: each chunk's rows are copied whole into its d-wide rows.
-            let batch =
-                unsafe { helper_threads::rows_written_in_chunks(rows.len(), d, d, &gather) };
+            let rows = batch_rows(b);
+            let batch = next_batch
+                .take()
+                .unwrap_or_else(|| helper_threads::background(rows_gathered(&x, d, rows.to_vec())))
+                .finish();
             let xb = Tensor::<2>::from_data(TensorData::new(batch, [rows.len(), d]), &device);
             let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
             let out = net.forward(xb, masks.as_deref());
+            // Started here, past the layers' products, so that the helper gathers while this
+            // thread works through the mixture's small tensors alone.
+            next_batch = (b + 1 < n_batches).then(|| {
+                helper_threads::background(rows_gathered(&x, d, batch_rows(b + 1).to_vec()))
+            });
             let reconstruction = out.squared_error.mean();
             let gmm = gmm_stats(out.z.clone(), out.gamma);
             let (energies, penalty) = energy(out.z, &gmm, cfg.cov_reg);
@@ -258,6 +257,33 @@ fn fit_on_one_thread(
 /// epoch on a Zen 5 VM (ten alternating pairs, all faster); 8 and 48 rows ahead gained less or
 /// nothing. On an AVX2-only Zen 4 VM no distance (4, 8, 24 or none) differed beyond noise.
 const PREFETCH_ROWS_AHEAD: usize = 24;
+
+/// Rows gathered per piece of background work: a few microseconds, so that the helper doing
+/// it soon turns to the chunks of the step's products.
+const GATHER_PIECE_ROWS: usize = 64;
+
+/// Pieces of [`helper_threads::background`] work that copy `rows` of `x` (rows of `d` values)
+/// one after another into a new buffer, and give it after the last.
+fn rows_gathered(
+    x: &[f32],
+    d: usize,
+    rows: Vec<usize>,
+) -> impl FnMut() -> Option<Vec<f32>> + Send + '_ {
+    let mut gathered = Vec::with_capacity(rows.len() * d);
+    let mut next = 0;
+    move || {
+        let end = (next + GATHER_PIECE_ROWS).min(rows.len());
+        for i in next..end {
+            if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
+                prefetch(&x[ahead * d..(ahead + 1) * d]);
+            }
+            let r = rows[i];
+            gathered.extend_from_slice(&x[r * d..(r + 1) * d]);
+        }
+        next = end;
+        (next == rows.len()).then(|| std::mem::take(&mut gathered))
+    }
+}
 
 /// Asks the CPU to start loading every cache line of `values`; a hint, which changes no value.
 #[inline(always)]
@@ -399,6 +425,31 @@ fn burn_energies_with(net: &DagmmNet, model: &DagmmModel, x: &[f32], device: &De
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_gathered_in_pieces_come_in_the_order_asked() {
+        let d = 3;
+        let x: Vec<f32> = (0..500 * d).map(|v| v as f32).collect();
+        // More than two pieces, the last one short, rows repeated and out of order.
+        let rows: Vec<usize> = (0..150).map(|i| (i * 37) % 500).chain([7, 7]).collect();
+        let mut pieces = rows_gathered(&x, d, rows.clone());
+        let mut calls = 1;
+        let gathered = loop {
+            match pieces() {
+                Some(gathered) => break gathered,
+                None => calls += 1,
+            }
+        };
+        assert_eq!(calls, rows.len().div_ceil(GATHER_PIECE_ROWS));
+        let expected: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        assert_eq!(gathered, expected);
+        let _lent = helper_threads::lend_unpinned(1);
+        let in_background = helper_threads::background(rows_gathered(&x, d, rows));
+        assert_eq!(in_background.finish(), expected);
+    }
     use crate::preprocess::FeatureSpec;
     use rand_distr::{Distribution, Normal};
 
