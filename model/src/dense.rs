@@ -14,6 +14,7 @@
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -27,10 +28,10 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::helper_threads::{self, CHUNKS_PER_THREAD, chunk_rows};
+use crate::helper_threads::{self, Background, CHUNKS_PER_THREAD, chunk_rows};
 use crate::network::tanh_f32;
 use crate::scorer::Isa;
-use crate::sparse_rows::SparseRows;
+use crate::sparse_rows::{ByColumn, SparseRows, by_column_in_pieces};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DenseBackend: Backend {
@@ -543,16 +544,58 @@ struct DenseStep;
 enum LayerInput<D> {
     Dense(D),
     /// Data that needs no gradient of its own and is mostly zeros: its nonzeros.
-    Sparse(SparseRows),
+    Sparse(SparseInput),
+}
+
+/// A first layer's mostly-zero input: its nonzeros, and the same arranged by column for the
+/// weight gradient by the fit's helper in the background while the step goes on.
+#[derive(Clone)]
+struct SparseInput {
+    rows: Arc<SparseRows>,
+    /// Taken by the backward pass.
+    by_column: Arc<Mutex<Option<Background<'static, ByColumn>>>>,
+}
+
+impl SparseInput {
+    fn new(rows: SparseRows) -> Self {
+        let rows = Arc::new(rows);
+        let by_column = helper_threads::background(by_column_in_pieces(Arc::clone(&rows)));
+        SparseInput {
+            rows,
+            by_column: Arc::new(Mutex::new(Some(by_column))),
+        }
+    }
+
+    /// The entries by column: the background work's, finished here where it is not done yet.
+    fn by_column(&self) -> ByColumn {
+        let started = self
+            .by_column
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match started {
+            Some(background) => background.finish(),
+            // Asked for twice: a burn state may be cloned.
+            None => self.rows.by_column(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SparseInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseInput")
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LayerInput<FlexTensor> {
     fn into_tensor(self) -> FlexTensor {
         match self {
             LayerInput::Dense(x) => x,
-            LayerInput::Sparse(rows) => FlexTensor::from_data(TensorData::new(
-                rows.to_dense(),
-                [rows.rows(), rows.columns()],
+            LayerInput::Sparse(x) => FlexTensor::from_data(TensorData::new(
+                x.rows.to_dense(),
+                [x.rows.rows(), x.rows.columns()],
             )),
         }
     }
@@ -627,7 +670,7 @@ fn layer_gradients_f32(
         .map_or(Some(None), |view| view.map(Some))?;
     let x_view = match x {
         Some(LayerInput::Dense(x)) => Some(Matrix::of(x)?),
-        Some(LayerInput::Sparse(x)) if x.rows() != rows => return None,
+        Some(LayerInput::Sparse(x)) if x.rows.rows() != rows => return None,
         _ => None,
     };
     let output = output.map(f32_values);
@@ -642,9 +685,11 @@ fn layer_gradients_f32(
     // With the number of its rows, x's columns.
     let weight_gradient = || match (&x_view, x) {
         (Some(x), _) => Some((product(&x.transposed(), &pre, None, false), x.columns)),
-        (None, Some(LayerInput::Sparse(x))) => {
-            Some((x.transposed_product(&values, columns), x.columns()))
-        }
+        (None, Some(LayerInput::Sparse(x))) => Some((
+            x.rows
+                .transposed_product_by(&x.by_column(), &values, columns),
+            x.rows.columns(),
+        )),
         (None, _) => None,
     };
     // With both products to form, the fit's helper takes the weight gradient whole while this
@@ -723,7 +768,9 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
                     })
                     .flatten();
                 let (x_state, output) = match sparse {
-                    Some((rows, output)) => (Some(LayerInput::Sparse(rows)), output),
+                    Some((rows, output)) => {
+                        (Some(LayerInput::Sparse(SparseInput::new(rows))), output)
+                    }
                     None => {
                         let x_state =
                             weight_tracked.then(|| LayerInput::Dense(prep.checkpoint(&x)));

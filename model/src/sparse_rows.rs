@@ -248,39 +248,61 @@ impl SparseRows {
 
     /// xᵀ·g as a row-major `[columns, outputs]` buffer, for g row-major `[rows, outputs]`:
     /// each nonzero x[i][j] adds x[i][j]·g[i] to row j, rows i in order.
+    #[cfg(test)]
     pub(crate) fn transposed_product(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
-        self.transposed_product_on(Isa::Avx2.supported(), grad, outputs)
+        self.transposed_product_by(&self.by_column(), grad, outputs)
     }
 
-    /// [`SparseRows::transposed_product`] through the AVX2 copy of the loop when `avx2`, which
-    /// only a CPU with AVX2 may ask for.
-    fn transposed_product_on(&self, avx2: bool, grad: &[f32], outputs: usize) -> Vec<f32> {
+    /// The entries column by column, rows in order within each: each output row of
+    /// [`SparseRows::transposed_product_by`] then sums in registers, and in the same order as
+    /// row after row would. Apart from the product so that it can be arranged while the
+    /// gradient is still being formed ([`by_column_in_pieces`]).
+    pub(crate) fn by_column(&self) -> ByColumn {
+        let mut pieces = by_column_in_pieces(self);
+        loop {
+            if let Some(by_column) = pieces() {
+                return by_column;
+            }
+        }
+    }
+
+    /// [`SparseRows::transposed_product`] from its entries already arranged [`by_column`].
+    ///
+    /// [`by_column`]: SparseRows::by_column
+    pub(crate) fn transposed_product_by(
+        &self,
+        by_column: &ByColumn,
+        grad: &[f32],
+        outputs: usize,
+    ) -> Vec<f32> {
+        self.transposed_product_on(Isa::Avx2.supported(), by_column, grad, outputs)
+    }
+
+    /// [`SparseRows::transposed_product_by`] through the AVX2 copy of the loop when `avx2`,
+    /// which only a CPU with AVX2 may ask for.
+    fn transposed_product_on(
+        &self,
+        avx2: bool,
+        by_column: &ByColumn,
+        grad: &[f32],
+        outputs: usize,
+    ) -> Vec<f32> {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = avx2;
         assert_eq!(grad.len(), self.rows() * outputs, "gradient shape");
+        assert_eq!(
+            by_column.rows.len(),
+            self.values.len(),
+            "these rows' entries"
+        );
         if outputs == 0 {
             return Vec::new();
         }
-        // The entries column by column, rows in order within each: each output row then sums
-        // in registers, and in the same order as row after row would.
-        let mut column_starts = vec![0usize; self.columns + 1];
-        for &column in &self.column_indices {
-            column_starts[column as usize + 1] += 1;
-        }
-        for column in 0..self.columns {
-            column_starts[column + 1] += column_starts[column];
-        }
-        let mut cursor = column_starts.clone();
-        let mut rows_by_column = vec![0u32; self.values.len()];
-        let mut values_by_column = vec![0f32; self.values.len()];
-        for (row, bounds) in self.row_starts.windows(2).enumerate() {
-            for entry in bounds[0]..bounds[1] {
-                let slot = &mut cursor[self.column_indices[entry] as usize];
-                rows_by_column[*slot] = row as u32;
-                values_by_column[*slot] = self.values[entry];
-                *slot += 1;
-            }
-        }
+        let ByColumn {
+            column_starts,
+            rows: rows_by_column,
+            values: values_by_column,
+        } = by_column;
         let (grad, stride) = padded(grad, outputs);
         // Output rows are independent: a fit's spare cores take runs of them with about equal
         // shares of the entries.
@@ -314,6 +336,60 @@ impl SparseRows {
             helper_threads::rows_written_in_ranges(self.columns, outputs, &ranges, &gradient_of)
         }
     }
+}
+
+/// Rows of entries placed by column per piece of [`by_column_in_pieces`]: a few microseconds.
+const BY_COLUMN_PIECE_ROWS: usize = 128;
+
+/// [`SparseRows::by_column`] as pieces of [`helper_threads::background`] work: the columns'
+/// counts first, then the entries of a run of rows per piece, each after the last; the
+/// arrangement comes with the last piece.
+pub(crate) fn by_column_in_pieces<R: std::borrow::Borrow<SparseRows> + Send>(
+    sparse: R,
+) -> impl FnMut() -> Option<ByColumn> + Send {
+    // The arrangement so far and each column's next slot, once the columns are counted.
+    let mut arranged: Option<(ByColumn, Vec<usize>)> = None;
+    let mut next_row = 0;
+    move || {
+        let x: &SparseRows = sparse.borrow();
+        let Some((by_column, cursor)) = arranged.as_mut() else {
+            let mut column_starts = vec![0usize; x.columns + 1];
+            for &column in &x.column_indices {
+                column_starts[column as usize + 1] += 1;
+            }
+            for column in 0..x.columns {
+                column_starts[column + 1] += column_starts[column];
+            }
+            let cursor = column_starts.clone();
+            let entries = x.values.len();
+            let by_column = ByColumn {
+                column_starts,
+                rows: vec![0u32; entries],
+                values: vec![0f32; entries],
+            };
+            arranged = Some((by_column, cursor));
+            return None;
+        };
+        let end = (next_row + BY_COLUMN_PIECE_ROWS).min(x.rows());
+        for row in next_row..end {
+            for entry in x.row_starts[row]..x.row_starts[row + 1] {
+                let slot = &mut cursor[x.column_indices[entry] as usize];
+                by_column.rows[*slot] = row as u32;
+                by_column.values[*slot] = x.values[entry];
+                *slot += 1;
+            }
+        }
+        next_row = end;
+        (next_row == x.rows()).then(|| arranged.take().map(|(by_column, _)| by_column))?
+    }
+}
+
+/// A [`SparseRows`]'s entries column by column ([`SparseRows::by_column`]).
+pub(crate) struct ByColumn {
+    /// Where each column's entries start, and after the last, their count.
+    column_starts: Vec<usize>,
+    rows: Vec<u32>,
+    values: Vec<f32>,
 }
 
 /// The bit masks of rows of `values` (`columns` wide), 64 entries a word, into `out`.
@@ -554,6 +630,39 @@ mod tests {
     }
 
     #[test]
+    fn entries_arranged_by_column_in_pieces_keep_row_order_whoever_arranges_them() {
+        // Several pieces of rows, the last one short, and a run of empty rows across a piece
+        // boundary.
+        let (n, columns) = (1021, 118);
+        let mut x = mostly_zeros(n, columns, 0.1, 4);
+        for row in 100..300 {
+            x[row * columns..(row + 1) * columns].fill(0.0);
+        }
+        let rows = SparseRows::compress(&x, columns).expect("sparse enough");
+        assert!(n > 3 * BY_COLUMN_PIECE_ROWS);
+        let check = |by_column: &ByColumn| {
+            for column in 0..columns {
+                let expected: Vec<(u32, f32)> = (0..n)
+                    .filter(|&i| x[i * columns + column] != 0.0)
+                    .map(|i| (i as u32, x[i * columns + column]))
+                    .collect();
+                let range = by_column.column_starts[column]..by_column.column_starts[column + 1];
+                let found: Vec<(u32, f32)> = by_column.rows[range.clone()]
+                    .iter()
+                    .copied()
+                    .zip(by_column.values[range].iter().copied())
+                    .collect();
+                assert_eq!(found, expected, "column {column}");
+            }
+        };
+        check(&rows.by_column());
+        let _lent = helper_threads::lend_unpinned(1);
+        let shared = std::sync::Arc::new(rows);
+        let in_background = helper_threads::background(by_column_in_pieces(shared));
+        check(&in_background.finish());
+    }
+
+    #[test]
     fn refuses_dense_rows_and_shapes_that_do_not_divide() {
         let x = mostly_zeros(64, 8, 0.6, 2);
         assert!(x.iter().filter(|v| **v != 0.0).count() as f64 > MAX_DENSITY * x.len() as f64);
@@ -605,7 +714,10 @@ mod tests {
                 .collect();
             let gradient = rows.transposed_product(&grad, outputs);
             assert_close(&gradient, &expected);
-            assert_eq!(rows.transposed_product_on(false, &grad, outputs), gradient);
+            assert_eq!(
+                rows.transposed_product_on(false, &rows.by_column(), &grad, outputs),
+                gradient
+            );
         }
     }
 
