@@ -22,6 +22,7 @@ pub mod network;
 pub mod preprocess;
 pub mod reconstruction;
 pub mod scorer;
+pub mod softmax;
 mod sparse_rows;
 mod step_support;
 #[cfg(test)]

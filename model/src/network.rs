@@ -5,7 +5,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -14,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::NetworkConfig;
 use crate::dense::dense;
 use crate::reconstruction::{COSINE, RELATIVE_DISTANCE, SQUARED_ERROR, reconstruction_terms};
+use crate::softmax::softmax_rows;
 
 /// Added under square roots of squared norms so empty or zero rows keep finite gradients.
 pub const NORM_EPS: f32 = 1e-10;
@@ -188,7 +188,7 @@ impl DagmmNet {
                 h = h * masks[i].clone();
             }
         }
-        let gamma = softmax(h, 1);
+        let gamma = softmax_rows(h);
         Forward {
             z_c,
             squared_error,
