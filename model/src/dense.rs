@@ -60,7 +60,7 @@ pub fn dense(layer: &Linear, x: Tensor<2>, squash: bool) -> Tensor<2> {
 }
 
 /// The contiguous f32 values of a flex tensor, borrowed when they already are.
-fn f32_values(tensor: &FlexTensor) -> Cow<'_, [f32]> {
+pub(crate) fn f32_values(tensor: &FlexTensor) -> Cow<'_, [f32]> {
     match tensor.as_slice::<f32>() {
         Some(values) => Cow::Borrowed(values),
         None => Cow::Owned(

@@ -3,8 +3,14 @@
 //! burn's softmax is a chain of five tensor operations (the row maxima, the shift, exp, the row
 //! sums, the division), and its gradient another eight; each is recorded and differentiated on
 //! its own. On KDDCUP99's `[1024, 4]` memberships that bookkeeping, not the arithmetic, took
-//! about 60 µs of a 1.7 ms training step, with the fit's helper idle. Here both directions call
-//! the same flex operations on the same values in the same order, so the bits are burn's.
+//! about 60 µs of a 1.7 ms training step, with the fit's helper idle. Here both directions
+//! perform burn's operations on each value in burn's order, so the bits are burn's: for f32
+//! rows narrower than a vector of lanes (flex then sums a row in order, as here) in loops over
+//! rows that the fit's helpers share; otherwise through the same flex operations in one step.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -14,8 +20,11 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor, TensorData};
 
+use crate::dense::f32_values;
+use crate::helper_threads;
+use crate::scorer::Isa;
 use crate::step_support::register_gradients;
 
 #[backend_extension(Flex, Autodiff)]
@@ -45,8 +54,104 @@ fn forward(logits: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
 
 impl SoftmaxBackend for Flex {
     fn softmax_rows(logits: FlexTensor) -> FlexTensor {
-        forward(logits).0
+        match narrow_f32_rows(&logits) {
+            Some((rows, columns)) => {
+                let exp_and_sums = exp_and_sums_f32(&f32_values(&logits), rows, columns);
+                softmax_f32(&exp_and_sums, rows, columns)
+            }
+            None => forward(logits).0,
+        }
     }
+}
+
+/// Rows below this width are summed in order by flex (its vector loop takes whole vectors of
+/// eight lanes, sixteen with AVX-512, and adds the rest one by one), so the loops here can
+/// sum them the same way.
+const NARROW_ROW: usize = 8;
+
+/// `[rows, columns]` of an f32 matrix whose rows the f32 loops handle with burn's bits.
+fn narrow_f32_rows(tensor: &FlexTensor) -> Option<(usize, usize)> {
+    let shape = tensor.shape();
+    let narrow = tensor.dtype() == DType::F32
+        && shape.num_dims() == 2
+        && (1..NARROW_ROW).contains(&shape[1])
+        && Isa::Avx2.supported();
+    narrow.then(|| (shape[0], shape[1]))
+}
+
+/// flex's sum of a short row: its vector loop adds nothing to a zero vector, whose lanes it
+/// adds up (+0), then the row's values one by one.
+#[inline(always)]
+fn row_sum(values: impl Iterator<Item = f32>) -> f32 {
+    0.0 + values.sum::<f32>()
+}
+
+/// Each row's exp(x − max) followed by their sum: `[rows, columns + 1]`.
+fn exp_and_sums_f32(logits: &[f32], rows: usize, columns: usize) -> Vec<f32> {
+    let rows_of = |range: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+        let logits = &logits[range.start * columns..range.end * columns];
+        for (row, out) in logits
+            .chunks_exact(columns)
+            .zip(out.chunks_exact_mut(columns + 1))
+        {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for (out, &x) in out.iter_mut().zip(row) {
+                out.write((x - max).exp());
+            }
+            // SAFETY: the row's first `columns` values were just written.
+            let exp = unsafe { out[..columns].assume_init_ref() };
+            let sum = row_sum(exp.iter().copied());
+            out[columns].write(sum);
+        }
+    };
+    // SAFETY: each row's columns + 1 values are written.
+    unsafe { helper_threads::rows_written_in_chunks(rows, columns + 1, 16 * columns, &rows_of) }
+}
+
+/// exp / sum, row by row, from [`exp_and_sums_f32`].
+fn softmax_f32(exp_and_sums: &[f32], rows: usize, columns: usize) -> FlexTensor {
+    let rows_of = |range: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+        let packed = &exp_and_sums[range.start * (columns + 1)..range.end * (columns + 1)];
+        for (row, out) in packed
+            .chunks_exact(columns + 1)
+            .zip(out.chunks_exact_mut(columns))
+        {
+            let sum = row[columns];
+            for (out, &e) in out.iter_mut().zip(row) {
+                out.write(e / sum);
+            }
+        }
+    };
+    // SAFETY: each row's columns values are written.
+    let values =
+        unsafe { helper_threads::rows_written_in_chunks(rows, columns, columns, &rows_of) };
+    FlexTensor::from_data(TensorData::new(values, [rows, columns]))
+}
+
+/// [`backward`] row by row from [`exp_and_sums_f32`], each value through the same operations.
+fn backward_f32(grad: &[f32], exp_and_sums: &[f32], rows: usize, columns: usize) -> FlexTensor {
+    let rows_of = |range: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+        let packed = &exp_and_sums[range.start * (columns + 1)..range.end * (columns + 1)];
+        let grad = &grad[range.start * columns..range.end * columns];
+        for ((row, grad), out) in packed
+            .chunks_exact(columns + 1)
+            .zip(grad.chunks_exact(columns))
+            .zip(out.chunks_exact_mut(columns))
+        {
+            let (exp, sum) = (&row[..columns], row[columns]);
+            let recip = 1.0 / sum;
+            let squared = sum * sum;
+            let through_divisor = row_sum(grad.iter().zip(exp).map(|(&g, &e)| g * (-e / squared)));
+            let through_sum = 1.0 * row_sum(std::iter::once(through_divisor));
+            for ((out, &g), &e) in out.iter_mut().zip(grad).zip(exp) {
+                out.write((through_sum + g * recip) * e);
+            }
+        }
+    };
+    // SAFETY: each row's columns values are written.
+    let values =
+        unsafe { helper_threads::rows_written_in_chunks(rows, columns, 8 * columns, &rows_of) };
+    FlexTensor::from_data(TensorData::new(values, [rows, columns]))
 }
 
 /// The logits' gradient, as burn's autodiff forms it through the chain: the division's two
@@ -68,9 +173,17 @@ fn backward(grad: FlexTensor, exp: FlexTensor, sum: FlexTensor) -> FlexTensor {
 #[derive(Debug)]
 struct SoftmaxStep;
 
-impl Backward<Flex, 1> for SoftmaxStep {
+/// What the backward pass needs from the forward one.
+#[derive(Debug, Clone)]
+enum Kept {
+    /// [`exp_and_sums_f32`] of narrow f32 rows, with their `[rows, columns]`.
+    Narrow(Arc<Vec<f32>>, usize, usize),
     /// exp of the shifted logits and their row sums.
-    type State = (FlexTensor, FlexTensor);
+    Tensors(Box<(FlexTensor, FlexTensor)>),
+}
+
+impl Backward<Flex, 1> for SoftmaxStep {
+    type State = Kept;
 
     fn backward(
         self,
@@ -79,8 +192,32 @@ impl Backward<Flex, 1> for SoftmaxStep {
         _checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let (exp, sum) = ops.state;
-        let logits_bar = backward(grad, exp, sum);
+        let logits_bar = match ops.state {
+            Kept::Narrow(exp_and_sums, rows, columns) if narrow_f32_rows(&grad).is_some() => {
+                backward_f32(&f32_values(&grad), &exp_and_sums, rows, columns)
+            }
+            Kept::Narrow(exp_and_sums, rows, columns) => {
+                // A gradient of another float type: the tensors the flex operations take.
+                let (exp, sums): (Vec<f32>, Vec<f32>) = (
+                    exp_and_sums
+                        .chunks_exact(columns + 1)
+                        .flat_map(|row| row[..columns].to_vec())
+                        .collect(),
+                    exp_and_sums
+                        .chunks_exact(columns + 1)
+                        .map(|row| row[columns])
+                        .collect(),
+                );
+                let tensor = |values, shape: [usize; 2]| {
+                    FlexTensor::from_data(TensorData::new(values, shape))
+                };
+                backward(grad, tensor(exp, [rows, columns]), tensor(sums, [rows, 1]))
+            }
+            Kept::Tensors(kept) => {
+                let (exp, sum) = *kept;
+                backward(grad, exp, sum)
+            }
+        };
         register_gradients(
             grads,
             ops.parents.map(|p| p.map(|node| node.id)),
@@ -97,8 +234,18 @@ impl<C: CheckpointStrategy> SoftmaxBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (softmax, exp, sum) = forward(logits.into_primitive());
-                prep.finish((exp, sum), softmax)
+                let logits = logits.into_primitive();
+                match narrow_f32_rows(&logits) {
+                    Some((rows, columns)) => {
+                        let exp_and_sums = exp_and_sums_f32(&f32_values(&logits), rows, columns);
+                        let softmax = softmax_f32(&exp_and_sums, rows, columns);
+                        prep.finish(Kept::Narrow(Arc::new(exp_and_sums), rows, columns), softmax)
+                    }
+                    None => {
+                        let (softmax, exp, sum) = forward(logits);
+                        prep.finish(Kept::Tensors(Box::new((exp, sum))), softmax)
+                    }
+                }
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::softmax_rows(logits.into_primitive())),
         }
@@ -158,10 +305,18 @@ mod tests {
             // KDDCUP99's memberships, the two-component presets', and rows wider than a
             // vector of lanes.
             for (rows, columns) in [(1024, 4), (37, 2), (20, 19), (5, 1)] {
+                let composed = softmax_and_gradient(false, dtype, rows, columns);
                 assert_eq!(
                     softmax_and_gradient(true, dtype, rows, columns),
-                    softmax_and_gradient(false, dtype, rows, columns),
+                    composed,
                     "{dtype:?} [{rows}, {columns}]"
+                );
+                // Rows split over a helper give the same.
+                let _lent = helper_threads::lend_unpinned(1);
+                assert_eq!(
+                    softmax_and_gradient(true, dtype, rows, columns),
+                    composed,
+                    "{dtype:?} [{rows}, {columns}], split"
                 );
             }
         }
