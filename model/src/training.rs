@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 use rand::SeedableRng;
@@ -152,7 +151,7 @@ fn fit_on_one_thread(
         out_layer.bias = column_means(&x, d);
     }
     let mut net = DagmmNet::from_weights(&weights, &device);
-    let mut optimizer = FusedAdam::init();
+    let mut optimizer = FusedAdam::new();
 
     // Equal-sized batches (sizes differ by at most one) so no step sees a sliver of data.
     let n_batches = n.div_ceil(cfg.batch_size);
@@ -202,8 +201,8 @@ fn fit_on_one_thread(
             for (sum, part) in sums.iter_mut().zip(parts) {
                 *sum += f64::from(part);
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = optimizer.step(cfg.learning_rate, net, grads);
+            let mut grads = loss.backward();
+            net = optimizer.step(cfg.learning_rate, net, &mut grads);
             split_chooser.end_step();
         }
         let mean = |i: usize| sums[i] / n_batches as f64;
