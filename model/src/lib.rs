@@ -6,6 +6,7 @@
 
 pub mod adam;
 pub mod bundle;
+pub mod codes;
 pub mod config;
 pub mod cpu_pinning;
 pub mod dense;

@@ -10,9 +10,10 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::codes::codes;
 use crate::config::NetworkConfig;
 use crate::dense::dense;
-use crate::reconstruction::{COSINE, RELATIVE_DISTANCE, SQUARED_ERROR, reconstruction_terms};
+use crate::reconstruction::{SQUARED_ERROR, reconstruction_terms};
 use crate::softmax::softmax_rows;
 
 /// Added under square roots of squared norms so empty or zero rows keep finite gradients.
@@ -175,9 +176,8 @@ impl DagmmNet {
         let (z_c, x_hat) = self.compress(x.clone());
         let n = z_c.dims()[0];
         let terms = reconstruction_terms(x, x_hat);
-        let features = terms.clone().slice([0..n, RELATIVE_DISTANCE..COSINE + 1]);
+        let z = codes(z_c.clone(), terms.clone());
         let squared_error = terms.slice([0..n, SQUARED_ERROR..SQUARED_ERROR + 1]);
-        let z = Tensor::cat(vec![z_c.clone(), features], 1);
         let mut h = z.clone();
         let last = self.estimation.len() - 1;
         for (i, layer) in self.estimation.iter().enumerate() {
