@@ -38,7 +38,9 @@ pub struct AdamStep {
 }
 
 impl AdamStep {
-    fn new(time: usize, first: bool, learning_rate: LearningRate) -> Self {
+    /// The scalars of a parameter's `time`-th step (from 1).
+    fn new(time: usize, learning_rate: LearningRate) -> Self {
+        let first = time == 1;
         let time = time as i32;
         let bias_correction_2 = (1.0 - BETA_2.powi(time)).sqrt();
         Self {
@@ -204,7 +206,7 @@ impl ModuleMapper for AdamMapper<'_> {
             Some((time, moment_1, moment_2)) => (time + 1, moment_1, moment_2),
             None => (1, grad.clone(), grad.clone()),
         };
-        let step = AdamStep::new(time, time == 1, self.learning_rate);
+        let step = AdamStep::new(time, self.learning_rate);
         let (value, moment_1, moment_2) = <Dispatch as AdamBackend>::adam_update(
             tensor.inner().into_dispatch(),
             grad,

@@ -261,9 +261,14 @@ fn serve(slot: &Slot, thread: usize) {
 /// Runs one piece of the helper's oldest background work, and drops that work from its queue
 /// once nothing of it is left.
 fn run_background_piece(slot: &Slot) {
-    let Some(work) = lock(&slot.background).front().cloned() else {
-        slot.has_background.store(false, Ordering::Release);
-        return;
+    let work = {
+        let queue = lock(&slot.background);
+        let Some(work) = queue.front().cloned() else {
+            // Cleared under the queue's lock, so that work pushed meanwhile keeps it set.
+            slot.has_background.store(false, Ordering::Release);
+            return;
+        };
+        work
     };
     if work.run_piece() {
         let mut queue = lock(&slot.background);

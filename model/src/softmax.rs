@@ -2,11 +2,12 @@
 //!
 //! burn's softmax is a chain of five tensor operations (the row maxima, the shift, exp, the row
 //! sums, the division), and its gradient another eight; each is recorded and differentiated on
-//! its own. On KDDCUP99's `[1024, 4]` memberships that bookkeeping, not the arithmetic, took
-//! about 60 µs of a 1.7 ms training step, with the fit's helper idle. Here both directions
-//! perform burn's operations on each value in burn's order, so the bits are burn's: for f32
-//! rows narrower than a vector of lanes (flex then sums a row in order, as here) in loops over
-//! rows that the fit's helpers share; otherwise through the same flex operations in one step.
+//! its own, on the fit's thread alone. On KDDCUP99's `[1024, 4]` memberships that took about
+//! 60 µs of a 1.7 ms training step, most of it the exponentials, with the fit's helper idle.
+//! Here both directions perform burn's operations on each value in burn's order, so the bits
+//! are burn's: for f32 rows narrower than a vector of lanes (flex then sums a row in order, as
+//! here) in loops over rows that the fit's helpers share; otherwise through the same flex
+//! operations in one step.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -52,15 +53,24 @@ fn forward(logits: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
     (softmax, exp, sum)
 }
 
+/// The softmax, with what the backward pass needs from it.
+fn forward_kept(logits: FlexTensor) -> (FlexTensor, Kept) {
+    match narrow_f32_rows(&logits) {
+        Some((rows, columns)) => {
+            let exp_and_sums = exp_and_sums_f32(&f32_values(&logits), rows, columns);
+            let softmax = softmax_f32(&exp_and_sums, rows, columns);
+            (softmax, Kept::Narrow(Arc::new(exp_and_sums), rows, columns))
+        }
+        None => {
+            let (softmax, exp, sum) = forward(logits);
+            (softmax, Kept::Tensors(Box::new((exp, sum))))
+        }
+    }
+}
+
 impl SoftmaxBackend for Flex {
     fn softmax_rows(logits: FlexTensor) -> FlexTensor {
-        match narrow_f32_rows(&logits) {
-            Some((rows, columns)) => {
-                let exp_and_sums = exp_and_sums_f32(&f32_values(&logits), rows, columns);
-                softmax_f32(&exp_and_sums, rows, columns)
-            }
-            None => forward(logits).0,
-        }
+        forward_kept(logits).0
     }
 }
 
@@ -193,25 +203,9 @@ impl Backward<Flex, 1> for SoftmaxStep {
     ) {
         let grad = grads.consume::<Flex>(&ops.node);
         let logits_bar = match ops.state {
-            Kept::Narrow(exp_and_sums, rows, columns) if narrow_f32_rows(&grad).is_some() => {
-                backward_f32(&f32_values(&grad), &exp_and_sums, rows, columns)
-            }
+            // The gradient has the softmax's type, f32 here.
             Kept::Narrow(exp_and_sums, rows, columns) => {
-                // A gradient of another float type: the tensors the flex operations take.
-                let (exp, sums): (Vec<f32>, Vec<f32>) = (
-                    exp_and_sums
-                        .chunks_exact(columns + 1)
-                        .flat_map(|row| row[..columns].to_vec())
-                        .collect(),
-                    exp_and_sums
-                        .chunks_exact(columns + 1)
-                        .map(|row| row[columns])
-                        .collect(),
-                );
-                let tensor = |values, shape: [usize; 2]| {
-                    FlexTensor::from_data(TensorData::new(values, shape))
-                };
-                backward(grad, tensor(exp, [rows, columns]), tensor(sums, [rows, 1]))
+                backward_f32(&f32_values(&grad), &exp_and_sums, rows, columns)
             }
             Kept::Tensors(kept) => {
                 let (exp, sum) = *kept;
@@ -234,18 +228,8 @@ impl<C: CheckpointStrategy> SoftmaxBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let logits = logits.into_primitive();
-                match narrow_f32_rows(&logits) {
-                    Some((rows, columns)) => {
-                        let exp_and_sums = exp_and_sums_f32(&f32_values(&logits), rows, columns);
-                        let softmax = softmax_f32(&exp_and_sums, rows, columns);
-                        prep.finish(Kept::Narrow(Arc::new(exp_and_sums), rows, columns), softmax)
-                    }
-                    None => {
-                        let (softmax, exp, sum) = forward(logits);
-                        prep.finish(Kept::Tensors(Box::new((exp, sum))), softmax)
-                    }
-                }
+                let (softmax, kept) = forward_kept(logits.into_primitive());
+                prep.finish(kept, softmax)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::softmax_rows(logits.into_primitive())),
         }
