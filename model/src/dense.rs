@@ -719,6 +719,63 @@ fn layer_gradients_f32(
     ])
 }
 
+/// A first layer's input compressed beforehand: training's next batch, whose nonzeros the
+/// fit's helper finds in the background during the step before (`SparseRowsBuilder`), so
+/// that the layer does not search them itself between its products.
+pub(crate) mod prepared_input {
+    use std::cell::RefCell;
+
+    use crate::sparse_rows::SparseRows;
+
+    /// Which values were prepared: where they start, how many, and their width.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct Key(usize, usize, usize);
+
+    impl Key {
+        /// `values`, `columns` wide, wherever the buffer goes afterwards (a tensor taking it
+        /// over keeps it in place).
+        pub(crate) fn of(values: &[f32], columns: usize) -> Self {
+            Key(values.as_ptr() as usize, values.len(), columns)
+        }
+    }
+
+    thread_local! {
+        /// The prepared values and their nonzeros, or `None` where too dense to keep sparse.
+        static PREPARED: RefCell<Option<(Key, Option<SparseRows>)>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` (a forward pass) with `rows`, the compressed form of the values `key` names,
+    /// ready for the first layer on this thread that takes exactly those values.
+    pub(crate) fn with<R>(key: Key, rows: Option<SparseRows>, f: impl FnOnce() -> R) -> R {
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                PREPARED.with(|prepared| prepared.borrow_mut().take());
+            }
+        }
+        PREPARED.with(|prepared| *prepared.borrow_mut() = Some((key, rows)));
+        // Cleared afterwards, taken or not: the buffer may be freed and its address reused.
+        let _clear = Clear;
+        f()
+    }
+
+    /// The prepared nonzeros of `values` (`None` inside where they are too dense), if these
+    /// very values were prepared; once.
+    pub(crate) fn take(values: &[f32], columns: usize) -> Option<Option<SparseRows>> {
+        let key = Key::of(values, columns);
+        PREPARED.with(|prepared| {
+            let mut prepared = prepared.borrow_mut();
+            match prepared.take() {
+                Some((prepared_key, rows)) if prepared_key == key => Some(rows),
+                other => {
+                    *prepared = other;
+                    None
+                }
+            }
+        })
+    }
+}
+
 /// The layer through x's nonzeros, and those nonzeros, when x is a mostly-zero f32 matrix and
 /// W and b are f32 of matching shapes; `None` sends it through the dense product.
 fn sparse_layer(
@@ -737,7 +794,11 @@ fn sparse_layer(
     {
         return None;
     }
-    let rows = SparseRows::compress(&f32_values(x), x_shape[1])?;
+    let x_values = f32_values(x);
+    let rows = match prepared_input::take(&x_values, x_shape[1]) {
+        Some(prepared) => prepared?,
+        None => SparseRows::compress(&x_values, x_shape[1])?,
+    };
     let values = rows.product(&f32_values(weight), &f32_values(bias), &|rows| {
         if squash {
             tanh_in_place(rows);
@@ -1086,6 +1147,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_prepared_input_is_taken_once_and_only_for_its_own_values() {
+        let device = Device::flex().autodiff();
+        let (layer, _) = layer_and_input(&device, false, 40);
+        let mostly_zeros = |scale: f32| -> Vec<f32> {
+            (0..40 * 7)
+                .map(|i| match i % 9 {
+                    0 => (i as f32 * 0.37).sin() * scale,
+                    _ => 0.0,
+                })
+                .collect()
+        };
+        let xs = mostly_zeros(1.0);
+        let key = prepared_input::Key::of(&xs, 7);
+        let x = Tensor::<2>::from_data(TensorData::new(xs, [40, 7]), &device);
+        let forward = || values(dense(&layer, x.clone(), true));
+        let own = forward();
+        // Nonzeros of other values, prepared for these: the layer takes them (which shows a
+        // tensor keeps the buffer it was given, as training's batches rely on) and only once.
+        let doubled = SparseRows::compress(&mostly_zeros(2.0), 7).expect("sparse enough");
+        let [first, second] =
+            prepared_input::with(key, Some(doubled.clone()), || [forward(), forward()]);
+        assert_ne!(first, own, "the prepared rows were not taken");
+        assert_eq!(second, own, "taken twice");
+        assert_eq!(forward(), own, "left behind");
+        let elsewhere = prepared_input::Key::of(&[0.0; 280], 7);
+        let taken = prepared_input::with(elsewhere, Some(doubled), forward);
+        assert_eq!(taken, own, "taken for other values");
+        // Prepared as too dense to keep sparse: the dense product, the same values up to the
+        // order of the sums.
+        let dense_path = prepared_input::with(key, None, forward);
+        assert!(
+            dense_path
+                .iter()
+                .zip(&own)
+                .all(|(a, b)| (a - b).abs() <= 1e-5)
+        );
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl SparseRows {
                 .sum::<usize>();
             row_starts.push(nonzeros);
         }
-        if nonzeros as f64 > MAX_DENSITY * values.len() as f64 {
+        if too_dense(nonzeros, values.len()) {
             return None;
         }
         // The entries, in chunks of whole rows: each chunk's entries follow the previous one's.
@@ -96,24 +96,14 @@ impl SparseRows {
             let mut written = 0;
             for row in rows_of(&entries) {
                 let row_values = &values[row * columns..(row + 1) * columns];
-                for (word_index, &word) in masks[row * words..(row + 1) * words].iter().enumerate()
-                {
-                    // One step per set bit: which entries are zero is too irregular to branch
-                    // on one entry at a time.
-                    let mut mask = word;
-                    while mask != 0 {
-                        let column = word_index * 64 + mask.trailing_zeros() as usize;
-                        assert!(written < out.len(), "a chunk's rows fill its entries");
-                        out[written].write(column as u32);
-                        // SAFETY: entry `entries.start + written` lies inside `entries`, this
-                        // chunk's alone, and `kept` has room for every entry.
-                        unsafe {
-                            (*kept_at.add(entries.start + written)).write(row_values[column])
-                        };
-                        written += 1;
-                        mask &= mask - 1;
-                    }
-                }
+                for_each_set_column(&masks[row * words..(row + 1) * words], |column| {
+                    assert!(written < out.len(), "a chunk's rows fill its entries");
+                    out[written].write(column as u32);
+                    // SAFETY: entry `entries.start + written` lies inside `entries`, this
+                    // chunk's alone, and `kept` has room for every entry.
+                    unsafe { (*kept_at.add(entries.start + written)).write(row_values[column]) };
+                    written += 1;
+                });
             }
             assert_eq!(written, out.len(), "a chunk's rows fill its entries");
         };
@@ -392,6 +382,106 @@ pub(crate) struct ByColumn {
     values: Vec<f32>,
 }
 
+/// Whether `nonzeros` of `values` entries are too many to keep sparse ([`MAX_DENSITY`]).
+fn too_dense(nonzeros: usize, values: usize) -> bool {
+    nonzeros as f64 > MAX_DENSITY * values as f64
+}
+
+/// Calls `f` with each column whose bit is set in a row's mask words, in column order.
+#[inline(always)]
+fn for_each_set_column(words: &[u64], mut f: impl FnMut(usize)) {
+    for (word_index, &word) in words.iter().enumerate() {
+        // One step per set bit: which entries are zero is too irregular to branch on one
+        // entry at a time.
+        let mut mask = word;
+        while mask != 0 {
+            f(word_index * 64 + mask.trailing_zeros() as usize);
+            mask &= mask - 1;
+        }
+    }
+}
+
+/// [`SparseRows::compress`] a few rows at a time, one after another: for background work,
+/// where a fit's helper compresses the next batch between the current step's products.
+/// [`SparseRowsBuilder::finish`] gives what `compress` gives for all the rows added.
+pub(crate) struct SparseRowsBuilder {
+    built: SparseRows,
+    /// Entries of all the rows to come, for the density limit.
+    expected_values: usize,
+    too_dense: bool,
+    masks: Vec<u64>,
+}
+
+impl SparseRowsBuilder {
+    /// For `rows` rows of `columns` values; `None` for shapes `compress` refuses.
+    pub(crate) fn new(rows: usize, columns: usize) -> Option<Self> {
+        if columns == 0 || columns > u32::MAX as usize {
+            return None;
+        }
+        let mut row_starts = Vec::with_capacity(rows + 1);
+        row_starts.push(0);
+        let expected_values = rows.checked_mul(columns)?;
+        Some(SparseRowsBuilder {
+            built: SparseRows {
+                columns,
+                row_starts,
+                column_indices: Vec::new(),
+                values: Vec::new(),
+            },
+            expected_values,
+            too_dense: false,
+            masks: Vec::new(),
+        })
+    }
+
+    /// Adds the whole rows in `values`. Once the rows so far hold too many nonzeros for the
+    /// whole to stay sparse, the rest are only counted.
+    pub(crate) fn add_rows(&mut self, values: &[f32]) {
+        let columns = self.built.columns;
+        assert!(values.len().is_multiple_of(columns), "whole rows");
+        let rows = values.len() / columns;
+        self.built.row_starts.reserve(rows);
+        if self.too_dense {
+            let last = *self.built.row_starts.last().unwrap_or(&0);
+            self.built
+                .row_starts
+                .extend(std::iter::repeat_n(last, rows));
+            return;
+        }
+        let words = columns.div_ceil(64);
+        self.masks.clear();
+        self.masks.reserve(rows * words);
+        let out = &mut self.masks.spare_capacity_mut()[..rows * words];
+        match () {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: this CPU has AVX2.
+            () if Isa::Avx2.supported() => unsafe { row_masks_avx2(values, columns, out) },
+            () => row_masks::<false>(values, columns, out),
+        }
+        // SAFETY: `row_masks` wrote every row's words.
+        unsafe { self.masks.set_len(rows * words) };
+        let built = &mut self.built;
+        for (row_values, masks) in values
+            .chunks_exact(columns)
+            .zip(self.masks.chunks_exact(words))
+        {
+            for_each_set_column(masks, |column| {
+                built.column_indices.push(column as u32);
+                built.values.push(row_values[column]);
+            });
+            built.row_starts.push(built.values.len());
+        }
+        self.too_dense = too_dense(built.values.len(), self.expected_values);
+    }
+
+    /// The rows added, as `compress` gives them: `None` when too many are nonzero.
+    pub(crate) fn finish(self) -> Option<SparseRows> {
+        let added = (self.built.row_starts.len() - 1) * self.built.columns;
+        assert_eq!(added, self.expected_values, "every row added");
+        (!self.too_dense).then_some(self.built)
+    }
+}
+
 /// The bit masks of rows of `values` (`columns` wide), 64 entries a word, into `out`.
 #[inline(always)]
 fn row_masks<const AVX2: bool>(values: &[f32], columns: usize, out: &mut [MaybeUninit<u64>]) {
@@ -627,6 +717,33 @@ mod tests {
             assert!(helper_threads::chunks_worth(n * columns) > 1, "split");
             assert_eq!(SparseRows::compress(&x, columns).as_ref(), Some(&whole));
         }
+    }
+
+    #[test]
+    fn rows_added_a_few_at_a_time_give_what_compress_gives() {
+        // Pieces of uneven length, empty rows across a piece boundary, and inputs too dense to
+        // keep: past the limit early on, just past it at the very end, and just under it.
+        let columns = 118;
+        let mut sparse = mostly_zeros(301, columns, 0.1, 12);
+        sparse[50 * columns..80 * columns].fill(0.0);
+        let dense_early = mostly_zeros(301, columns, 0.6, 13);
+        let limit = (MAX_DENSITY * (301 * columns) as f64) as usize;
+        let at_limit = |extra: usize| {
+            let mut x = vec![0f32; 301 * columns];
+            x[..limit + extra].fill(1.5);
+            x
+        };
+        for x in [sparse, dense_early, at_limit(0), at_limit(1)] {
+            let whole = SparseRows::compress(&x, columns);
+            let mut builder = SparseRowsBuilder::new(301, columns).expect("a shape compress takes");
+            for rows in [0..1, 1..64, 64..64, 64..200, 200..301] {
+                builder.add_rows(&x[rows.start * columns..rows.end * columns]);
+            }
+            assert_eq!(builder.finish(), whole);
+        }
+        assert!(SparseRows::compress(&at_limit(0), columns).is_some());
+        assert!(SparseRows::compress(&at_limit(1), columns).is_none());
+        assert!(SparseRowsBuilder::new(5, 0).is_none());
     }
 
     #[test]

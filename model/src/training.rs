@@ -13,11 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::adam::FusedAdam;
 use crate::config::{NetworkConfig, TrainConfig};
+use crate::dense::prepared_input;
 use crate::gmm::{GmmParams, energy, gmm_stats};
 use crate::helper_threads;
 use crate::network::{DagmmNet, NetworkWeights};
 use crate::preprocess::Preprocessor;
 use crate::scorer::Scorer;
+use crate::sparse_rows::{SparseRows, SparseRowsBuilder};
 use crate::thresholds::Thresholds;
 use crate::{DagmmModel, ModelError};
 
@@ -163,25 +165,26 @@ fn fit_on_one_thread(
         let joint = epoch > warmup_epochs;
         order.shuffle(&mut rng);
         let mut sums = [0f64; 4];
-        // Each batch is gathered by the fit's helper in the background during the step before
-        // (the first of an epoch here, after the shuffle): one copy per batch, straight into
-        // the buffer the tensor takes over.
+        // Each batch is gathered, and its nonzeros found for the first layer, by the fit's
+        // helper in the background during the step before (the first of an epoch here, after
+        // the shuffle): one copy per batch, straight into the buffer the tensor takes over.
         let batch_rows = |b: usize| &order[b * n / n_batches..(b + 1) * n / n_batches];
         let mut next_batch = None;
         for b in 0..n_batches {
             split_chooser.start_step();
             let rows = batch_rows(b);
-            let batch = next_batch
+            let (batch, nonzeros) = next_batch
                 .take()
-                .unwrap_or_else(|| helper_threads::background(rows_gathered(&x, d, rows.to_vec())))
+                .unwrap_or_else(|| helper_threads::background(batch_prepared(&x, d, rows.to_vec())))
                 .finish();
+            let key = prepared_input::Key::of(&batch, d);
             let xb = Tensor::<2>::from_data(TensorData::new(batch, [rows.len(), d]), &device);
             let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
-            let out = net.forward(xb, masks.as_deref());
-            // Started here, past the layers' products, so that the helper gathers while this
-            // thread works through the mixture's small tensors alone.
+            let out = prepared_input::with(key, nonzeros, || net.forward(xb, masks.as_deref()));
+            // Started here, past the layers' products, so that the helper prepares the next
+            // batch while this thread works through the mixture's small tensors alone.
             next_batch = (b + 1 < n_batches).then(|| {
-                helper_threads::background(rows_gathered(&x, d, batch_rows(b + 1).to_vec()))
+                helper_threads::background(batch_prepared(&x, d, batch_rows(b + 1).to_vec()))
             });
             let reconstruction = out.squared_error.mean();
             let gmm = gmm_stats(out.z.clone(), out.gamma);
@@ -281,6 +284,36 @@ fn rows_gathered(
         }
         next = end;
         (next == rows.len()).then(|| std::mem::take(&mut gathered))
+    }
+}
+
+/// Pieces of [`helper_threads::background`] work that gather `rows` of `x` ([`rows_gathered`])
+/// and then find their nonzeros, for a first layer fed mostly zeros
+/// ([`prepared_input`]), a few rows at a time; both after the last piece.
+fn batch_prepared(
+    x: &[f32],
+    d: usize,
+    rows: Vec<usize>,
+) -> impl FnMut() -> Option<(Vec<f32>, Option<SparseRows>)> + Send + '_ {
+    let count = rows.len();
+    let mut gather = rows_gathered(x, d, rows);
+    let mut gathered = None;
+    let mut nonzeros = SparseRowsBuilder::new(count, d);
+    let mut next = 0;
+    move || {
+        let Some(batch) = &gathered else {
+            gathered = gather();
+            return None;
+        };
+        let end = (next + GATHER_PIECE_ROWS).min(count);
+        if let Some(builder) = &mut nonzeros {
+            builder.add_rows(&batch[next * d..end * d]);
+        }
+        next = end;
+        (next == count).then(|| {
+            let batch = gathered.take().unwrap_or_default();
+            (batch, nonzeros.take().and_then(SparseRowsBuilder::finish))
+        })
     }
 }
 
