@@ -101,9 +101,7 @@ fn moments_in_lanes<const D: usize>(
         let width = (k - first).min(LANES);
         // Lanes past the last component weigh nothing and are dropped below.
         let weights = |gi: &[f64]| -> Lanes {
-            let mut g = [0.0; LANES];
-            g[..width].copy_from_slice(&gi[first..first + width]);
-            g
+            std::array::from_fn(|l| if l < width { gi[first + l] } else { 0.0 })
         };
         let mut s: Lanes = [MIN_WEIGHT; LANES];
         let mut m = [[0f64; LANES]; D];
