@@ -169,22 +169,45 @@ fn fit_on_one_thread(
         // helper in the background during the step before (the first of an epoch here, after
         // the shuffle): one copy per batch, straight into the buffer the tensor takes over.
         let batch_rows = |b: usize| &order[b * n / n_batches..(b + 1) * n / n_batches];
+        // The generator goes with the batch being prepared (for its dropout masks) and comes
+        // back with it, so its draws keep their order.
         let mut next_batch = None;
+        let mut rng_home = Some(rng);
         for b in 0..n_batches {
             split_chooser.start_step();
             let rows = batch_rows(b);
-            let (batch, nonzeros) = next_batch
+            let prepared = next_batch
                 .take()
-                .unwrap_or_else(|| helper_threads::background(batch_prepared(&x, d, rows.to_vec())))
+                .unwrap_or_else(|| {
+                    let rng = rng_home
+                        .take()
+                        .expect("the generator is home between batches");
+                    helper_threads::background(batch_prepared(&x, d, rows.to_vec(), net_cfg, rng))
+                })
                 .finish();
-            let key = prepared_input::Key::of(&batch, d);
-            let xb = Tensor::<2>::from_data(TensorData::new(batch, [rows.len(), d]), &device);
-            let masks = dropout_masks(net_cfg, rows.len(), &mut rng, &device);
-            let out = prepared_input::with(key, nonzeros, || net.forward(xb, masks.as_deref()));
+            rng_home = Some(prepared.rng);
+            let key = prepared_input::Key::of(&prepared.batch, d);
+            let xb =
+                Tensor::<2>::from_data(TensorData::new(prepared.batch, [rows.len(), d]), &device);
+            let masks = prepared.masks.map(|masks| {
+                masks
+                    .into_iter()
+                    .zip(&net_cfg.estimation_hidden)
+                    .map(|(mask, &h)| {
+                        Tensor::<2>::from_data(TensorData::new(mask, [rows.len(), h]), &device)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let out =
+                prepared_input::with(key, prepared.nonzeros, || net.forward(xb, masks.as_deref()));
             // Started here, past the layers' products, so that the helper prepares the next
             // batch while this thread works through the mixture's small tensors alone.
             next_batch = (b + 1 < n_batches).then(|| {
-                helper_threads::background(batch_prepared(&x, d, batch_rows(b + 1).to_vec()))
+                let rng = rng_home
+                    .take()
+                    .expect("the generator is home between batches");
+                let rows = batch_rows(b + 1).to_vec();
+                helper_threads::background(batch_prepared(&x, d, rows, net_cfg, rng))
             });
             let reconstruction = out.squared_error.mean();
             let gmm = gmm_stats(out.z.clone(), out.gamma);
@@ -208,6 +231,7 @@ fn fit_on_one_thread(
             net = optimizer.step(cfg.learning_rate, net, &mut grads);
             split_chooser.end_step();
         }
+        rng = rng_home.expect("the last batch of an epoch brings the generator home");
         let mean = |i: usize| sums[i] / n_batches as f64;
         let losses = EpochLosses {
             epoch,
@@ -287,20 +311,43 @@ fn rows_gathered(
     }
 }
 
-/// Pieces of [`helper_threads::background`] work that gather `rows` of `x` ([`rows_gathered`])
-/// and then find their nonzeros, for a first layer fed mostly zeros
-/// ([`prepared_input`]), a few rows at a time; both after the last piece.
-fn batch_prepared(
-    x: &[f32],
+/// A batch made ready for its step by [`batch_prepared`].
+struct PreparedBatch {
+    /// The batch's rows, row-major.
+    batch: Vec<f32>,
+    /// Their nonzeros ([`prepared_input`]), `None` where too dense to keep sparse.
+    nonzeros: Option<SparseRows>,
+    /// The dropout masks' values, one per estimation hidden layer ([`dropout_mask_values`]).
+    masks: Option<Vec<Vec<f32>>>,
+    /// The generator the masks were drawn from, handed back.
+    rng: ChaCha8Rng,
+}
+
+/// Pieces of [`helper_threads::background`] work that draw the batch's dropout masks from
+/// `rng`, gather `rows` of `x` ([`rows_gathered`]) and then find their nonzeros, for a first
+/// layer fed mostly zeros, a few rows at a time; all of it after the last piece.
+fn batch_prepared<'a>(
+    x: &'a [f32],
     d: usize,
     rows: Vec<usize>,
-) -> impl FnMut() -> Option<(Vec<f32>, Option<SparseRows>)> + Send + '_ {
+    net_cfg: &'a NetworkConfig,
+    rng: ChaCha8Rng,
+) -> impl FnMut() -> Option<PreparedBatch> + Send + 'a {
     let count = rows.len();
+    let mut rng = Some(rng);
+    let mut masks = None;
     let mut gather = rows_gathered(x, d, rows);
     let mut gathered = None;
     let mut nonzeros = SparseRowsBuilder::new(count, d);
     let mut next = 0;
     move || {
+        if masks.is_none() {
+            masks = Some(
+                rng.as_mut()
+                    .and_then(|rng| dropout_mask_values(net_cfg, count, rng)),
+            );
+            return None;
+        }
         let Some(batch) = &gathered else {
             gathered = gather();
             return None;
@@ -310,9 +357,11 @@ fn batch_prepared(
             builder.add_rows(&batch[next * d..end * d]);
         }
         next = end;
-        (next == count).then(|| {
-            let batch = gathered.take().unwrap_or_default();
-            (batch, nonzeros.take().and_then(SparseRowsBuilder::finish))
+        (next == count).then(|| PreparedBatch {
+            batch: gathered.take().unwrap_or_default(),
+            nonzeros: nonzeros.take().and_then(SparseRowsBuilder::finish),
+            masks: masks.take().flatten(),
+            rng: rng.take().expect("the last piece runs once"),
         })
     }
 }
@@ -378,13 +427,13 @@ fn whole_set_gmm(
 /// Rows per forward pass when the mixture is estimated over the whole training set.
 const WHOLE_SET_ROWS_PER_PASS: usize = 8192;
 
-/// Inverted-dropout masks (0 or 1/(1−p)) for each estimation hidden layer, from our own RNG.
-fn dropout_masks(
+/// Inverted-dropout masks (0 or 1/(1−p)) for each estimation hidden layer, `rows` × its
+/// width, from our own RNG; `None` without dropout.
+fn dropout_mask_values(
     cfg: &NetworkConfig,
     rows: usize,
     rng: &mut ChaCha8Rng,
-    device: &Device,
-) -> Option<Vec<Tensor<2>>> {
+) -> Option<Vec<Vec<f32>>> {
     if cfg.dropout <= 0.0 {
         return None;
     }
@@ -393,10 +442,7 @@ fn dropout_masks(
     Some(
         cfg.estimation_hidden
             .iter()
-            .map(|&h| {
-                let mask = keep_mask(keep, scale, rows * h, rng);
-                Tensor::<2>::from_data(TensorData::new(mask, [rows, h]), device)
-            })
+            .map(|&h| keep_mask(keep, scale, rows * h, rng))
             .collect(),
     )
 }
@@ -484,6 +530,41 @@ mod tests {
     }
     use crate::preprocess::FeatureSpec;
     use rand_distr::{Distribution, Normal};
+
+    #[test]
+    fn a_batch_prepared_in_the_background_is_the_batch_its_nonzeros_and_its_masks() {
+        let d = 20;
+        // A tenth of the entries set, so the first layer keeps them sparse.
+        let x: Vec<f32> = (0..400 * d)
+            .map(|v| if v % 10 == 3 { v as f32 * 0.01 } else { 0.0 })
+            .collect();
+        let rows: Vec<usize> = (0..150).map(|i| (i * 37) % 400).collect();
+        let cfg = NetworkConfig {
+            dropout: 0.5,
+            input_dim: d,
+            ..NetworkConfig::metrics4()
+        };
+        let expected: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let masks = dropout_mask_values(&cfg, rows.len(), &mut rng).expect("dropout");
+        let next_draw: u64 = rng.random();
+        for helpers in [0, 1] {
+            let _lent = (helpers > 0).then(|| helper_threads::lend_unpinned(helpers));
+            let rng = ChaCha8Rng::seed_from_u64(3);
+            let background =
+                helper_threads::background(batch_prepared(&x, d, rows.clone(), &cfg, rng));
+            let mut prepared = background.finish();
+            assert_eq!(prepared.batch, expected);
+            assert_eq!(prepared.nonzeros, SparseRows::compress(&expected, d));
+            assert!(prepared.nonzeros.is_some(), "sparse enough");
+            assert_eq!(prepared.masks.as_ref(), Some(&masks));
+            // The generator comes back where the masks left it.
+            assert_eq!(prepared.rng.random::<u64>(), next_draw);
+        }
+    }
 
     #[test]
     fn keep_masks_keep_the_asked_share_and_follow_the_seed() {
