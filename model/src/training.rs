@@ -165,9 +165,10 @@ fn fit_on_one_thread(
         let joint = epoch > warmup_epochs;
         order.shuffle(&mut rng);
         let mut sums = [0f64; 4];
-        // Each batch is gathered, and its nonzeros found for the first layer, by the fit's
-        // helper in the background during the step before (the first of an epoch here, after
-        // the shuffle): one copy per batch, straight into the buffer the tensor takes over.
+        // Each batch is gathered, its nonzeros found for the first layer and its dropout masks
+        // drawn by the fit's helper in the background during the step before (the first of an
+        // epoch here, after the shuffle): one copy per batch, straight into the buffer the
+        // tensor takes over.
         let batch_rows = |b: usize| &order[b * n / n_batches..(b + 1) * n / n_batches];
         // The generator goes with the batch being prepared (for its dropout masks) and comes
         // back with it, so its draws keep their order.
