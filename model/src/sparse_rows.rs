@@ -52,13 +52,12 @@ impl SparseRows {
         let (rows, words) = (values.len() / columns, columns.div_ceil(64));
         // Each row's nonzeros as bit masks of 64 entries.
         let masks_of = |rows: Range<usize>, out: &mut [MaybeUninit<u64>]| {
-            let values = &values[rows.start * columns..rows.end * columns];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: only a CPU with AVX2 asks for it.
-                return unsafe { row_masks_avx2(values, columns, out) };
-            }
-            row_masks::<false>(values, columns, out)
+            row_masks_on(
+                avx2,
+                &values[rows.start * columns..rows.end * columns],
+                columns,
+                out,
+            )
         };
         // SAFETY: `row_masks` writes every row's words.
         let masks =
@@ -408,6 +407,8 @@ pub(crate) struct SparseRowsBuilder {
     built: SparseRows,
     /// Entries of all the rows to come, for the density limit.
     expected_values: usize,
+    /// Entries of the rows added so far.
+    added_values: usize,
     too_dense: bool,
     masks: Vec<u64>,
 }
@@ -420,7 +421,6 @@ impl SparseRowsBuilder {
         }
         let mut row_starts = Vec::with_capacity(rows + 1);
         row_starts.push(0);
-        let expected_values = rows.checked_mul(columns)?;
         Some(SparseRowsBuilder {
             built: SparseRows {
                 columns,
@@ -428,7 +428,8 @@ impl SparseRowsBuilder {
                 column_indices: Vec::new(),
                 values: Vec::new(),
             },
-            expected_values,
+            expected_values: rows.checked_mul(columns)?,
+            added_values: 0,
             too_dense: false,
             masks: Vec::new(),
         })
@@ -439,28 +440,22 @@ impl SparseRowsBuilder {
     pub(crate) fn add_rows(&mut self, values: &[f32]) {
         let columns = self.built.columns;
         assert!(values.len().is_multiple_of(columns), "whole rows");
-        let rows = values.len() / columns;
-        self.built.row_starts.reserve(rows);
+        self.added_values += values.len();
         if self.too_dense {
-            let last = *self.built.row_starts.last().unwrap_or(&0);
-            self.built
-                .row_starts
-                .extend(std::iter::repeat_n(last, rows));
             return;
         }
-        let words = columns.div_ceil(64);
+        let (rows, words) = (values.len() / columns, columns.div_ceil(64));
         self.masks.clear();
         self.masks.reserve(rows * words);
         let out = &mut self.masks.spare_capacity_mut()[..rows * words];
-        match () {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: this CPU has AVX2.
-            () if Isa::Avx2.supported() => unsafe { row_masks_avx2(values, columns, out) },
-            () => row_masks::<false>(values, columns, out),
-        }
-        // SAFETY: `row_masks` wrote every row's words.
+        row_masks_on(Isa::Avx2.supported(), values, columns, out);
+        // SAFETY: `row_masks_on` wrote every row's words.
         unsafe { self.masks.set_len(rows * words) };
+        // Room for exactly these rows' entries, as `compress` allocates them.
+        let entries = self.masks.iter().map(|m| m.count_ones() as usize).sum();
         let built = &mut self.built;
+        built.column_indices.reserve(entries);
+        built.values.reserve(entries);
         for (row_values, masks) in values
             .chunks_exact(columns)
             .zip(self.masks.chunks_exact(words))
@@ -476,8 +471,7 @@ impl SparseRowsBuilder {
 
     /// The rows added, as `compress` gives them: `None` when too many are nonzero.
     pub(crate) fn finish(self) -> Option<SparseRows> {
-        let added = (self.built.row_starts.len() - 1) * self.built.columns;
-        assert_eq!(added, self.expected_values, "every row added");
+        assert_eq!(self.added_values, self.expected_values, "every row added");
         (!self.too_dense).then_some(self.built)
     }
 }
@@ -494,6 +488,18 @@ fn row_masks<const AVX2: bool>(values: &[f32], columns: usize, out: &mut [MaybeU
             out.write(nonzero_mask::<AVX2>(word));
         }
     }
+}
+
+/// [`row_masks`] with AVX2 compares when `avx2`, which only a CPU with AVX2 may ask for.
+fn row_masks_on(avx2: bool, values: &[f32], columns: usize, out: &mut [MaybeUninit<u64>]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: only a CPU with AVX2 asks for it.
+        return unsafe { row_masks_avx2(values, columns, out) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx2;
+    row_masks::<false>(values, columns, out)
 }
 
 #[cfg(target_arch = "x86_64")]
