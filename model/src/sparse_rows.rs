@@ -121,6 +121,18 @@ impl SparseRows {
         })
     }
 
+    /// A whole data set kept for [`SparseGather`]: its nonzeros, or `None` where it has too
+    /// many to keep sparse, or negative zeros (a gathered dense row would bring them back as
+    /// positive ones). Counted before anything is allocated, so a dense set costs one pass.
+    pub(crate) fn to_gather_from(values: &[f32], columns: usize) -> Option<Self> {
+        let nonzeros = values.iter().filter(|&&v| v != 0.0).count();
+        let negative_zero = || values.iter().any(|&v| v == 0.0 && v.is_sign_negative());
+        if too_dense(nonzeros, values.len()) || negative_zero() {
+            return None;
+        }
+        Self::compress(values, columns)
+    }
+
     pub(crate) fn rows(&self) -> usize {
         self.row_starts.len() - 1
     }
@@ -476,6 +488,106 @@ impl SparseRowsBuilder {
     }
 }
 
+/// Rows of a whole mostly-zero data set, kept as a [`SparseRows`], gathered into a batch a few
+/// at a time (for background work): the batch's rows densely, as a copy of the dense rows
+/// gives them, and their nonzeros, as [`SparseRows::compress`] gives them for those rows. A
+/// row's entries take a tenth of its dense values' room at KDDCUP99's density, so fewer of
+/// the cache lines a shuffled gather waits on, and its nonzeros need no search.
+pub(crate) struct SparseGather<'a> {
+    source: &'a SparseRows,
+    rows: Vec<usize>,
+    next: usize,
+    dense: Vec<f32>,
+    gathered: SparseRows,
+}
+
+impl<'a> SparseGather<'a> {
+    /// For `rows` of `source`, in this order (repeats allowed).
+    pub(crate) fn new(source: &'a SparseRows, rows: Vec<usize>) -> Self {
+        let count = rows.len();
+        let mut row_starts = Vec::with_capacity(count + 1);
+        row_starts.push(0);
+        SparseGather {
+            source,
+            dense: Vec::with_capacity(count * source.columns),
+            gathered: SparseRows {
+                columns: source.columns,
+                row_starts,
+                column_indices: Vec::new(),
+                values: Vec::new(),
+            },
+            rows,
+            next: 0,
+        }
+    }
+
+    /// Gathers the next `count` rows (fewer at the end); whether all are gathered.
+    pub(crate) fn add_rows(&mut self, count: usize) -> bool {
+        let source = self.source;
+        let columns = source.columns;
+        let end = (self.next + count).min(self.rows.len());
+        for i in self.next..end {
+            // A row's start and its entries are two places apart in memory, each a wait:
+            // asked for well ahead, the start first.
+            if let Some(&far) = self.rows.get(i + 2 * PREFETCH_ROWS_AHEAD) {
+                prefetch(&source.row_starts[far..far + 1]);
+            }
+            if let Some(&near) = self.rows.get(i + PREFETCH_ROWS_AHEAD) {
+                let entries = source.row_starts[near]..source.row_starts[near + 1];
+                prefetch(&source.column_indices[entries.clone()]);
+                prefetch(&source.values[entries]);
+            }
+            let (indices, values) = source.row(self.rows[i]);
+            let row_start = self.dense.len();
+            self.dense.resize(row_start + columns, 0.0);
+            let row = &mut self.dense[row_start..];
+            for (&column, &value) in indices.iter().zip(values) {
+                row[column as usize] = value;
+            }
+            let gathered = &mut self.gathered;
+            gathered.column_indices.extend_from_slice(indices);
+            gathered.values.extend_from_slice(values);
+            gathered.row_starts.push(gathered.values.len());
+        }
+        self.next = end;
+        end == self.rows.len()
+    }
+
+    /// The gathered rows, dense, and their nonzeros: `None` where this batch holds too many to
+    /// keep sparse, as `compress` would find.
+    pub(crate) fn finish(self) -> (Vec<f32>, Option<SparseRows>) {
+        assert_eq!(self.next, self.rows.len(), "every row gathered");
+        let sparse = !too_dense(self.gathered.values.len(), self.dense.len());
+        (self.dense, sparse.then_some(self.gathered))
+    }
+}
+
+/// How many rows ahead a shuffled gather asks for a row's cache lines. The shuffled rows lie
+/// anywhere in the training set (95 MB dense for KDDCUP99), so each copy waited on memory.
+/// Asking for the row 24 rows ahead took 3–5 % off the epoch on a Zen 5 VM (ten alternating
+/// pairs, all faster); 8 and 48 rows ahead gained less or nothing. On an AVX2-only Zen 4 VM no
+/// distance (4, 8, 24 or none) differed beyond noise.
+pub(crate) const PREFETCH_ROWS_AHEAD: usize = 24;
+
+/// Asks the CPU to start loading every cache line of `values`; a hint, which changes no value.
+#[inline(always)]
+pub(crate) fn prefetch<T>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        const LINE: usize = 64;
+        let start = values.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(values);
+        for line in (start & !(LINE - 1)..end).step_by(LINE) {
+            // SAFETY: a prefetch never faults and reads nothing the program sees, whatever
+            // the address; these lines hold `values` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
+
 /// The bit masks of rows of `values` (`columns` wide), 64 entries a word, into `out`.
 #[inline(always)]
 fn row_masks<const AVX2: bool>(values: &[f32], columns: usize, out: &mut [MaybeUninit<u64>]) {
@@ -750,6 +862,55 @@ mod tests {
         assert!(SparseRows::compress(&at_limit(0), columns).is_some());
         assert!(SparseRows::compress(&at_limit(1), columns).is_none());
         assert!(SparseRowsBuilder::new(5, 0).is_none());
+    }
+
+    #[test]
+    fn rows_gathered_from_the_whole_set_are_the_copied_rows_and_their_nonzeros() {
+        let columns = 118;
+        let mut x = mostly_zeros(500, columns, 0.1, 21);
+        // Empty rows, and a few rows dense enough that a batch of them alone is not sparse.
+        x[40 * columns..90 * columns].fill(0.0);
+        for row in 450..500 {
+            x[row * columns..(row + 1) * columns].fill(0.25);
+        }
+        let whole = SparseRows::to_gather_from(&x, columns).expect("a tenth or so set");
+        let batches: [Vec<usize>; 3] = [
+            // Out of order, repeated, across the empty run, pieces of uneven length.
+            (0..300)
+                .map(|i| (i * 37 + 11) % 450)
+                .chain([45, 45, 0])
+                .collect(),
+            (450..500).chain(0..10).collect(),
+            Vec::new(),
+        ];
+        for rows in batches {
+            let copied: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| x[r * columns..(r + 1) * columns].iter().copied())
+                .collect();
+            let mut gather = SparseGather::new(&whole, rows.clone());
+            let mut pieces = 0;
+            for count in [1, 63, 0, 100].into_iter().cycle() {
+                pieces += 1;
+                if gather.add_rows(count) {
+                    break;
+                }
+            }
+            assert!(pieces > 1 || rows.len() <= 1);
+            let (dense, nonzeros) = gather.finish();
+            assert_eq!(dense, copied);
+            assert_eq!(nonzeros, SparseRows::compress(&copied, columns));
+        }
+        assert!(
+            SparseRows::compress(&x[450 * columns..], columns).is_none(),
+            "the dense rows' batch is too dense to keep"
+        );
+        // Sets that are kept dense: too many nonzeros, or a zero whose sign would be lost.
+        assert!(SparseRows::to_gather_from(&mostly_zeros(100, 20, 0.6, 3), 20).is_none());
+        let mut signed = mostly_zeros(100, 20, 0.1, 4);
+        assert!(SparseRows::to_gather_from(&signed, 20).is_some());
+        signed[7] = -0.0;
+        assert!(SparseRows::to_gather_from(&signed, 20).is_none());
     }
 
     #[test]

@@ -19,7 +19,9 @@ use crate::helper_threads;
 use crate::network::{DagmmNet, NetworkWeights};
 use crate::preprocess::Preprocessor;
 use crate::scorer::Scorer;
-use crate::sparse_rows::{SparseRows, SparseRowsBuilder};
+use crate::sparse_rows::{
+    PREFETCH_ROWS_AHEAD, SparseGather, SparseRows, SparseRowsBuilder, prefetch,
+};
 use crate::thresholds::Thresholds;
 use crate::{DagmmModel, ModelError};
 
@@ -144,6 +146,9 @@ fn fit_on_one_thread(
         ));
     }
 
+    // Mostly-zero data is kept as its nonzeros too: batches gather from there.
+    let x_sparse = SparseRows::to_gather_from(&x, d);
+
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let device = Device::flex().autodiff();
     let mut weights = NetworkWeights::init(net_cfg, &mut rng);
@@ -183,7 +188,14 @@ fn fit_on_one_thread(
                     let rng = rng_home
                         .take()
                         .expect("the generator is home between batches");
-                    helper_threads::background(batch_prepared(&x, d, rows.to_vec(), net_cfg, rng))
+                    helper_threads::background(batch_prepared(
+                        &x,
+                        x_sparse.as_ref(),
+                        d,
+                        rows.to_vec(),
+                        net_cfg,
+                        rng,
+                    ))
                 })
                 .finish();
             rng_home = Some(prepared.rng);
@@ -208,7 +220,14 @@ fn fit_on_one_thread(
                     .take()
                     .expect("the generator is home between batches");
                 let rows = batch_rows(b + 1).to_vec();
-                helper_threads::background(batch_prepared(&x, d, rows, net_cfg, rng))
+                helper_threads::background(batch_prepared(
+                    &x,
+                    x_sparse.as_ref(),
+                    d,
+                    rows,
+                    net_cfg,
+                    rng,
+                ))
             });
             let reconstruction = out.squared_error.mean();
             let gmm = gmm_stats(out.z.clone(), out.gamma);
@@ -278,13 +297,6 @@ fn fit_on_one_thread(
     })
 }
 
-/// How many rows ahead the batch gather asks for a row's cache lines. The shuffled rows lie
-/// anywhere in the training array (95 MB for KDDCUP99), so each copy waited on memory: about
-/// 5 % of a KDDCUP99 step. Asking for every line of the row 24 rows ahead took 3–5 % off the
-/// epoch on a Zen 5 VM (ten alternating pairs, all faster); 8 and 48 rows ahead gained less or
-/// nothing. On an AVX2-only Zen 4 VM no distance (4, 8, 24 or none) differed beyond noise.
-const PREFETCH_ROWS_AHEAD: usize = 24;
-
 /// Rows gathered per piece of background work: a few microseconds, so that the helper doing
 /// it soon turns to the chunks of the step's products.
 const GATHER_PIECE_ROWS: usize = 64;
@@ -325,10 +337,13 @@ struct PreparedBatch {
 }
 
 /// Pieces of [`helper_threads::background`] work that draw the batch's dropout masks from
-/// `rng`, gather `rows` of `x` ([`rows_gathered`]) and then find their nonzeros, for a first
-/// layer fed mostly zeros, a few rows at a time; all of it after the last piece.
+/// `rng`, gather `rows` of `x` and find their nonzeros for a first layer fed mostly zeros, a
+/// few rows at a time; all of it after the last piece. Where the whole set is kept sparse as
+/// well (`x_sparse`), the rows come from there with their nonzeros ([`SparseGather`]); else
+/// they are copied ([`rows_gathered`]) and then searched.
 fn batch_prepared<'a>(
     x: &'a [f32],
+    x_sparse: Option<&'a SparseRows>,
     d: usize,
     rows: Vec<usize>,
     net_cfg: &'a NetworkConfig,
@@ -337,10 +352,24 @@ fn batch_prepared<'a>(
     let count = rows.len();
     let mut rng = Some(rng);
     let mut masks = None;
-    let mut gather = rows_gathered(x, d, rows);
-    let mut gathered = None;
-    let mut nonzeros = SparseRowsBuilder::new(count, d);
-    let mut next = 0;
+    enum Gather<'a, G> {
+        Sparse(Option<SparseGather<'a>>),
+        Dense {
+            gather: G,
+            gathered: Option<Vec<f32>>,
+            nonzeros: Option<SparseRowsBuilder>,
+            next: usize,
+        },
+    }
+    let mut gather = match x_sparse {
+        Some(source) => Gather::Sparse(Some(SparseGather::new(source, rows))),
+        None => Gather::Dense {
+            gather: rows_gathered(x, d, rows),
+            gathered: None,
+            nonzeros: SparseRowsBuilder::new(count, d),
+            next: 0,
+        },
+    };
     move || {
         if masks.is_none() {
             masks = Some(
@@ -349,41 +378,45 @@ fn batch_prepared<'a>(
             );
             return None;
         }
-        let Some(batch) = &gathered else {
-            gathered = gather();
-            return None;
+        let (batch, nonzeros) = match &mut gather {
+            Gather::Sparse(sparse) => {
+                let all = sparse.as_mut()?.add_rows(GATHER_PIECE_ROWS);
+                if !all {
+                    return None;
+                }
+                sparse.take()?.finish()
+            }
+            Gather::Dense {
+                gather,
+                gathered,
+                nonzeros,
+                next,
+            } => {
+                let Some(batch) = gathered else {
+                    *gathered = gather();
+                    return None;
+                };
+                let end = (*next + GATHER_PIECE_ROWS).min(count);
+                if let Some(builder) = nonzeros {
+                    builder.add_rows(&batch[*next * d..end * d]);
+                }
+                *next = end;
+                if *next < count {
+                    return None;
+                }
+                (
+                    gathered.take().unwrap_or_default(),
+                    nonzeros.take().and_then(SparseRowsBuilder::finish),
+                )
+            }
         };
-        let end = (next + GATHER_PIECE_ROWS).min(count);
-        if let Some(builder) = &mut nonzeros {
-            builder.add_rows(&batch[next * d..end * d]);
-        }
-        next = end;
-        (next == count).then(|| PreparedBatch {
-            batch: gathered.take().unwrap_or_default(),
-            nonzeros: nonzeros.take().and_then(SparseRowsBuilder::finish),
+        Some(PreparedBatch {
+            batch,
+            nonzeros,
             masks: masks.take().flatten(),
             rng: rng.take().expect("the last piece runs once"),
         })
     }
-}
-
-/// Asks the CPU to start loading every cache line of `values`; a hint, which changes no value.
-#[inline(always)]
-fn prefetch(values: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        const LINE: usize = 64;
-        let start = values.as_ptr() as usize;
-        let end = start + std::mem::size_of_val(values);
-        for line in (start & !(LINE - 1)..end).step_by(LINE) {
-            // SAFETY: a prefetch never faults and reads nothing the program sees, whatever
-            // the address; these lines hold `values` anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = values;
 }
 
 fn column_means(x: &[f32], d: usize) -> Vec<f32> {
@@ -552,12 +585,14 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let masks = dropout_mask_values(&cfg, rows.len(), &mut rng).expect("dropout");
         let next_draw: u64 = rng.random();
-        for helpers in [0, 1] {
+        let x_sparse = SparseRows::to_gather_from(&x, d);
+        assert!(x_sparse.is_some(), "kept sparse");
+        for (helpers, from_sparse) in [(0, false), (1, false), (0, true), (1, true)] {
             let _lent = (helpers > 0).then(|| helper_threads::lend_unpinned(helpers));
             let rng = ChaCha8Rng::seed_from_u64(3);
-            let background =
-                helper_threads::background(batch_prepared(&x, d, rows.clone(), &cfg, rng));
-            let mut prepared = background.finish();
+            let source = x_sparse.as_ref().filter(|_| from_sparse);
+            let pieces = batch_prepared(&x, source, d, rows.clone(), &cfg, rng);
+            let mut prepared = helper_threads::background(pieces).finish();
             assert_eq!(prepared.batch, expected);
             assert_eq!(prepared.nonzeros, SparseRows::compress(&expected, d));
             assert!(prepared.nonzeros.is_some(), "sparse enough");
