@@ -566,7 +566,9 @@ impl<'a> SparseGather<'a> {
 /// anywhere in the training set (95 MB dense for KDDCUP99), so each copy waited on memory.
 /// Asking for the row 24 rows ahead took 3–5 % off the epoch on a Zen 5 VM (ten alternating
 /// pairs, all faster); 8 and 48 rows ahead gained less or nothing. On an AVX2-only Zen 4 VM no
-/// distance (4, 8, 24 or none) differed beyond noise.
+/// distance (4, 8, 24 or none) differed beyond noise for the dense copy, while the gather from
+/// the nonzeros took 210 µs per 1024-row batch without asking ahead and 89 µs with it (12, 24
+/// and 48 rows ahead alike).
 pub(crate) const PREFETCH_ROWS_AHEAD: usize = 24;
 
 /// Asks the CPU to start loading every cache line of `values`; a hint, which changes no value.
