@@ -123,11 +123,16 @@ impl SparseRows {
 
     /// A whole data set kept for [`SparseGather`]: its nonzeros, or `None` where it has too
     /// many to keep sparse, or negative zeros (a gathered dense row would bring them back as
-    /// positive ones). Counted before anything is allocated, so a dense set costs one pass.
+    /// positive ones). Both are counted in one pass before anything is allocated.
     pub(crate) fn to_gather_from(values: &[f32], columns: usize) -> Option<Self> {
-        let nonzeros = values.iter().filter(|&&v| v != 0.0).count();
-        let negative_zero = || values.iter().any(|&v| v == 0.0 && v.is_sign_negative());
-        if too_dense(nonzeros, values.len()) || negative_zero() {
+        let (nonzeros, negative_zeros) = values.iter().fold((0, 0), |(set, negative), &v| {
+            let zero = v == 0.0;
+            (
+                set + usize::from(!zero),
+                negative + usize::from(zero && v.is_sign_negative()),
+            )
+        });
+        if too_dense(nonzeros, values.len()) || negative_zeros > 0 {
             return None;
         }
         Self::compress(values, columns)
