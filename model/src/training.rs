@@ -43,6 +43,9 @@ pub struct FitOutput {
     /// Energy of every training row under the final model, in input order.
     pub train_energies: Vec<f64>,
     pub seconds: f64,
+    /// Wall seconds of each epoch's shuffle and steps, in order (not the one-off work before
+    /// and after them): what a per-epoch speed comparison counts.
+    pub epoch_seconds: Vec<f64>,
 }
 
 /// Fewest rows a mixture can be estimated from.
@@ -164,9 +167,11 @@ fn fit_on_one_thread(
     let n_batches = n.div_ceil(cfg.batch_size);
     let mut order: Vec<usize> = (0..n).collect();
     let mut history = Vec::with_capacity(cfg.epochs);
+    let mut epoch_seconds = Vec::with_capacity(cfg.epochs);
     let warmup_epochs = (cfg.epochs as f64 * cfg.warmup_fraction).round() as usize;
     let mut split_chooser = helper_threads::SplitChooser::new();
     for epoch in 1..=cfg.epochs {
+        let epoch_start = Instant::now();
         let joint = epoch > warmup_epochs;
         order.shuffle(&mut rng);
         let mut sums = [0f64; 4];
@@ -252,6 +257,7 @@ fn fit_on_one_thread(
             split_chooser.end_step();
         }
         rng = rng_home.expect("the last batch of an epoch brings the generator home");
+        epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
         let mean = |i: usize| sums[i] / n_batches as f64;
         let losses = EpochLosses {
             epoch,
@@ -294,6 +300,7 @@ fn fit_on_one_thread(
         history,
         train_energies,
         seconds: start.elapsed().as_secs_f64(),
+        epoch_seconds,
     })
 }
 
@@ -664,6 +671,10 @@ mod tests {
         let b = fit_rows(&rows, &quick(20, 7));
         assert_eq!(a.model, b.model);
         assert_eq!(a.history, b.history);
+        // One time per epoch, each inside the fit's own.
+        assert_eq!(a.epoch_seconds.len(), 20);
+        assert!(a.epoch_seconds.iter().all(|&s| s > 0.0));
+        assert!(a.epoch_seconds.iter().sum::<f64>() <= a.seconds);
         let c = fit_rows(&rows, &quick(20, 8));
         assert_ne!(a.model.weights, c.model.weights);
     }

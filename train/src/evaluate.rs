@@ -258,6 +258,8 @@ pub struct Run {
     #[serde(flatten)]
     pub detection: Detection,
     pub train_seconds: f64,
+    /// Wall seconds of each training epoch (its shuffle and steps), in order.
+    pub epoch_seconds: Vec<f64>,
     pub train_rows: usize,
     pub test_rows: usize,
     /// Loss parts of the last training epoch.
@@ -406,6 +408,7 @@ pub struct Scored {
     pub test_labels: Vec<bool>,
     pub train_rows: usize,
     pub train_seconds: f64,
+    pub epoch_seconds: Vec<f64>,
     pub last_epoch: Option<EpochLosses>,
 }
 
@@ -455,6 +458,7 @@ pub fn run_seed(
         seed,
         detection: detection(&s.test_energies, &s.test_labels, cutoff),
         train_seconds: s.train_seconds,
+        epoch_seconds: s.epoch_seconds,
         train_rows: s.train_rows,
         test_rows: s.test_labels.len(),
         last_epoch: s.last_epoch,
@@ -528,6 +532,7 @@ pub fn score_split(
         test_labels,
         train_rows: train_rows.len(),
         train_seconds,
+        epoch_seconds: out.epoch_seconds,
         last_epoch: out.history.last().copied(),
     })
 }

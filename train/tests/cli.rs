@@ -325,7 +325,15 @@ fn evaluate_smoke_run_writes_the_json_report() {
         assert!(report["mean"][key].as_f64().is_some(), "mean.{key}");
         assert!(report["std"][key].as_f64().is_some(), "std.{key}");
     }
-    assert_eq!(report["runs"].as_array().unwrap().len(), 2);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        // One epoch, so one epoch time, within the run's training time.
+        let epochs = run["epoch_seconds"].as_array().unwrap();
+        assert_eq!(epochs.len(), 1);
+        let epoch = epochs[0].as_f64().unwrap();
+        assert!(epoch > 0.0 && epoch <= run["train_seconds"].as_f64().unwrap());
+    }
     let bad = train(&["evaluate", "--input", &input, "--label-column", "nope"]);
     assert!(stderr(&bad).contains("missing label column `nope`"));
     let bad = train(&["evaluate", "--input", &input, "--range-trim", "0.5"]);
