@@ -170,6 +170,10 @@ fn fit_on_one_thread(
     let mut epoch_seconds = Vec::with_capacity(cfg.epochs);
     let warmup_epochs = (cfg.epochs as f64 * cfg.warmup_fraction).round() as usize;
     let mut split_chooser = helper_threads::SplitChooser::new();
+    // A batch's rows, copied and made ready for its step in the background.
+    let prepare = |rows: Vec<usize>, rng: ChaCha8Rng| {
+        helper_threads::background(batch_prepared(&x, x_sparse.as_ref(), d, rows, net_cfg, rng))
+    };
     for epoch in 1..=cfg.epochs {
         let epoch_start = Instant::now();
         let joint = epoch > warmup_epochs;
@@ -193,14 +197,7 @@ fn fit_on_one_thread(
                     let rng = rng_home
                         .take()
                         .expect("the generator is home between batches");
-                    helper_threads::background(batch_prepared(
-                        &x,
-                        x_sparse.as_ref(),
-                        d,
-                        rows.to_vec(),
-                        net_cfg,
-                        rng,
-                    ))
+                    prepare(rows.to_vec(), rng)
                 })
                 .finish();
             rng_home = Some(prepared.rng);
@@ -224,15 +221,7 @@ fn fit_on_one_thread(
                 let rng = rng_home
                     .take()
                     .expect("the generator is home between batches");
-                let rows = batch_rows(b + 1).to_vec();
-                helper_threads::background(batch_prepared(
-                    &x,
-                    x_sparse.as_ref(),
-                    d,
-                    rows,
-                    net_cfg,
-                    rng,
-                ))
+                prepare(batch_rows(b + 1).to_vec(), rng)
             });
             let reconstruction = out.squared_error.mean();
             let gmm = gmm_stats(out.z.clone(), out.gamma);
