@@ -103,7 +103,7 @@ fn adds_to_finished_sums(m: usize, k: usize, n: usize) -> bool {
 }
 
 /// An f32 matrix as gemm reads it: its buffer, and where element (i, j) sits in it.
-struct Matrix<'a> {
+pub(crate) struct Matrix<'a> {
     values: &'a [f32],
     rows: usize,
     columns: usize,
@@ -143,7 +143,7 @@ impl<'a> Matrix<'a> {
         (last as usize) < self.values.len()
     }
 
-    fn transposed(&self) -> Self {
+    pub(crate) fn transposed(&self) -> Self {
         Matrix {
             rows: self.columns,
             columns: self.rows,
@@ -153,7 +153,7 @@ impl<'a> Matrix<'a> {
         }
     }
 
-    fn row_major(values: &'a [f32], rows: usize, columns: usize) -> Self {
+    pub(crate) fn row_major(values: &'a [f32], rows: usize, columns: usize) -> Self {
         Matrix {
             values,
             rows,
@@ -171,7 +171,7 @@ impl<'a> Matrix<'a> {
 /// them: it zeroes a fresh output and copies it into an aligned buffer, and the bias then takes
 /// another pass. Where this thread has helpers, large products are split by rows over them
 /// ([`split_rows`]); each chunk fills its rows with the bias, multiplies and squashes them.
-fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Vec<f32> {
+pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Vec<f32> {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     let bias = bias.inspect(|bias| assert_eq!(bias.len(), n, "bias length"));
@@ -551,36 +551,54 @@ enum LayerInput<D> {
 }
 
 /// A first layer's mostly-zero input: its nonzeros, and the same arranged by column for the
-/// weight gradient by the fit's helper in the background while the step goes on.
+/// weight gradient by the fit's helper in the background while the step goes on. Shared with
+/// the reconstruction step of the same batch ([`prepared_input::shared`]), which needs both too.
 #[derive(Clone)]
-struct SparseInput {
+pub(crate) struct SparseInput {
     rows: Arc<SparseRows>,
-    /// Taken by the backward pass.
-    by_column: Arc<Mutex<Option<Background<'static, ByColumn>>>>,
+    by_column: Arc<Mutex<ByColumnState>>,
+}
+
+/// The arrangement by column: the background work making it, until someone asks; then what it
+/// made, kept for whoever asks next.
+struct ByColumnState {
+    started: Option<Background<'static, ByColumn>>,
+    made: Option<Arc<ByColumn>>,
 }
 
 impl SparseInput {
     fn new(rows: SparseRows) -> Self {
         let rows = Arc::new(rows);
-        let by_column = helper_threads::background(by_column_in_pieces(Arc::clone(&rows)));
+        let started = helper_threads::background(by_column_in_pieces(Arc::clone(&rows)));
         SparseInput {
             rows,
-            by_column: Arc::new(Mutex::new(Some(by_column))),
+            by_column: Arc::new(Mutex::new(ByColumnState {
+                started: Some(started),
+                made: None,
+            })),
         }
     }
 
+    pub(crate) fn rows(&self) -> &SparseRows {
+        &self.rows
+    }
+
     /// The entries by column: the background work's, finished here where it is not done yet.
-    fn by_column(&self) -> ByColumn {
-        let started = self
+    pub(crate) fn by_column(&self) -> Arc<ByColumn> {
+        let mut state = self
             .by_column
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match started {
-            Some(background) => background.finish(),
-            // Asked for twice: a burn state may be cloned.
-            None => self.rows.by_column(),
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(made) = &state.made {
+            return Arc::clone(made);
         }
+        let made = Arc::new(match state.started.take() {
+            Some(background) => background.finish(),
+            // Its background work panicked on an earlier call.
+            None => self.rows.by_column(),
+        });
+        state.made = Some(Arc::clone(&made));
+        made
     }
 }
 
@@ -721,10 +739,13 @@ fn layer_gradients_f32(
 
 /// A first layer's input compressed beforehand: training's next batch, whose nonzeros the
 /// fit's helper finds in the background during the step before (`SparseRowsBuilder`), so
-/// that the layer does not search them itself between its products.
+/// that the layer does not search them itself between its products. The layer then shares
+/// them, for the rest of the forward pass, with the reconstruction step, which meets the same
+/// batch again.
 pub(crate) mod prepared_input {
     use std::cell::RefCell;
 
+    use super::SparseInput;
     use crate::sparse_rows::SparseRows;
 
     /// Which values were prepared: where they start, how many, and their width.
@@ -742,6 +763,8 @@ pub(crate) mod prepared_input {
     thread_local! {
         /// The prepared values and their nonzeros, or `None` where too dense to keep sparse.
         static PREPARED: RefCell<Option<(Key, Option<SparseRows>)>> = const { RefCell::new(None) };
+        /// Whether a forward pass runs inside [`with`], and the nonzeros its first layer shared.
+        static SHARED: RefCell<Option<Option<(Key, SparseInput)>>> = const { RefCell::new(None) };
     }
 
     /// Runs `f` (a forward pass) with `rows`, the compressed form of the values `key` names,
@@ -751,9 +774,11 @@ pub(crate) mod prepared_input {
         impl Drop for Clear {
             fn drop(&mut self) {
                 PREPARED.with(|prepared| prepared.borrow_mut().take());
+                SHARED.with(|shared| shared.borrow_mut().take());
             }
         }
         PREPARED.with(|prepared| *prepared.borrow_mut() = Some((key, rows)));
+        SHARED.with(|shared| *shared.borrow_mut() = Some(None));
         // Cleared afterwards, taken or not: the buffer may be freed and its address reused.
         let _clear = Clear;
         f()
@@ -772,6 +797,25 @@ pub(crate) mod prepared_input {
                     None
                 }
             }
+        })
+    }
+
+    /// Keeps a first layer's nonzeros of `values` for the rest of the forward pass, inside
+    /// [`with`] only: outside it nothing would clear them before the buffer is freed.
+    pub(crate) fn share(values: &[f32], columns: usize, input: &SparseInput) {
+        SHARED.with(|shared| {
+            if let Some(slot) = shared.borrow_mut().as_mut() {
+                *slot = Some((Key::of(values, columns), input.clone()));
+            }
+        });
+    }
+
+    /// The nonzeros a first layer shared of these very `values`, if it did.
+    pub(crate) fn shared(values: &[f32], columns: usize) -> Option<SparseInput> {
+        let key = Key::of(values, columns);
+        SHARED.with(|shared| match shared.borrow().as_ref() {
+            Some(Some((shared_key, input))) if *shared_key == key => Some(input.clone()),
+            _ => None,
         })
     }
 }
@@ -833,7 +877,13 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
                     .flatten();
                 let (x_state, output) = match sparse {
                     Some((rows, output)) => {
-                        (Some(LayerInput::Sparse(SparseInput::new(rows))), output)
+                        let input = SparseInput::new(rows);
+                        prepared_input::share(
+                            &f32_values(x.primitive()),
+                            x.primitive().shape()[1],
+                            &input,
+                        );
+                        (Some(LayerInput::Sparse(input)), output)
                     }
                     None => {
                         let x_state =

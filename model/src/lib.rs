@@ -22,6 +22,7 @@ pub mod mixture_stats;
 pub mod network;
 pub mod preprocess;
 pub mod reconstruction;
+pub mod reconstruction_layer;
 pub mod scorer;
 pub mod softmax;
 mod sparse_rows;

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::codes::codes;
 use crate::config::NetworkConfig;
 use crate::dense::dense;
-use crate::reconstruction::{SQUARED_ERROR, reconstruction_terms};
+use crate::reconstruction::SQUARED_ERROR;
+use crate::reconstruction_layer::reconstruction_terms_through;
 use crate::softmax::softmax_rows;
 
 /// Added under square roots of squared norms so empty or zero rows keep finite gradients.
@@ -173,9 +174,14 @@ impl DagmmNet {
     /// Full forward pass. `dropout_masks` holds one pre-scaled 0/(1/(1-p)) mask per estimation
     /// hidden layer during training, and is `None` for evaluation.
     pub fn forward(&self, x: Tensor<2>, dropout_masks: Option<&[Tensor<2>]>) -> Forward {
-        let (z_c, x_hat) = self.compress(x.clone());
+        let z_c = mlp(&self.encoder, x.clone());
         let n = z_c.dims()[0];
-        let terms = reconstruction_terms(x, x_hat);
+        // The output layer goes with the terms: in training they then skip forming x'.
+        let (output_layer, hidden_layers) = self.decoder.split_last().expect("a decoder layer");
+        let hidden = hidden_layers
+            .iter()
+            .fold(z_c.clone(), |h, layer| dense(layer, h, true));
+        let terms = reconstruction_terms_through(x, hidden, output_layer);
         let z = codes(z_c.clone(), terms.clone());
         let squared_error = terms.slice([0..n, SQUARED_ERROR..SQUARED_ERROR + 1]);
         let mut h = z.clone();

@@ -5,7 +5,9 @@
 //! Composed from burn's operations these took fifteen `[n, d]` or `[n, 1]` tensor operations
 //! and their backward steps per batch; here each pass is one loop over the rows. The forward
 //! pass gives the plain scorer's features bit for bit and keeps its row sums; the backward pass
-//! turns them into per-row coefficients in f64 and applies those in f32.
+//! turns them into per-row coefficients in f64 and applies those in f32. Training on
+//! mostly-zero inputs goes through [`crate::reconstruction_layer`] instead, which takes the
+//! decoder's output layer along and never forms x'.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -432,7 +434,7 @@ fn coefficients([xx, dd, hh, xh]: RowSums<f64>, g: &[f64]) -> Coefficients {
 
 /// Per row, the coefficients (of x − x', x and x') of the gradient with respect to x'
 /// (`of_x_hat`) or x.
-fn row_coefficients(sums: &[f64], grad: &[f64], of_x_hat: bool) -> Vec<[f64; 3]> {
+pub(crate) fn row_coefficients(sums: &[f64], grad: &[f64], of_x_hat: bool) -> Vec<[f64; 3]> {
     sums.chunks_exact(4)
         .zip(grad.chunks_exact(3))
         .map(|(s, g)| {

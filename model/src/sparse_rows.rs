@@ -142,6 +142,11 @@ impl SparseRows {
         self.row_starts.len() - 1
     }
 
+    /// How many nonzero entries all the rows hold.
+    pub(crate) fn nonzeros(&self) -> usize {
+        self.values.len()
+    }
+
     pub(crate) fn columns(&self) -> usize {
         self.columns
     }
@@ -159,7 +164,8 @@ impl SparseRows {
     }
 
     /// Row i's column indices and values, in column order.
-    fn row(&self, i: usize) -> (&[u32], &[f32]) {
+    /// Row `i`'s column indices and values, in column order.
+    pub(crate) fn row(&self, i: usize) -> (&[u32], &[f32]) {
         let range = self.row_starts[i]..self.row_starts[i + 1];
         (&self.column_indices[range.clone()], &self.values[range])
     }
