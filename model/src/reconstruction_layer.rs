@@ -12,10 +12,11 @@
 //!   ∂/∂b  = (Hᵀα)ᵀ·W + (Σα) b + Xᵀβ
 //! ```
 //!
-//! With m hidden values, d outputs and x mostly zeros (KDDCUP99: m = 60, d = 120, about twelve
-//! nonzeros a row), the layer's three n × m × d products give way to two n × m × m ones and
-//! two through x's nonzeros, which the first layer already found. Measured at n = 1024 on one
-//! core, 585 µs of products became 316 µs, and the passes over x' went with them.
+//! With m hidden values, d outputs and x mostly zeros (KDDCUP99: m = 60, d = 118, about a tenth
+//! of x nonzero), the layer's three n × m × d products give way to two n × m × m ones and two
+//! through x's nonzeros, which the first layer already found. Timed apart on one core (n =
+//! 1024, d = 120, a tenth nonzero), 585 µs of products became 316 µs; the passes over x' went
+//! as well.
 //!
 //! The price is precision: ‖x − x'‖² is now a difference of sums of f32 products, correct to
 //! about 1e-7·‖x‖² rather than to 1e-7 of itself. For a row reconstructed to 1 % of its norm
@@ -130,22 +131,23 @@ struct GramState {
 /// What the forward pass formed that the backward pass uses again.
 #[derive(Debug, Clone)]
 struct Kept {
-    /// h·G and x·Wᵀ, row-major `[n, m]` each.
-    hg: Vec<f32>,
-    xw: Vec<f32>,
+    /// h·G + 2 W·b, row-major `[n, m]`.
+    hg_2wb: Vec<f32>,
+    /// x·Wᵀ and, after each row's m values, b·x: row-major `[n, m + 1]`.
+    xw_bx: Vec<f32>,
     /// W·b `[m]`.
     wb: Vec<f32>,
     /// ‖x‖², ‖x − x'‖², ‖x'‖², x·x' per row: f32 values, as the terms were formed from them.
     sums: Vec<f64>,
 }
 
-/// W (`[m, d]` row-major) transposed.
-fn transposed(w: &[f32], m: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    for (k, row) in w.chunks_exact(d).enumerate() {
-        for (j, &value) in row.iter().enumerate() {
-            out[j * m + k] = value;
-        }
+/// Wᵀ with b as one more column, `[d, m + 1]` row-major from W `[m, d]`: through x's
+/// nonzeros it gives x·Wᵀ and b·x in one pass (the column takes a lane the pass would pad).
+fn transposed_with_bias(w: &[f32], b: &[f32], m: usize, d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(d * (m + 1));
+    for (j, &b) in b.iter().enumerate() {
+        out.extend((0..m).map(|k| w[k * d + j]));
+        out.push(b);
     }
     out
 }
@@ -202,40 +204,37 @@ fn gram_forward(
 ) -> (Vec<f32>, Kept) {
     let w_view = Matrix::row_major(w, m, d);
     let gram = product(&w_view, &w_view.transposed(), None, false);
-    let hg = product(
+    // As f32, as h·G is: ‖x'‖² − ‖b‖² = h·(h·G + 2 W·b) then takes one dot product a row.
+    let wb: Vec<f32> = w.chunks_exact(d).map(|row| dot(row, b) as f32).collect();
+    let twice_wb: Vec<f32> = wb.iter().map(|&v| 2.0 * v).collect();
+    let hg_2wb = product(
         &Matrix::row_major(h, n, m),
         &Matrix::row_major(&gram, m, m),
-        None,
+        Some(&twice_wb),
         false,
     );
-    let xw = x
-        .rows()
-        .product(&transposed(w, m, d), &vec![0.0; m], &|_| {});
-    // As f32, for the rows' dot products; the f32 products of h·G carry the same error.
-    let wb: Vec<f32> = w.chunks_exact(d).map(|row| dot(row, b) as f32).collect();
-    let bb = dot(b, b);
     let rows = x.rows();
+    let xw_bx = rows.product(
+        &transposed_with_bias(w, b, m, d),
+        &vec![0.0; m + 1],
+        &|_| {},
+    );
+    let bb = dot(b, b);
     let sums_of = |range: Range<usize>, out: &mut [MaybeUninit<[f32; 4]>]| {
         with_avx2!(|| {
             for (i, out) in range.zip(out) {
-                let (columns, values) = rows.row(i);
-                let (mut xx, mut bx) = (0f64, 0f64);
-                for (&j, &v) in columns.iter().zip(values) {
-                    let v = f64::from(v);
-                    xx += v * v;
-                    bx += v * f64::from(b[j as usize]);
-                }
-                let values = i * m..(i + 1) * m;
-                let h_row = &h[values.clone()];
-                let xh = dot(h_row, &xw[values.clone()]) + bx;
-                let hh = dot(h_row, &hg[values]) + 2.0 * dot(h_row, &wb) + bb;
+                let xx: f64 = rows.row(i).1.iter().map(|&v| f64::from(v).powi(2)).sum();
+                let h_row = &h[i * m..(i + 1) * m];
+                let xw_bx = &xw_bx[i * (m + 1)..(i + 1) * (m + 1)];
+                let xh = dot(h_row, &xw_bx[..m]) + f64::from(xw_bx[m]);
+                let hh = dot(h_row, &hg_2wb[i * m..(i + 1) * m]) + bb;
                 let dd = (xx - 2.0 * xh + hh).max(0.0);
                 out.write([xx, dd, hh, xh].map(|s| s as f32));
             }
         })
     };
     // SAFETY: each chunk writes one value per row.
-    let sums = unsafe { helper_threads::rows_written_in_chunks(n, 1, 3 * m, &sums_of) };
+    let sums = unsafe { helper_threads::rows_written_in_chunks(n, 1, 2 * m, &sums_of) };
     let mut terms = Vec::with_capacity(3 * n);
     let mut sums_f64 = Vec::with_capacity(4 * n);
     for &[xx, dd, hh, xh] in &sums {
@@ -244,8 +243,8 @@ fn gram_forward(
         sums_f64.extend([xx, dd, hh, xh].map(f64::from));
     }
     let kept = Kept {
-        hg,
-        xw,
+        hg_2wb,
+        xw_bx,
         wb,
         sums: sums_f64,
     };
@@ -268,6 +267,9 @@ fn gram_backward(
     wanted: [bool; 3],
 ) -> [Option<FlexTensor>; 3] {
     let (n, m, d) = state.shape;
+    let Kept {
+        hg_2wb, xw_bx, wb, ..
+    } = &state.kept;
     let factors = row_factors(&state.kept.sums, &to_f64(grad));
     let h = f32_values(&state.h);
     let tensor = |values: Vec<f32>, shape: &[usize]| {
@@ -278,13 +280,12 @@ fn gram_backward(
             with_avx2!(|| {
                 for (i, out) in range.zip(out.chunks_exact_mut(m)) {
                     let (alpha, beta) = factors[i];
-                    let values = i * m..(i + 1) * m;
-                    let (hg, xw) = (&state.kept.hg[values.clone()], &state.kept.xw[values]);
-                    for (((out, &hg), &wb), &xw) in
-                        out.iter_mut().zip(hg).zip(&state.kept.wb).zip(xw)
-                    {
-                        // In f64: the two parts nearly cancel where x' is close to x.
-                        let value = alpha * f64::from(hg + wb) + beta * f64::from(xw);
+                    let hg_2wb = &hg_2wb[i * m..(i + 1) * m];
+                    let xw = &xw_bx[i * (m + 1)..i * (m + 1) + m];
+                    for (((out, &hg_2wb), &wb), &xw) in out.iter_mut().zip(hg_2wb).zip(wb).zip(xw) {
+                        // x'·Wᵀ = h·G + W·b. In f64: the two parts nearly cancel where x' is
+                        // close to x.
+                        let value = alpha * f64::from(hg_2wb - wb) + beta * f64::from(xw);
                         out.write(value as f32);
                     }
                 }
@@ -299,27 +300,50 @@ fn gram_backward(
     }
     let w = f32_values(&state.weight);
     let b = f32_values(&state.bias);
-    // Hᵀα, Σα and Xᵀβ, in f64.
-    let mut h_alpha = vec![0f64; m];
-    let mut alpha_total = 0f64;
-    let mut x_beta = vec![0f64; d];
-    with_avx2!(|| {
-        for (i, &(alpha, beta)) in factors.iter().enumerate() {
-            for (sum, &value) in h_alpha.iter_mut().zip(&h[i * m..(i + 1) * m]) {
+    // Hᵀα and Σα, in f64.
+    let (h_alpha, alpha_total) = with_avx2!(|| {
+        let mut h_alpha = vec![0f64; m];
+        for (row, &(alpha, _)) in h.chunks_exact(m).zip(&factors) {
+            for (sum, &value) in h_alpha.iter_mut().zip(row) {
                 *sum += alpha * f64::from(value);
             }
-            alpha_total += alpha;
-            let (columns, values) = state.x.rows().row(i);
-            for (&j, &v) in columns.iter().zip(values) {
-                x_beta[j as usize] += beta * f64::from(v);
-            }
         }
+        (
+            h_alpha,
+            factors.iter().map(|&(alpha, _)| alpha).sum::<f64>(),
+        )
     });
+    // diag(α)·H, and diag(β)·H with β itself after each row, so that the product through x
+    // gives Xᵀβ in the column it would pad.
+    let scaled_rows = |with_factor: bool| {
+        let width = m + usize::from(with_factor);
+        let rows_of = |range: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+            with_avx2!(|| {
+                for (i, out) in range.zip(out.chunks_exact_mut(width)) {
+                    let (alpha, beta) = factors[i];
+                    let factor = if with_factor { beta } else { alpha };
+                    let (values, rest) = out.split_at_mut(m);
+                    for (out, &v) in values.iter_mut().zip(&h[i * m..(i + 1) * m]) {
+                        out.write((factor * f64::from(v)) as f32);
+                    }
+                    if let Some(last) = rest.first_mut() {
+                        last.write(factor as f32);
+                    }
+                }
+            })
+        };
+        // SAFETY: each chunk writes every value of its rows.
+        unsafe { helper_threads::rows_written_in_chunks(n, width, 2 * width, &rows_of) }
+    };
+    let beta_h_beta = scaled_rows(true);
+    // Xᵀ·[diag(β)·H | β], `[d, m + 1]`.
+    let through_x = state
+        .x
+        .rows()
+        .transposed_product_by(&state.x.by_column(), &beta_h_beta, m + 1);
     let db = wanted[2].then(|| {
-        let mut db: Vec<f64> = b
-            .iter()
-            .zip(&x_beta)
-            .map(|(&b, &xb)| alpha_total * f64::from(b) + xb)
+        let mut db: Vec<f64> = (b.iter().enumerate())
+            .map(|(j, &b)| alpha_total * f64::from(b) + f64::from(through_x[j * (m + 1) + m]))
             .collect();
         for (row, &u) in w.chunks_exact(d).zip(&h_alpha) {
             for (sum, &value) in db.iter_mut().zip(row) {
@@ -329,19 +353,7 @@ fn gram_backward(
         tensor(db.into_iter().map(|v| v as f32).collect(), &[d])
     });
     let dw = wanted[1].then(|| {
-        // diag(α)·H and diag(β)·H.
-        let mut alpha_h = vec![0f32; n * m];
-        let mut beta_h = vec![0f32; n * m];
-        with_avx2!(|| {
-            let rows = h.chunks_exact(m).zip(&factors);
-            let outs = alpha_h.chunks_exact_mut(m).zip(beta_h.chunks_exact_mut(m));
-            for ((row, &(alpha, beta)), (alpha_row, beta_row)) in rows.zip(outs) {
-                for ((&v, a), b) in row.iter().zip(alpha_row).zip(beta_row) {
-                    *a = (alpha * f64::from(v)) as f32;
-                    *b = (beta * f64::from(v)) as f32;
-                }
-            }
-        });
+        let alpha_h = scaled_rows(false);
         let h_alpha_h = product(
             &Matrix::row_major(&alpha_h, n, m).transposed(),
             &Matrix::row_major(&h, n, m),
@@ -354,23 +366,18 @@ fn gram_backward(
             None,
             false,
         );
-        // Xᵀ·diag(β)·H, `[d, m]`.
-        let through_x = state
-            .x
-            .rows()
-            .transposed_product_by(&state.x.by_column(), &beta_h, m);
-        let mut dw = vec![0f32; m * d];
-        for (k, (out, through_w)) in dw
-            .chunks_exact_mut(d)
-            .zip(through_w.chunks_exact(d))
-            .enumerate()
-        {
-            for (j, (out, &value)) in out.iter_mut().zip(through_w).enumerate() {
-                let sum = f64::from(value)
-                    + h_alpha[k] * f64::from(b[j])
-                    + f64::from(through_x[j * m + k]);
-                *out = sum as f32;
-            }
+        let mut dw = Vec::with_capacity(m * d);
+        for (k, through_w) in through_w.chunks_exact(d).enumerate() {
+            dw.extend(
+                through_w
+                    .iter()
+                    .zip(b.iter())
+                    .enumerate()
+                    .map(|(j, (&tw, &b))| {
+                        let through_x = through_x[j * (m + 1) + k];
+                        (f64::from(tw) + h_alpha[k] * f64::from(b) + f64::from(through_x)) as f32
+                    }),
+            );
         }
         tensor(dw, &[m, d])
     });
