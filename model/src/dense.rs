@@ -567,7 +567,7 @@ struct ByColumnState {
 }
 
 impl SparseInput {
-    fn new(rows: SparseRows) -> Self {
+    pub(crate) fn new(rows: SparseRows) -> Self {
         let rows = Arc::new(rows);
         let started = helper_threads::background(by_column_in_pieces(Arc::clone(&rows)));
         SparseInput {

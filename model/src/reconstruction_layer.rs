@@ -21,8 +21,9 @@
 //! The price is precision: ‖x − x'‖² is now a difference of sums of f32 products, correct to
 //! about 1e-7·‖x‖² rather than to 1e-7 of itself. For a row reconstructed to 1 % of its norm
 //! that leaves the squared error right to about 1e-3 of its value, well inside a step's
-//! noise; it is summed in f64 and never let below zero. Only training takes this path: the
-//! forward pass of a fitted model, like the plain scorer, forms x'.
+//! noise; it is summed in f64 and never let below zero (a NaN stays NaN, for the divergence
+//! check). Only training takes this path: the forward pass of a fitted model, like the plain
+//! scorer, forms x'.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -228,7 +229,10 @@ fn gram_forward(
                 let xw_bx = &xw_bx[i * (m + 1)..(i + 1) * (m + 1)];
                 let xh = dot(h_row, &xw_bx[..m]) + f64::from(xw_bx[m]);
                 let hh = dot(h_row, &hg_2wb[i * m..(i + 1) * m]) + bb;
-                let dd = (xx - 2.0 * xh + hh).max(0.0);
+                // Never below zero, and NaN stays NaN (`max` would turn it into 0) so that a
+                // diverging fit still shows in its loss.
+                let difference = xx - 2.0 * xh + hh;
+                let dd = if difference < 0.0 { 0.0 } else { difference };
                 out.write([xx, dd, hh, xh].map(|s| s as f32));
             }
         })
@@ -581,6 +585,25 @@ pub(crate) mod tests {
         }
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         assert_close_to_reference(&names, &gram, &reference, 1e-4);
+    }
+
+    #[test]
+    fn a_row_with_nan_keeps_nan_in_its_squared_error_and_the_others_stay_finite() {
+        let (m, d) = (3, 8);
+        let xs: Vec<f32> = (0..2 * d)
+            .map(|i| if i % 5 == 0 { 0.5 } else { 0.0 })
+            .collect();
+        let x = SparseInput::new(SparseRows::compress(&xs, d).expect("sparse enough"));
+        let h = [0.1, -0.2, f32::NAN, 0.3, 0.2, -0.1];
+        let w: Vec<f32> = (0..m * d).map(|i| (i as f32 * 0.7).sin() * 0.3).collect();
+        let b = vec![0.05; d];
+        let (terms, _) = gram_forward((2, m, d), &x, &h, &w, &b);
+        assert!(
+            terms[2].is_nan(),
+            "the NaN row's squared error is {}",
+            terms[2]
+        );
+        assert!(terms[3..].iter().all(|t| t.is_finite()), "{terms:?}");
     }
 
     #[test]
