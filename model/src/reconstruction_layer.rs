@@ -153,8 +153,9 @@ fn transposed_with_bias(w: &[f32], b: &[f32], m: usize, d: usize) -> Vec<f32> {
     out
 }
 
-/// a·b in eight f32 lanes, summed in f64: no less precise than the f32 products it reads
-/// (each ISA adds in the same order; the lanes vectorise).
+/// a·b in eight f32 lanes whose sums are added in f64: as precise as the f32 products (h·G,
+/// x·Wᵀ) it takes, so f64 lanes would buy nothing. Each ISA adds in the same order (Rust never
+/// fuses the multiply and add); the lanes vectorise.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     let mut lanes = [0f32; 8];
