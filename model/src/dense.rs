@@ -878,11 +878,9 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
                 let (x_state, output) = match sparse {
                     Some((rows, output)) => {
                         let input = SparseInput::new(rows);
-                        prepared_input::share(
-                            &f32_values(x.primitive()),
-                            x.primitive().shape()[1],
-                            &input,
-                        );
+                        if let Some(values) = x.primitive().as_slice::<f32>() {
+                            prepared_input::share(values, x.primitive().shape()[1], &input);
+                        }
                         (Some(LayerInput::Sparse(input)), output)
                     }
                     None => {

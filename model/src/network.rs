@@ -164,13 +164,6 @@ impl DagmmNet {
         }
     }
 
-    /// Encode then decode: returns (z_c, x').
-    pub fn compress(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
-        let z_c = mlp(&self.encoder, x);
-        let x_hat = mlp(&self.decoder, z_c.clone());
-        (z_c, x_hat)
-    }
-
     /// Full forward pass. `dropout_masks` holds one pre-scaled 0/(1/(1-p)) mask per estimation
     /// hidden layer during training, and is `None` for evaluation.
     pub fn forward(&self, x: Tensor<2>, dropout_masks: Option<&[Tensor<2>]>) -> Forward {

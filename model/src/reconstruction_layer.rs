@@ -42,7 +42,7 @@ use crate::dense::{DenseBackend, Matrix, SparseInput, f32_values, prepared_input
 use crate::helper_threads;
 use crate::reconstruction::{ReconstructionBackend, row_coefficients};
 use crate::scorer::{Isa, features_from_sums};
-use crate::step_support::{register_gradients, to_f64};
+use crate::step_support::to_f64;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait ReconstructionLayerBackend: Backend {
@@ -113,7 +113,8 @@ fn gram_inputs(
     let [n, d] = x.shape().dims();
     let [h_rows, m] = h.shape().dims();
     let fits = h_rows == n && weight.shape().dims::<2>() == [m, d] && bias.shape()[0] == d;
-    let sparse = prepared_input::shared(&f32_values(x), d)?;
+    // Only a contiguous x is the buffer the first layer shared (a copy would have its own key).
+    let sparse = prepared_input::shared(x.as_slice::<f32>()?, d)?;
     let rows = sparse.rows();
     (fits && rows.rows() == n && gram_pays(n, m, d, rows.nonzeros())).then_some(((n, m, d), sparse))
 }
@@ -402,15 +403,13 @@ impl Backward<Flex, 3> for GramStep {
         _checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let parents = ops.parents.map(|node| node.map(|node| node.id));
-        let wanted = parents.map(|id| id.is_some());
-        let [dh, dw, db] = gram_backward(&ops.state, &grad, wanted);
-        let zero = || FlexTensor::from_data(TensorData::new(Vec::<f32>::new(), [0]));
-        register_gradients(
-            grads,
-            parents,
-            [dh, dw, db].map(|gradient| gradient.unwrap_or_else(zero)),
-        );
+        let wanted = ops.parents.each_ref().map(Option::is_some);
+        let gradients = gram_backward(&ops.state, &grad, wanted);
+        for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
+            if let (Some(parent), Some(gradient)) = (parent, gradient) {
+                grads.register::<Flex>(parent.id, gradient);
+            }
+        }
     }
 }
 

@@ -163,7 +163,6 @@ impl SparseRows {
         dense
     }
 
-    /// Row i's column indices and values, in column order.
     /// Row `i`'s column indices and values, in column order.
     pub(crate) fn row(&self, i: usize) -> (&[u32], &[f32]) {
         let range = self.row_starts[i]..self.row_starts[i + 1];
