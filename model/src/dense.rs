@@ -602,6 +602,20 @@ impl SparseInput {
     }
 }
 
+impl SparseInput {
+    /// xᵀ·grad, `[columns, outputs]` row-major, for `grad` `[rows, outputs]`: from the
+    /// arrangement by column where a helper made it in the background, else row by row on
+    /// this thread; the same bits either way.
+    pub(crate) fn transposed_product(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
+        if helper_threads::has_helpers() {
+            self.rows
+                .transposed_product_by(&self.by_column(), grad, outputs)
+        } else {
+            self.rows.transposed_product_by_rows(grad, outputs)
+        }
+    }
+}
+
 impl std::fmt::Debug for SparseInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SparseInput")
@@ -706,11 +720,9 @@ fn layer_gradients_f32(
     // With the number of its rows, x's columns.
     let weight_gradient = || match (&x_view, x) {
         (Some(x), _) => Some((product(&x.transposed(), &pre, None, false), x.columns)),
-        (None, Some(LayerInput::Sparse(x))) => Some((
-            x.rows
-                .transposed_product_by(&x.by_column(), &values, columns),
-            x.rows.columns(),
-        )),
+        (None, Some(LayerInput::Sparse(x))) => {
+            Some((x.transposed_product(&values, columns), x.rows.columns()))
+        }
         (None, _) => None,
     };
     // With both products to form, the fit's helper takes the weight gradient whole while this

@@ -520,6 +520,11 @@ pub(crate) fn with_current<R>(f: impl FnOnce(Option<&HelperThreads>) -> R) -> R 
     with_helpers(|helpers| f(helpers.filter(|_| SPLITTING.get())))
 }
 
+/// Whether this thread has helpers, splitting on or off: whether background work runs off it.
+pub(crate) fn has_helpers() -> bool {
+    with_helpers(|helpers| helpers.is_some())
+}
+
 /// Calls `f` with this thread's helpers, if it has any, splitting on or off.
 fn with_helpers<R>(f: impl FnOnce(Option<&HelperThreads>) -> R) -> R {
     CURRENT.with(|current| f(current.borrow().as_ref()))

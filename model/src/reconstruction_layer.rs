@@ -343,10 +343,7 @@ fn gram_backward(
     };
     let beta_h_beta = scaled_rows(true);
     // Xᵀ·[diag(β)·H | β], `[d, m + 1]`.
-    let through_x = state
-        .x
-        .rows()
-        .transposed_product_by(&state.x.by_column(), &beta_h_beta, m + 1);
+    let through_x = state.x.transposed_product(&beta_h_beta, m + 1);
     let db = wanted[2].then(|| {
         let mut db: Vec<f64> = (b.iter().enumerate())
             .map(|(j, &b)| alpha_total * f64::from(b) + f64::from(through_x[j * (m + 1) + m]))
