@@ -600,14 +600,17 @@ impl<'a> SparseGather<'a> {
         let count = rows.len();
         let mut row_starts = Vec::with_capacity(count + 1);
         row_starts.push(0);
+        // Room for a fifth more entries than the set's average rows hold: growing as the rows
+        // come would reallocate, and copy what was gathered, a dozen times a batch.
+        let entries = (count * source.values.len() / source.rows().max(1)) * 5 / 4;
         SparseGather {
             source,
             dense: Vec::with_capacity(count * source.columns),
             gathered: SparseRows {
                 columns: source.columns,
                 row_starts,
-                column_indices: Vec::new(),
-                values: Vec::new(),
+                column_indices: Vec::with_capacity(entries),
+                values: Vec::with_capacity(entries),
             },
             rows,
             next: 0,
@@ -1136,3 +1139,4 @@ mod tests {
         }
     }
 }
+
