@@ -550,17 +550,18 @@ enum LayerInput<D> {
     Sparse(SparseInput),
 }
 
-/// A first layer's mostly-zero input: its nonzeros, and the same arranged by column for the
-/// weight gradient by the fit's helper in the background while the step goes on. Shared with
-/// the reconstruction step of the same batch ([`prepared_input::shared`]), which needs both too.
+/// A first layer's mostly-zero input: its nonzeros, and, where the fit has a helper, the same
+/// arranged by column for the weight gradient by the helper in the background while the step
+/// goes on. Shared with the reconstruction step of the same batch
+/// ([`prepared_input::shared`]), which needs both too.
 #[derive(Clone)]
 pub(crate) struct SparseInput {
     rows: Arc<SparseRows>,
     by_column: Arc<Mutex<ByColumnState>>,
 }
 
-/// The arrangement by column: the background work making it, until someone asks; then what it
-/// made, kept for whoever asks next.
+/// The arrangement by column: the background work making it (none without a helper), until
+/// someone asks; then what it made, kept for whoever asks next.
 struct ByColumnState {
     started: Option<Background<'static, ByColumn>>,
     made: Option<Arc<ByColumn>>,
@@ -569,11 +570,13 @@ struct ByColumnState {
 impl SparseInput {
     pub(crate) fn new(rows: SparseRows) -> Self {
         let rows = Arc::new(rows);
-        let started = helper_threads::background(by_column_in_pieces(Arc::clone(&rows)));
+        // Without a helper the weight gradients go row by row and never ask for it.
+        let started = helper_threads::has_helpers()
+            .then(|| helper_threads::background(by_column_in_pieces(Arc::clone(&rows))));
         SparseInput {
             rows,
             by_column: Arc::new(Mutex::new(ByColumnState {
-                started: Some(started),
+                started,
                 made: None,
             })),
         }
@@ -594,15 +597,13 @@ impl SparseInput {
         }
         let made = Arc::new(match state.started.take() {
             Some(background) => background.finish(),
-            // Its background work panicked on an earlier call.
+            // None was started, or its background work panicked on an earlier call.
             None => self.rows.by_column(),
         });
         state.made = Some(Arc::clone(&made));
         made
     }
-}
 
-impl SparseInput {
     /// xᵀ·grad, `[columns, outputs]` row-major, for `grad` `[rows, outputs]`: from the
     /// arrangement by column where a helper made it in the background, else row by row on
     /// this thread; the same bits either way.

@@ -347,9 +347,7 @@ impl SparseRows {
             helper_threads::rows_written_in_ranges(self.columns, outputs, &ranges, &gradient_of)
         }
     }
-}
 
-impl SparseRows {
     /// [`SparseRows::transposed_product_by`] without the arrangement by column: each row's
     /// entries add their share to the output rows they name, rows in order, so every sum
     /// takes its terms in the same order and gives the same bits. One thread does it all; it
