@@ -24,7 +24,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::backend::{
+    Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
+};
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
@@ -756,7 +758,7 @@ fn layer_gradients_f32(
 /// them, for the rest of the forward pass, with the reconstruction step, which meets the same
 /// batch again.
 pub(crate) mod prepared_input {
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     use super::SparseInput;
     use crate::sparse_rows::SparseRows;
@@ -778,20 +780,32 @@ pub(crate) mod prepared_input {
         static PREPARED: RefCell<Option<(Key, Option<SparseRows>)>> = const { RefCell::new(None) };
         /// Whether a forward pass runs inside [`with`], and the nonzeros its first layer shared.
         static SHARED: RefCell<Option<Option<(Key, SparseInput)>>> = const { RefCell::new(None) };
+        /// The values that stand in for the prepared nonzeros' dense rows, if they do.
+        static STAND_IN: Cell<Option<Key>> = const { Cell::new(None) };
     }
 
     /// Runs `f` (a forward pass) with `rows`, the compressed form of the values `key` names,
-    /// ready for the first layer on this thread that takes exactly those values.
-    pub(crate) fn with<R>(key: Key, rows: Option<SparseRows>, f: impl FnOnce() -> R) -> R {
+    /// ready for the first layer on this thread that takes exactly those values. Where
+    /// `stand_in`, those values only stand in for the rows (training's batches gathered as
+    /// their nonzeros alone): a layer or step that reads them asks [`stood_for`] first.
+    pub(crate) fn with<R>(
+        key: Key,
+        rows: Option<SparseRows>,
+        stand_in: bool,
+        f: impl FnOnce() -> R,
+    ) -> R {
         struct Clear;
         impl Drop for Clear {
             fn drop(&mut self) {
                 PREPARED.with(|prepared| prepared.borrow_mut().take());
                 SHARED.with(|shared| shared.borrow_mut().take());
+                STAND_IN.set(None);
             }
         }
+        assert!(rows.is_some() || !stand_in, "a stand-in for no nonzeros");
         PREPARED.with(|prepared| *prepared.borrow_mut() = Some((key, rows)));
         SHARED.with(|shared| *shared.borrow_mut() = Some(None));
+        STAND_IN.set(stand_in.then_some(key));
         // Cleared afterwards, taken or not: the buffer may be freed and its address reused.
         let _clear = Clear;
         f()
@@ -821,6 +835,24 @@ pub(crate) mod prepared_input {
                 *slot = Some((Key::of(values, columns), input.clone()));
             }
         });
+    }
+
+    /// The rows, dense, that `values` stand in for ([`with`]), from their nonzeros: prepared,
+    /// or shared by the first layer that took them. `None` where `values` are what they seem.
+    pub(crate) fn stood_for(values: &[f32], columns: usize) -> Option<Vec<f32>> {
+        let key = Key::of(values, columns);
+        if STAND_IN.get() != Some(key) {
+            return None;
+        }
+        let prepared = PREPARED.with(|prepared| match prepared.borrow().as_ref() {
+            Some((prepared_key, Some(rows))) if *prepared_key == key => Some(rows.to_dense()),
+            _ => None,
+        });
+        let rows =
+            prepared.or_else(|| shared(values, columns).map(|input| input.rows().to_dense()));
+        // The first layer that takes the prepared nonzeros shares them (a stand-in is one
+        // contiguous buffer), so one of the two holds them.
+        Some(rows.expect("the nonzeros a stand-in stands for are kept"))
     }
 
     /// The nonzeros a first layer shared of these very `values`, if it did.
@@ -897,6 +929,7 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
                         (Some(LayerInput::Sparse(input)), output)
                     }
                     None => {
+                        let x = stood_for::<C>(x);
                         let x_state =
                             weight_tracked.then(|| LayerInput::Dense(prep.checkpoint(&x)));
                         let output = Flex::dense(
@@ -912,12 +945,31 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
                 prep.finish((x_state, weight_state, kept), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::dense(
-                x.into_primitive(),
+                stood_for::<C>(x).into_primitive(),
                 weight.into_primitive(),
                 bias.into_primitive(),
                 squash,
             )),
         }
+    }
+}
+
+/// `x`, or where it stands in for a batch gathered as its nonzeros alone
+/// ([`prepared_input::with`]), that batch made dense: for an operation that reads x's values
+/// itself instead of taking the nonzeros.
+pub(crate) fn stood_for<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let shape = x.primitive().shape();
+    let dense = match (x.primitive().as_slice::<f32>(), shape.num_dims()) {
+        (Some(values), 2) => prepared_input::stood_for(values, shape[1]),
+        _ => None,
+    };
+    match dense {
+        Some(values) => {
+            Autodiff::<Flex, C>::from_inner(FlexTensor::from_data(TensorData::new(values, shape)))
+        }
+        None => x,
     }
 }
 
@@ -1231,22 +1283,58 @@ mod tests {
         // tensor keeps the buffer it was given, as training's batches rely on) and only once.
         let doubled = SparseRows::compress(&mostly_zeros(2.0), 7).expect("sparse enough");
         let [first, second] =
-            prepared_input::with(key, Some(doubled.clone()), || [forward(), forward()]);
+            prepared_input::with(key, Some(doubled.clone()), false, || [forward(), forward()]);
         assert_ne!(first, own, "the prepared rows were not taken");
         assert_eq!(second, own, "taken twice");
         assert_eq!(forward(), own, "left behind");
         let elsewhere = prepared_input::Key::of(&[0.0; 280], 7);
-        let taken = prepared_input::with(elsewhere, Some(doubled), forward);
+        let taken = prepared_input::with(elsewhere, Some(doubled), false, forward);
         assert_eq!(taken, own, "taken for other values");
         // Prepared as too dense to keep sparse: the dense product, the same values up to the
         // order of the sums.
-        let dense_path = prepared_input::with(key, None, forward);
+        let dense_path = prepared_input::with(key, None, false, forward);
         assert!(
             dense_path
                 .iter()
                 .zip(&own)
                 .all(|(a, b)| (a - b).abs() <= 1e-5)
         );
+    }
+
+    #[test]
+    fn a_stand_in_gives_what_the_rows_it_stands_for_give() {
+        let device = Device::flex().autodiff();
+        let (layer, _) = layer_and_input(&device, false, 40);
+        let xs: Vec<f32> = (0..40 * 7)
+            .map(|i| match i % 9 {
+                0 => (i as f32 * 0.37).sin(),
+                _ => 0.0,
+            })
+            .collect();
+        let rows = SparseRows::compress(&xs, 7).expect("sparse enough");
+        let key = prepared_input::Key::of(&xs, 7);
+        let x = Tensor::<2>::from_data(TensorData::new(xs, [40, 7]), &device);
+        let zeros = vec![0f32; 40 * 7];
+        let stand_in_key = prepared_input::Key::of(&zeros, 7);
+        let stand_in = Tensor::<2>::from_data(TensorData::new(zeros, [40, 7]), &device);
+        // Through the nonzeros: the same bits as with the rows themselves.
+        let run = |layer: &Linear, x: &Tensor<2>| values(dense(layer, x.clone(), true));
+        let expected = prepared_input::with(key, Some(rows.clone()), false, || run(&layer, &x));
+        let through_nonzeros = prepared_input::with(stand_in_key, Some(rows.clone()), true, || {
+            run(&layer, &stand_in)
+        });
+        assert_eq!(through_nonzeros, expected);
+        // A layer that needs no gradient reads x itself: the rows made dense again.
+        let frozen = burn::module::Module::no_grad(layer.clone());
+        let own = run(&frozen, &x);
+        assert!(
+            own.iter().any(|&v| v != run(&frozen, &stand_in)[0]),
+            "zeros differ"
+        );
+        let read = prepared_input::with(stand_in_key, Some(rows), true, || run(&frozen, &stand_in));
+        assert_eq!(read, own);
+        // Outside `with` it is only zeros again.
+        assert_ne!(run(&frozen, &stand_in), own);
     }
 
     #[test]

@@ -38,7 +38,9 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::dense::{DenseBackend, Matrix, SparseInput, f32_values, prepared_input, product};
+use crate::dense::{
+    DenseBackend, Matrix, SparseInput, f32_values, prepared_input, product, stood_for,
+};
 use crate::helper_threads;
 use crate::reconstruction::{ReconstructionBackend, row_coefficients};
 use crate::scorer::{Isa, features_from_sums};
@@ -429,6 +431,7 @@ impl<C: CheckpointStrategy> ReconstructionLayerBackend for Autodiff<Flex, C> {
             })
             .flatten();
         let Some((shape, sparse)) = gram else {
+            let x = stood_for::<C>(x);
             let x_hat = <Self as DenseBackend>::dense(h, weight, bias, false);
             return <Self as ReconstructionBackend>::reconstruction_terms(x, x_hat);
         };
@@ -466,7 +469,7 @@ impl<C: CheckpointStrategy> ReconstructionLayerBackend for Autodiff<Flex, C> {
                 )
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::reconstruction_terms_through(
-                x.into_primitive(),
+                stood_for::<C>(x).into_primitive(),
                 h.into_primitive(),
                 weight.into_primitive(),
                 bias.into_primitive(),
@@ -570,7 +573,7 @@ pub(crate) mod tests {
 
         let key = prepared_input::Key::of(&xs, INPUTS);
         let x = tensor(xs);
-        let gram = prepared_input::with(key, Some(rows), || forward_and_gradients(&net, x));
+        let gram = prepared_input::with(key, Some(rows), false, || forward_and_gradients(&net, x));
         assert_eq!(gram_steps(), before + 1, "one step through the Gram matrix");
 
         let mut names = vec!["z".to_string(), "squared error".to_string()];
@@ -582,6 +585,64 @@ pub(crate) mod tests {
         }
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         assert_close_to_reference(&names, &gram, &reference, 1e-4);
+    }
+
+    #[test]
+    fn a_stand_in_for_the_rows_gives_their_terms_and_gradients_through_either_path() {
+        let device = Device::flex().autodiff();
+        let (net, xs) = net_and_rows(&device);
+        let rows = SparseRows::compress(&xs, INPUTS).expect("sparse enough");
+        let tensor =
+            |xs: Vec<f32>| Tensor::<2>::from_data(TensorData::new(xs, [ROWS, INPUTS]), &device);
+        let key = prepared_input::Key::of(&xs, INPUTS);
+        let x = tensor(xs);
+        let zeros = vec![0f32; ROWS * INPUTS];
+        let stand_in_key = prepared_input::Key::of(&zeros, INPUTS);
+        let stand_in = tensor(zeros);
+        // A hidden layer as wide as the inputs, where the Gram matrix does not pay and the
+        // layer reads x itself (the nonzeros the first layer shared, made dense again).
+        let wide = DagmmNet::from_weights(
+            &NetworkWeights::init(
+                &crate::NetworkConfig {
+                    input_dim: INPUTS,
+                    hidden: vec![INPUTS],
+                    latent_dim: 2,
+                    estimation_hidden: vec![4],
+                    gmm_k: 2,
+                    dropout: 0.0,
+                },
+                &mut ChaCha8Rng::seed_from_u64(6),
+            ),
+            &device,
+        );
+        for (net, gram) in [(&net, 1), (&wide, 0)] {
+            let before = gram_steps();
+            let expected = prepared_input::with(key, Some(rows.clone()), false, || {
+                forward_and_gradients(net, x.clone())
+            });
+            assert_eq!(gram_steps(), before + gram, "steps through the Gram matrix");
+            let got = prepared_input::with(stand_in_key, Some(rows.clone()), true, || {
+                forward_and_gradients(net, stand_in.clone())
+            });
+            assert_eq!(gram_steps(), before + 2 * gram);
+            assert!(got == expected, "through the Gram matrix: {}", gram == 1);
+        }
+        // The layer and terms alone, before any first layer took the nonzeros.
+        let h = Tensor::<2>::from_data(
+            TensorData::new(
+                (0..ROWS * INPUTS)
+                    .map(|i| (i as f32 * 0.11).cos())
+                    .collect::<Vec<_>>(),
+                [ROWS, INPUTS],
+            ),
+            &device,
+        );
+        let output_layer = wide.decoder.last().expect("a decoder layer");
+        let own = values(reconstruction_terms_through(x, h.clone(), output_layer));
+        let read = prepared_input::with(stand_in_key, Some(rows), true, || {
+            values(reconstruction_terms_through(stand_in, h, output_layer))
+        });
+        assert!(read == own);
     }
 
     #[test]

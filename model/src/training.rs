@@ -20,7 +20,7 @@ use crate::network::{DagmmNet, NetworkWeights};
 use crate::preprocess::Preprocessor;
 use crate::scorer::Scorer;
 use crate::sparse_rows::{
-    PREFETCH_ROWS_AHEAD, SparseGather, SparseRows, SparseRowsBuilder, prefetch,
+    Gathered, PREFETCH_ROWS_AHEAD, SparseGather, SparseRows, SparseRowsBuilder, prefetch,
 };
 use crate::thresholds::Thresholds;
 use crate::{DagmmModel, ModelError};
@@ -174,6 +174,7 @@ fn fit_on_one_thread(
     let prepare = |rows: Vec<usize>, rng: ChaCha8Rng| {
         helper_threads::background(batch_prepared(&x, x_sparse.as_ref(), d, rows, net_cfg, rng))
     };
+    let mut stand_ins = StandIns::new(d, &device);
     for epoch in 1..=cfg.epochs {
         let epoch_start = Instant::now();
         let joint = epoch > warmup_epochs;
@@ -182,7 +183,8 @@ fn fit_on_one_thread(
         // Each batch is gathered, its nonzeros found for the first layer and its dropout masks
         // drawn by the fit's helper in the background during the step before (the first of an
         // epoch here, after the shuffle): one copy per batch, straight into the buffer the
-        // tensor takes over.
+        // tensor takes over, or where the set is kept sparse, its nonzeros alone, for which a
+        // stand-in tensor goes through the network.
         let batch_rows = |b: usize| &order[b * n / n_batches..(b + 1) * n / n_batches];
         // The generator goes with the batch being prepared (for its dropout masks) and comes
         // back with it, so its draws keep their order.
@@ -201,9 +203,18 @@ fn fit_on_one_thread(
                 })
                 .finish();
             rng_home = Some(prepared.rng);
-            let key = prepared_input::Key::of(&prepared.batch, d);
-            let xb =
-                Tensor::<2>::from_data(TensorData::new(prepared.batch, [rows.len(), d]), &device);
+            let (xb, key, stand_in) = match prepared.batch {
+                Some(batch) => {
+                    let key = prepared_input::Key::of(&batch, d);
+                    let xb =
+                        Tensor::<2>::from_data(TensorData::new(batch, [rows.len(), d]), &device);
+                    (xb, key, false)
+                }
+                None => {
+                    let (xb, key) = stand_ins.for_rows(rows.len());
+                    (xb, key, true)
+                }
+            };
             let masks = prepared.masks.map(|masks| {
                 masks
                     .into_iter()
@@ -213,8 +224,9 @@ fn fit_on_one_thread(
                     })
                     .collect::<Vec<_>>()
             });
-            let out =
-                prepared_input::with(key, prepared.nonzeros, || net.forward(xb, masks.as_deref()));
+            let out = prepared_input::with(key, prepared.nonzeros, stand_in, || {
+                net.forward(xb, masks.as_deref())
+            });
             // Started here, past the layers' products, so that the helper prepares the next
             // batch while this thread works through the mixture's small tensors alone.
             next_batch = (b + 1 < n_batches).then(|| {
@@ -320,10 +332,50 @@ fn rows_gathered(
     }
 }
 
+/// Tensors that stand in for batches gathered as their nonzeros alone ([`prepared_input::with`]):
+/// zeros, `[rows, d]`, one per batch size (a fit's batches take at most two), made once.
+struct StandIns {
+    d: usize,
+    device: Device,
+    made: Vec<(usize, Tensor<2>, prepared_input::Key)>,
+}
+
+impl StandIns {
+    fn new(d: usize, device: &Device) -> Self {
+        StandIns {
+            d,
+            device: device.clone(),
+            made: Vec::new(),
+        }
+    }
+
+    /// The stand-in for a batch of `rows` rows, and its key.
+    fn for_rows(&mut self, rows: usize) -> (Tensor<2>, prepared_input::Key) {
+        let d = self.d;
+        let index = match self
+            .made
+            .iter()
+            .position(|(made_rows, ..)| *made_rows == rows)
+        {
+            Some(index) => index,
+            None => {
+                let zeros = vec![0f32; rows * d];
+                let key = prepared_input::Key::of(&zeros, d);
+                let tensor =
+                    Tensor::<2>::from_data(TensorData::new(zeros, [rows, d]), &self.device);
+                self.made.push((rows, tensor, key));
+                self.made.len() - 1
+            }
+        };
+        let (_, tensor, key) = &self.made[index];
+        (tensor.clone(), *key)
+    }
+}
+
 /// A batch made ready for its step by [`batch_prepared`].
 struct PreparedBatch {
-    /// The batch's rows, row-major.
-    batch: Vec<f32>,
+    /// The batch's rows, row-major: `None` where they were gathered as their nonzeros alone.
+    batch: Option<Vec<f32>>,
     /// Their nonzeros ([`prepared_input`]), `None` where too dense to keep sparse.
     nonzeros: Option<SparseRows>,
     /// The dropout masks' values, one per estimation hidden layer ([`dropout_mask_values`]).
@@ -335,8 +387,9 @@ struct PreparedBatch {
 /// Pieces of [`helper_threads::background`] work that draw the batch's dropout masks from
 /// `rng`, gather `rows` of `x` and find their nonzeros for a first layer fed mostly zeros, a
 /// few rows at a time; all of it after the last piece. Where the whole set is kept sparse as
-/// well (`x_sparse`), the rows come from there with their nonzeros ([`SparseGather`]); else
-/// they are copied ([`rows_gathered`]) and then searched.
+/// well (`x_sparse`), the rows come from there as their nonzeros alone ([`SparseGather`]), or
+/// dense where a batch is too dense to keep sparse; else they are copied ([`rows_gathered`])
+/// and then searched.
 fn batch_prepared<'a>(
     x: &'a [f32],
     x_sparse: Option<&'a SparseRows>,
@@ -380,7 +433,10 @@ fn batch_prepared<'a>(
                 if !all {
                     return None;
                 }
-                sparse.take()?.finish()
+                match sparse.take()?.finish() {
+                    Gathered::Nonzeros(nonzeros) => (None, Some(nonzeros)),
+                    Gathered::Dense(batch) => (Some(batch), None),
+                }
             }
             Gather::Dense {
                 gather,
@@ -401,7 +457,7 @@ fn batch_prepared<'a>(
                     return None;
                 }
                 (
-                    gathered.take().unwrap_or_default(),
+                    Some(gathered.take().unwrap_or_default()),
                     nonzeros.take().and_then(SparseRowsBuilder::finish),
                 )
             }
@@ -589,7 +645,9 @@ mod tests {
             let source = x_sparse.as_ref().filter(|_| from_sparse);
             let pieces = batch_prepared(&x, source, d, rows.clone(), &cfg, rng);
             let mut prepared = helper_threads::background(pieces).finish();
-            assert_eq!(prepared.batch, expected);
+            // From the whole set's nonzeros, the batch comes as its nonzeros alone.
+            let batch = (!from_sparse).then(|| expected.clone());
+            assert_eq!(prepared.batch, batch);
             assert_eq!(prepared.nonzeros, SparseRows::compress(&expected, d));
             assert!(prepared.nonzeros.is_some(), "sparse enough");
             assert_eq!(prepared.masks.as_ref(), Some(&masks));
