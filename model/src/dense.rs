@@ -1327,10 +1327,6 @@ mod tests {
         // A layer that needs no gradient reads x itself: the rows made dense again.
         let frozen = burn::module::Module::no_grad(layer.clone());
         let own = run(&frozen, &x);
-        assert!(
-            own.iter().any(|&v| v != run(&frozen, &stand_in)[0]),
-            "zeros differ"
-        );
         let read = prepared_input::with(stand_in_key, Some(rows), true, || run(&frozen, &stand_in));
         assert_eq!(read, own);
         // Outside `with` it is only zeros again.
