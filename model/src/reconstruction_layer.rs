@@ -175,20 +175,26 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     lanes.iter().map(|&lane| f64::from(lane)).sum()
 }
 
-/// Runs `body` through its AVX2 copy where the CPU has it (the same additions either way).
+/// Runs `body` through its AVX-512 or AVX2 copy where the CPU has it (the same additions
+/// either way).
 macro_rules! with_avx2 {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512<R>(body: impl FnOnce() -> R) -> R {
+                body()
+            }
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
                 body()
             }
-            if Isa::Avx2.supported() {
+            match Isa::best(16) {
+                // SAFETY: this CPU has AVX-512, AVX2 and FMA.
+                Isa::Avx512 => unsafe { avx512($body) },
                 // SAFETY: this CPU has AVX2 and FMA.
-                unsafe { avx2($body) }
-            } else {
-                ($body)()
+                Isa::Avx2 => unsafe { avx2($body) },
+                Isa::Portable => ($body)(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -585,6 +591,27 @@ pub(crate) mod tests {
         }
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         assert_close_to_reference(&names, &gram, &reference, 1e-4);
+    }
+
+    #[test]
+    fn through_the_gram_matrix_every_instruction_set_gives_the_same_bits() {
+        let device = Device::flex().autodiff();
+        let (net, xs) = net_and_rows(&device);
+        let through_gram = |isa: Isa| {
+            let rows = SparseRows::compress(&xs, INPUTS).expect("sparse enough");
+            let key = prepared_input::Key::of(&xs, INPUTS);
+            let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [ROWS, INPUTS]), &device);
+            let before = gram_steps();
+            let series = isa.capped(|| {
+                prepared_input::with(key, Some(rows), false, || forward_and_gradients(&net, x))
+            });
+            assert_eq!(gram_steps(), before + 1, "{isa:?} through the Gram matrix");
+            series
+        };
+        let portable = through_gram(Isa::Portable);
+        for isa in Isa::available() {
+            assert!(through_gram(isa) == portable, "{isa:?}");
+        }
     }
 
     #[test]

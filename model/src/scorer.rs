@@ -251,7 +251,7 @@ pub(crate) fn mixture_energies<T: LaneFloat, const L: usize>(
 
 /// The instruction sets a pass is compiled for. All give the same bits: each lane performs the
 /// same IEEE operations (fused multiply-adds included) whichever registers hold it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     Portable,
     /// AVX2 with hardware FMA (without it `mul_add` is a library call per element).
@@ -274,9 +274,14 @@ impl Isa {
         }
     }
 
-    /// Whether this CPU has the features (detection is cached by the standard library).
+    /// Whether this CPU has the features (detection is cached by the standard library), and,
+    /// in tests, no cap on this thread ([`Isa::capped`]) excludes it.
     #[inline]
     pub(crate) fn supported(self) -> bool {
+        #[cfg(test)]
+        if ISA_CAP.get().is_some_and(|cap| self > cap) {
+            return false;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 =
@@ -301,6 +306,26 @@ impl Isa {
             .filter(|isa| isa.supported())
             .collect()
     }
+
+    /// `f` run with no instruction set above `self` taken on this thread: every pass that
+    /// asks [`Isa::supported`] or [`Isa::best`] runs its copy for `self` or below.
+    #[cfg(test)]
+    pub(crate) fn capped<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<Isa>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                ISA_CAP.set(self.0);
+            }
+        }
+        let _restore = Restore(ISA_CAP.replace(Some(self)));
+        f()
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The highest instruction set this thread's passes may take ([`Isa::capped`]).
+    static ISA_CAP: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
 }
 
 impl Scorer {
