@@ -236,9 +236,17 @@ impl SparseRows {
         bias: &[f32],
         output: &'o mut [MaybeUninit<f32>],
     ) -> &'o mut [f32] {
-        assert_eq!(output.len(), rows.len() * bias.len(), "output rows");
-        for (row, sums) in rows.zip(output.chunks_exact_mut(bias.len())) {
-            let sums = sum_rows(self.row(row), weight, stride, sums);
+        let outputs = bias.len();
+        assert_eq!(output.len(), rows.len() * outputs, "output rows");
+        for (i, row) in rows.enumerate() {
+            // From this row to the end: the rows after it are written later.
+            let sums = sum_rows(
+                self.row(row),
+                weight,
+                stride,
+                &mut output[i * outputs..],
+                outputs,
+            );
             for (sum, b) in sums.iter_mut().zip(bias) {
                 *sum += b;
             }
@@ -346,17 +354,19 @@ impl SparseRows {
         // No ranges at all where there are no columns.
         let ranges: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
         let gradient_of = |columns: Range<usize>, out: &mut [MaybeUninit<f32>]| {
-            for (column, sums) in columns.zip(out.chunks_exact_mut(outputs)) {
+            for (i, column) in columns.enumerate() {
                 let range = column_starts[column]..column_starts[column + 1];
                 let entries = (&rows_by_column[range.clone()], &values_by_column[range]);
+                // From this output row to the end: the rows after it are written later.
+                let out = &mut out[i * outputs..];
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: only a CPU with AVX-512 asks for it.
-                    Isa::Avx512 => unsafe { sum_rows_avx512(entries, &grad, stride, sums) },
+                    Isa::Avx512 => unsafe { sum_rows_avx512(entries, &grad, stride, out, outputs) },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: only a CPU with AVX2 asks for it.
-                    Isa::Avx2 => unsafe { sum_rows_avx2(entries, &grad, stride, sums) },
-                    _ => sum_rows(entries, &grad, stride, sums),
+                    Isa::Avx2 => unsafe { sum_rows_avx2(entries, &grad, stride, out, outputs) },
+                    _ => sum_rows(entries, &grad, stride, out, outputs),
                 };
             }
         };
@@ -838,39 +848,70 @@ fn padded(matrix: &[f32], columns: usize) -> (Cow<'_, [f32]>, usize) {
 }
 
 /// sums[l] = Σ value·matrix[index][l] over the (index, value) entries, in their order, for
-/// `matrix` row-major with rows `stride` ≥ sums.len() wide, padded to whole vectors. The
-/// sums are kept in registers, eight vectors (64 lanes) at a time at most: each entry then
-/// starts eight independent additions, where one would wait on the one before.
+/// `matrix` row-major with rows `stride` ≥ `count` wide, padded to whole vectors: the first
+/// `count` values of `out`, returned. The sums are kept in registers, eight vectors (64 lanes)
+/// at a time at most: each entry then starts eight independent additions, where one would
+/// wait on the one before.
+///
+/// Where `out` has room, a block's lanes past `count` are stored too (the sums of the
+/// padding's zeros), into values the caller writes after: a fixed-size copy of whole vectors,
+/// where one of `count` values was a `memmove` call per row.
 #[inline(always)]
 fn sum_rows<'s>(
     entries: (&[u32], &[f32]),
     matrix: &[f32],
     stride: usize,
-    sums: &'s mut [MaybeUninit<f32>],
+    out: &'s mut [MaybeUninit<f32>],
+    count: usize,
 ) -> &'s mut [f32] {
     assert!(
-        stride >= sums.len() && stride.is_multiple_of(LANES),
+        stride >= count && stride.is_multiple_of(LANES) && out.len() >= count,
         "padded rows"
     );
     let mut start = 0;
     for width in [64, 32, LANES] {
-        while start + width <= stride && start < sums.len() {
-            let valid = width.min(sums.len() - start);
-            let target = &mut sums[start..start + valid];
+        while start + width <= stride && start < count {
+            let valid = width.min(count - start);
             match width {
-                64 => target
-                    .write_copy_of_slice(&sum_block::<64>(entries, matrix, stride, start)[..valid]),
-                32 => target
-                    .write_copy_of_slice(&sum_block::<32>(entries, matrix, stride, start)[..valid]),
-                _ => target.write_copy_of_slice(
-                    &sum_block::<LANES>(entries, matrix, stride, start)[..valid],
+                64 => put(
+                    sum_block::<64>(entries, matrix, stride, start),
+                    out,
+                    start,
+                    valid,
                 ),
-            };
+                32 => put(
+                    sum_block::<32>(entries, matrix, stride, start),
+                    out,
+                    start,
+                    valid,
+                ),
+                _ => put(
+                    sum_block::<LANES>(entries, matrix, stride, start),
+                    out,
+                    start,
+                    valid,
+                ),
+            }
             start += width;
         }
     }
-    // SAFETY: the blocks ran up to the padded width, which covers every sum (asserted above).
-    unsafe { sums.assume_init_mut() }
+    // SAFETY: the blocks ran up to the padded width, which covers the first `count` values
+    // (asserted above), each block writing at least its `valid` ones.
+    unsafe { out[..count].assume_init_mut() }
+}
+
+/// `block` into `out` from `start`: whole where `out` has room, else its first `valid` lanes.
+#[inline(always)]
+fn put<const W: usize>(block: [f32; W], out: &mut [MaybeUninit<f32>], start: usize, valid: usize) {
+    match out.get_mut(start..start + W) {
+        Some(whole) => {
+            let whole: &mut [MaybeUninit<f32>; W] = whole.try_into().expect("W values");
+            whole.write_copy_of_slice(&block);
+        }
+        None => {
+            out[start..start + valid].write_copy_of_slice(&block[..valid]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -879,9 +920,10 @@ fn sum_rows_avx512<'s>(
     entries: (&[u32], &[f32]),
     matrix: &[f32],
     stride: usize,
-    sums: &'s mut [MaybeUninit<f32>],
+    out: &'s mut [MaybeUninit<f32>],
+    count: usize,
 ) -> &'s mut [f32] {
-    sum_rows(entries, matrix, stride, sums)
+    sum_rows(entries, matrix, stride, out, count)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -890,9 +932,10 @@ fn sum_rows_avx2<'s>(
     entries: (&[u32], &[f32]),
     matrix: &[f32],
     stride: usize,
-    sums: &'s mut [MaybeUninit<f32>],
+    out: &'s mut [MaybeUninit<f32>],
+    count: usize,
 ) -> &'s mut [f32] {
-    sum_rows(entries, matrix, stride, sums)
+    sum_rows(entries, matrix, stride, out, count)
 }
 
 /// Σ value·matrix[index][start..start + W] over the entries, in order.
