@@ -43,7 +43,7 @@ use crate::dense::{
 };
 use crate::helper_threads;
 use crate::reconstruction::{ReconstructionBackend, row_coefficients};
-use crate::scorer::{Isa, features_from_sums};
+use crate::scorer::{Isa, features_from_sums, on_isa};
 use crate::step_support::to_f64;
 
 #[backend_extension(Flex, Autodiff)]
@@ -175,35 +175,6 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     lanes.iter().map(|&lane| f64::from(lane)).sum()
 }
 
-/// Runs `body` through its AVX-512 or AVX2 copy where the CPU has it (the same additions
-/// either way).
-macro_rules! with_avx2 {
-    ($body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn avx512<R>(body: impl FnOnce() -> R) -> R {
-                body()
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
-                body()
-            }
-            match Isa::best(16) {
-                // SAFETY: this CPU has AVX-512, AVX2 and FMA.
-                Isa::Avx512 => unsafe { avx512($body) },
-                // SAFETY: this CPU has AVX2 and FMA.
-                Isa::Avx2 => unsafe { avx2($body) },
-                Isa::Portable => ($body)(),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            ($body)()
-        }
-    }};
-}
-
 /// The terms `[n, 3]` and what the backward pass keeps, from f32 values of h `[n, m]`, W
 /// `[m, d]`, b `[d]` and x's nonzeros.
 fn gram_forward(
@@ -232,7 +203,7 @@ fn gram_forward(
     );
     let bb = dot(b, b);
     let sums_of = |range: Range<usize>, out: &mut [MaybeUninit<[f32; 4]>]| {
-        with_avx2!(|| {
+        on_isa!(Isa::best(16), || {
             for (i, out) in range.zip(out) {
                 let xx: f64 = rows.row(i).1.iter().map(|&v| f64::from(v).powi(2)).sum();
                 let h_row = &h[i * m..(i + 1) * m];
@@ -291,7 +262,7 @@ fn gram_backward(
     };
     let dh = wanted[0].then(|| {
         let rows_of = |range: Range<usize>, out: &mut [MaybeUninit<f32>]| {
-            with_avx2!(|| {
+            on_isa!(Isa::best(16), || {
                 for (i, out) in range.zip(out.chunks_exact_mut(m)) {
                     let (alpha, beta) = factors[i];
                     let hg_2wb = &hg_2wb[i * m..(i + 1) * m];
@@ -315,7 +286,7 @@ fn gram_backward(
     let w = f32_values(&state.weight);
     let b = f32_values(&state.bias);
     // Hᵀα and Σα, in f64.
-    let (h_alpha, alpha_total) = with_avx2!(|| {
+    let (h_alpha, alpha_total) = on_isa!(Isa::best(16), || {
         let mut h_alpha = vec![0f64; m];
         for (row, &(alpha, _)) in h.chunks_exact(m).zip(&factors) {
             for (sum, &value) in h_alpha.iter_mut().zip(row) {
@@ -332,7 +303,7 @@ fn gram_backward(
     let scaled_rows = |with_factor: bool| {
         let width = m + usize::from(with_factor);
         let rows_of = |range: Range<usize>, out: &mut [MaybeUninit<f32>]| {
-            with_avx2!(|| {
+            on_isa!(Isa::best(16), || {
                 for (i, out) in range.zip(out.chunks_exact_mut(width)) {
                     let (alpha, beta) = factors[i];
                     let factor = if with_factor { beta } else { alpha };

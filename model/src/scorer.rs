@@ -322,6 +322,40 @@ impl Isa {
     }
 }
 
+/// `on_isa!(isa, || body)`: the closure compiled for `isa` and run, where the CPU has it
+/// (panics if not). For loops written once whose lanes do the same IEEE operations at every
+/// width, so each copy gives the same bits. A macro, not a method: the copies are functions
+/// made at each call site, and the closure is inlined into them (through a method taking it
+/// as an argument it was not, and ran at the build's SSE2 baseline).
+macro_rules! on_isa {
+    ($isa:expr, $body:expr) => {{
+        let isa: $crate::scorer::Isa = $isa;
+        assert!(isa.supported(), "{isa:?} is not supported by this CPU");
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512<R>(body: impl FnOnce() -> R) -> R {
+                body()
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2<R>(body: impl FnOnce() -> R) -> R {
+                body()
+            }
+            match isa {
+                // SAFETY (both): this CPU has the instruction set (asserted above).
+                $crate::scorer::Isa::Avx512 => unsafe { avx512($body) },
+                $crate::scorer::Isa::Avx2 => unsafe { avx2($body) },
+                $crate::scorer::Isa::Portable => ($body)(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            ($body)()
+        }
+    }};
+}
+pub(crate) use on_isa;
+
 #[cfg(test)]
 thread_local! {
     /// The highest instruction set this thread's passes may take ([`Isa::capped`]).

@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use crate::helper_threads;
 
-use crate::scorer::Isa;
+use crate::scorer::{Isa, on_isa};
 
 /// Largest share of nonzero entries kept sparse. A nonzero costs a pass over a row of the
 /// weights (or of the gradient) where gemm spends a fused multiply-add per weight. At
@@ -201,17 +201,9 @@ impl SparseRows {
         let nonzeros_per_row = self.values.len() / self.rows().max(1);
         let values_per_row = (nonzeros_per_row + 1) * outputs;
         let product_of = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
-            let out = match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: only a CPU with AVX-512 asks for it.
-                Isa::Avx512 => unsafe {
-                    self.product_rows_avx512(rows, &weight, stride, bias, out)
-                },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: only a CPU with AVX2 asks for it.
-                Isa::Avx2 => unsafe { self.product_rows_avx2(rows, &weight, stride, bias, out) },
-                _ => self.product_rows(rows, &weight, stride, bias, out),
-            };
+            // With AVX-512 a 64-lane block of sums takes four registers where AVX2 takes
+            // eight: each entry half as many loads, multiplies and adds.
+            let out = on_isa!(isa, || self.product_rows(rows, &weight, stride, bias, out));
             finish(out);
         };
         // SAFETY: each chunk writes every value of its rows (`SparseRows::product_rows`).
@@ -253,34 +245,6 @@ impl SparseRows {
         }
         // SAFETY: `sum_rows` wrote every value of every row (asserted to fill the output).
         unsafe { output.assume_init_mut() }
-    }
-
-    /// With AVX-512 a 64-lane block of sums takes four registers where AVX2 takes eight: each
-    /// entry half as many loads, multiplies and adds. Lane by lane the same operations.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2")]
-    fn product_rows_avx512<'o>(
-        &self,
-        rows: Range<usize>,
-        weight: &[f32],
-        stride: usize,
-        bias: &[f32],
-        output: &'o mut [MaybeUninit<f32>],
-    ) -> &'o mut [f32] {
-        self.product_rows(rows, weight, stride, bias, output)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn product_rows_avx2<'o>(
-        &self,
-        rows: Range<usize>,
-        weight: &[f32],
-        stride: usize,
-        bias: &[f32],
-        output: &'o mut [MaybeUninit<f32>],
-    ) -> &'o mut [f32] {
-        self.product_rows(rows, weight, stride, bias, output)
     }
 
     /// xᵀ·g as a row-major `[columns, outputs]` buffer, for g row-major `[rows, outputs]`:
@@ -354,21 +318,14 @@ impl SparseRows {
         // No ranges at all where there are no columns.
         let ranges: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
         let gradient_of = |columns: Range<usize>, out: &mut [MaybeUninit<f32>]| {
-            for (i, column) in columns.enumerate() {
-                let range = column_starts[column]..column_starts[column + 1];
-                let entries = (&rows_by_column[range.clone()], &values_by_column[range]);
-                // From this output row to the end: the rows after it are written later.
-                let out = &mut out[i * outputs..];
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: only a CPU with AVX-512 asks for it.
-                    Isa::Avx512 => unsafe { sum_rows_avx512(entries, &grad, stride, out, outputs) },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: only a CPU with AVX2 asks for it.
-                    Isa::Avx2 => unsafe { sum_rows_avx2(entries, &grad, stride, out, outputs) },
-                    _ => sum_rows(entries, &grad, stride, out, outputs),
-                };
-            }
+            on_isa!(isa, || {
+                for (i, column) in columns.enumerate() {
+                    let range = column_starts[column]..column_starts[column + 1];
+                    let entries = (&rows_by_column[range.clone()], &values_by_column[range]);
+                    // From this output row to the end: the rows after it are written later.
+                    sum_rows(entries, &grad, stride, &mut out[i * outputs..], outputs);
+                }
+            })
         };
         // SAFETY: each chunk writes every value of its rows (`sum_rows`).
         unsafe {
@@ -386,30 +343,10 @@ impl SparseRows {
     }
 
     /// [`SparseRows::transposed_product_by_rows`] through the copy of the loop compiled for
-    /// `isa`, which only a CPU with it may ask for.
+    /// `isa`, which only a CPU with it may ask for. With AVX-512 each output row's 64-lane
+    /// block is loaded, updated and stored as four registers, not eight.
     fn transposed_product_by_rows_on(&self, isa: Isa, grad: &[f32], outputs: usize) -> Vec<f32> {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: only a CPU with AVX-512 asks for it.
-            Isa::Avx512 => unsafe { self.transposed_product_by_rows_avx512(grad, outputs) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: only a CPU with AVX2 asks for it.
-            Isa::Avx2 => unsafe { self.transposed_product_by_rows_avx2(grad, outputs) },
-            _ => self.transposed_product_by_rows_lanes(grad, outputs),
-        }
-    }
-
-    /// Each output row's 64-lane block loaded, updated and stored as four registers, not eight.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2")]
-    fn transposed_product_by_rows_avx512(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
-        self.transposed_product_by_rows_lanes(grad, outputs)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn transposed_product_by_rows_avx2(&self, grad: &[f32], outputs: usize) -> Vec<f32> {
-        self.transposed_product_by_rows_lanes(grad, outputs)
+        on_isa!(isa, || self.transposed_product_by_rows_lanes(grad, outputs))
     }
 
     #[inline(always)]
@@ -912,30 +849,6 @@ fn put<const W: usize>(block: [f32; W], out: &mut [MaybeUninit<f32>], start: usi
             out[start..start + valid].write_copy_of_slice(&block[..valid]);
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-fn sum_rows_avx512<'s>(
-    entries: (&[u32], &[f32]),
-    matrix: &[f32],
-    stride: usize,
-    out: &'s mut [MaybeUninit<f32>],
-    count: usize,
-) -> &'s mut [f32] {
-    sum_rows(entries, matrix, stride, out, count)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn sum_rows_avx2<'s>(
-    entries: (&[u32], &[f32]),
-    matrix: &[f32],
-    stride: usize,
-    out: &'s mut [MaybeUninit<f32>],
-    count: usize,
-) -> &'s mut [f32] {
-    sum_rows(entries, matrix, stride, out, count)
 }
 
 /// Σ value·matrix[index][start..start + W] over the entries, in order.
