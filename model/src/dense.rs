@@ -30,6 +30,7 @@ use burn::backend::{
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
+use crate::chained_product;
 use crate::helper_threads::{self, Background, CHUNKS_PER_THREAD, chunk_rows};
 use crate::network::tanh_f32;
 use crate::scorer::Isa;
@@ -155,6 +156,28 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// The elements, row by row, where they lie so in the buffer already.
+    fn row_major_values(&self) -> Option<&'a [f32]> {
+        let len = self.rows * self.columns;
+        (self.column_stride == 1 && self.row_stride == self.columns as isize)
+            .then(|| &self.values[self.offset..self.offset + len])
+    }
+
+    /// A row-major copy of the elements.
+    fn to_row_major(&self) -> Vec<f32> {
+        let mut copy = vec![0.0; self.rows * self.columns];
+        if self.columns == 0 {
+            return copy;
+        }
+        for (i, row) in copy.chunks_exact_mut(self.columns).enumerate() {
+            let start = self.offset as isize + i as isize * self.row_stride;
+            for (j, value) in row.iter_mut().enumerate() {
+                *value = self.values[(start + j as isize * self.column_stride) as usize];
+            }
+        }
+        copy
+    }
+
     pub(crate) fn row_major(values: &'a [f32], rows: usize, columns: usize) -> Self {
         Matrix {
             values,
@@ -198,6 +221,35 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
             tanh_in_place(&mut output);
         }
         return output;
+    }
+    let contiguous_dots = lhs.column_stride == 1 && rhs.row_stride == 1;
+    if let Some(block) = chained_product::inner_block(m, k, n, contiguous_dots)
+        .filter(|_| chained_product::available())
+    {
+        let packed;
+        let rhs_rows = match rhs.row_major_values() {
+            Some(values) => values,
+            None => {
+                packed = rhs.to_row_major();
+                &packed[..]
+            }
+        };
+        let lhs_in_place = chained_product::Lhs {
+            values: lhs.values,
+            offset: lhs.offset,
+            row_stride: lhs.row_stride,
+            column_stride: lhs.column_stride,
+        };
+        let product_rows = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+            let len = out.len();
+            let start = out.as_mut_ptr().cast::<f32>();
+            chained_product::product_rows(lhs_in_place, rhs_rows, (k, n), block, bias, rows, out);
+            if squash {
+                // SAFETY: the chained product wrote every value of these rows.
+                tanh_in_place(unsafe { std::slice::from_raw_parts_mut(start, len) });
+            }
+        };
+        return in_row_chunks(m, k, n, &product_rows);
     }
     let product_rows = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
         if rows.is_empty() {
@@ -243,15 +295,25 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
             }
         }
     };
+    in_row_chunks(m, k, n, &product_rows)
+}
+
+/// The m rows of n values that `product_rows` writes for an m × k by k × n product, in chunks
+/// of rows over this thread's helpers where it has them ([`split_rows`]).
+fn in_row_chunks(
+    m: usize,
+    k: usize,
+    n: usize,
+    product_rows: &(dyn Fn(Range<usize>, &mut [MaybeUninit<f32>]) + Sync),
+) -> Vec<f32> {
     let threads = helper_threads::threads_now();
     let chunks = match threads {
         1 => 1,
         _ => split_rows(m, k, n, CHUNKS_PER_THREAD * threads),
     };
     let ranges: Vec<Range<usize>> = (0..chunks).map(|c| chunk_rows(m, c, chunks)).collect();
-    // SAFETY: every value of a chunk's rows is written: the bias and gemm's products, or
-    // gemm's alone.
-    unsafe { helper_threads::rows_written_in_ranges(m, n, &ranges, &product_rows) }
+    // SAFETY: every product_rows given here writes every value of its chunk's rows.
+    unsafe { helper_threads::rows_written_in_ranges(m, n, &ranges, product_rows) }
 }
 
 /// `bias` in each of `rows` rows from `start`: copied once, then the rows so far doubled, a
@@ -1116,6 +1178,77 @@ mod tests {
             // Compared whole: a mismatch would print thousand-value buffers.
             assert!(gradients() == whole, "{helpers} helpers");
         }
+    }
+
+    #[test]
+    fn chained_products_are_gemms_bit_for_bit() {
+        // (m, k, n, lhs stored transposed, rhs stored transposed): the network's forward
+        // products, input and weight gradients and Gram products, widths around the kernel's
+        // vectors and groups, inner dimensions of one and two of gemm's blocks, and shapes gemm
+        // takes other paths for (which stay gemm's).
+        let shapes = [
+            (1024, 60, 30, false, false),
+            (1024, 30, 10, false, false),
+            (1024, 10, 30, false, false),
+            (1024, 30, 60, false, false),
+            (1024, 60, 60, false, false),
+            (1023, 30, 60, false, true),
+            (1024, 4, 10, false, true),
+            (60, 1024, 30, true, false),
+            (30, 1024, 60, true, false),
+            (10, 1024, 30, true, false),
+            (60, 1023, 60, true, false),
+            (60, 120, 60, false, true),
+            (60, 60, 120, false, false),
+            (50, 40, 130, false, false),
+            (17, 3, 17, false, false),
+            (33, 7, 33, true, true),
+            (7, 600, 64, true, false),
+            (64, 1030, 64, false, false),
+            (300, 512, 2, false, false),
+            (65, 513, 5, false, false),
+            (2, 700, 129, false, false),
+            (16, 5, 16, false, false),
+            (16, 5, 16, false, true),
+            (3, 1024, 10, true, false),
+            (10, 1024, 4, true, false),
+            (10, 1024, 1, true, false),
+            (100, 2, 40, false, false),
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut chained = 0;
+        for (m, k, n, lhs_transposed, rhs_transposed) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let lhs = match lhs_transposed {
+                true => Matrix::row_major(&a, k, m).transposed(),
+                false => Matrix::row_major(&a, m, k),
+            };
+            let rhs = match rhs_transposed {
+                true => Matrix::row_major(&b, n, k).transposed(),
+                false => Matrix::row_major(&b, k, n),
+            };
+            let contiguous_dots = lhs.column_stride == 1 && rhs.row_stride == 1;
+            chained +=
+                usize::from(chained_product::inner_block(m, k, n, contiguous_dots).is_some());
+            for (with_bias, squash) in [(false, false), (true, false), (true, true)] {
+                let bias = with_bias.then_some(bias.as_slice());
+                // Below AVX-512 the products are gemm's own.
+                let by_gemm = Isa::Avx2.capped(|| product(&lhs, &rhs, bias, squash));
+                let ours = product(&lhs, &rhs, bias, squash);
+                assert!(
+                    ours.len() == by_gemm.len()
+                        && ours
+                            .iter()
+                            .zip(&by_gemm)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{m}×{k}×{n} (lhs transposed {lhs_transposed}, rhs transposed \
+                     {rhs_transposed}, bias {with_bias}, tanh {squash})"
+                );
+            }
+        }
+        assert_eq!(chained, shapes.len() - 5, "shapes the chained kernel takes");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod adam;
 pub mod bundle;
+mod chained_product;
 pub mod codes;
 pub mod config;
 pub mod cpu_pinning;
