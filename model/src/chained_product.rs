@@ -9,14 +9,13 @@
 //! spends about a third of its time copying operands into its panels and choosing its path.
 //! Here the right-hand side's rows are read in place, each left-hand value is broadcast from
 //! where it lies, and the bias is added from a register instead of filling the output first.
+//! One kernel, written over a vector type, has an AVX-512 copy and an AVX2 copy; CPUs with
+//! neither keep gemm's products.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use crate::scorer::Isa;
-
-/// Output columns one pass over the inner dimension handles: four vectors of sixteen.
-const GROUP_COLUMNS: usize = 64;
 
 /// The inner block gemm's blocked kernels sum in for an m × k by k × n product with a
 /// row-major output; `None` where gemm takes another path or sizes its blocks from the caches.
@@ -35,10 +34,13 @@ pub(crate) fn inner_block(m: usize, k: usize, n: usize, contiguous_dots: bool) -
     }
 }
 
-/// Whether this CPU runs the chained products: they are written for AVX-512, and the products
-/// on other CPUs stay gemm's.
-pub(crate) fn available() -> bool {
-    Isa::Avx512.supported()
+/// The instruction set the chained products run on here: AVX-512 or AVX2 (both with fused
+/// multiply-adds, as gemm's kernels for them); `None` elsewhere, where the products stay gemm's.
+pub(crate) fn isa() -> Option<Isa> {
+    match Isa::best(16) {
+        Isa::Portable => None,
+        isa => Some(isa),
+    }
 }
 
 /// A left-hand operand in place: element (i, p) at `values[offset + i·row_stride +
@@ -55,7 +57,7 @@ pub(crate) struct Lhs<'a> {
 /// values each, row-major): each value the sum gemm forms for the whole m × k by k × n product
 /// whose inner block is `block` ([`inner_block`]). `rhs` is row-major, k rows of n.
 ///
-/// Panics where the CPU lacks AVX-512 ([`available`]) or an operand is too short.
+/// Panics where the CPU has neither instruction set ([`isa`]) or an operand is too short.
 pub(crate) fn product_rows(
     lhs: Lhs,
     rhs: &[f32],
@@ -65,7 +67,7 @@ pub(crate) fn product_rows(
     rows: Range<usize>,
     out: &mut [MaybeUninit<f32>],
 ) {
-    assert!(available(), "chained products need AVX-512");
+    let isa = isa().expect("chained products need AVX2 or AVX-512");
     assert!(block > 0 && k > 0, "an inner dimension to sum over");
     assert_eq!(rhs.len(), k * n, "rhs holds k rows of n");
     assert_eq!(out.len(), rows.len() * n, "out holds the rows asked for");
@@ -89,61 +91,30 @@ pub(crate) fn product_rows(
             "lhs element ({i}, {p}) out of bounds"
         );
     }
-    // SAFETY: AVX-512 is present (asserted); the corners of the lhs rows read lie in its buffer
-    // (asserted, and the offsets are linear in i and p), rhs and out hold what is asserted above.
-    unsafe { product_rows_avx512(lhs, rhs, (k, n), block, bias, rows, out) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn product_rows_avx512(
-    lhs: Lhs,
-    rhs: &[f32],
-    (k, n): (usize, usize),
-    block: usize,
-    bias: Option<&[f32]>,
-    rows: Range<usize>,
-    out: &mut [MaybeUninit<f32>],
-) {
+    let product = Group {
+        lhs,
+        rhs: rhs.as_ptr(),
+        k,
+        n,
+        block,
+        bias: bias.map(<[f32]>::as_ptr),
+        first_column: 0,
+    };
     let out = out.as_mut_ptr().cast::<f32>();
-    for first_column in (0..n).step_by(GROUP_COLUMNS) {
-        let group = Group {
-            lhs,
-            rhs: rhs.as_ptr(),
-            k,
-            n,
-            block,
-            bias: bias.map(<[f32]>::as_ptr),
-            first_column,
-            width: (n - first_column).min(GROUP_COLUMNS),
-        };
-        // SAFETY: the caller's (product_rows' checks).
-        unsafe {
-            match group.width.div_ceil(16) {
-                1 => group.rows::<8, 1>(rows.clone(), out),
-                2 => group.rows::<6, 2>(rows.clone(), out),
-                3 => group.rows::<6, 3>(rows.clone(), out),
-                _ => group.rows::<6, 4>(rows.clone(), out),
-            }
-        }
+    // SAFETY (both): the CPU has the instruction set (`isa`); the corners of the lhs rows read
+    // lie in its buffer (asserted, and the offsets are linear in i and p); rhs and out hold what
+    // is asserted above.
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx512 => unsafe { x86::groups_avx512(&product, rows, out) },
+        _ => unsafe { x86::groups_avx2(&product, rows, out) },
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no chained products off x86-64 ({isa:?}, {out:p})")
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn product_rows_avx512(
-    _: Lhs,
-    _: &[f32],
-    _: (usize, usize),
-    _: usize,
-    _: Option<&[f32]>,
-    _: Range<usize>,
-    _: &mut [MaybeUninit<f32>],
-) {
-    unreachable!("available() is false off x86-64")
-}
-
-/// One group of up to 64 output columns of a product.
-#[cfg(target_arch = "x86_64")]
+/// The output columns `first_column..` (up to a group's width) of a product.
+#[derive(Clone, Copy)]
 struct Group<'a> {
     lhs: Lhs<'a>,
     rhs: *const f32,
@@ -152,92 +123,259 @@ struct Group<'a> {
     block: usize,
     bias: Option<*const f32>,
     first_column: usize,
-    width: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Group<'_> {
-    /// The group's columns of `rows`, R rows at a time (the last few one at a time), each row's
-    /// V vectors of sums held in registers down a block of the inner dimension.
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{Group, Lhs};
+
+    /// One instruction set's vectors of f32 lanes, with loads and stores of their first
+    /// `lanes` lanes only. Every function but `mask` needs the CPU to have the instruction set
+    /// (its safety condition, with valid memory under the mask for loads and stores).
+    pub(super) trait Lanes {
+        const WIDTH: usize;
+        type Vector: Copy;
+        type Mask: Copy;
+        fn mask(lanes: usize) -> Self::Mask;
+        unsafe fn zero() -> Self::Vector;
+        unsafe fn splat(value: f32) -> Self::Vector;
+        /// Lanes off the mask read as zero and are not touched in memory.
+        unsafe fn load(mask: Self::Mask, from: *const f32) -> Self::Vector;
+        unsafe fn store(mask: Self::Mask, to: *mut f32, value: Self::Vector);
+        /// a·b + c in one rounding.
+        unsafe fn fma(a: Self::Vector, b: Self::Vector, c: Self::Vector) -> Self::Vector;
+        unsafe fn add(a: Self::Vector, b: Self::Vector) -> Self::Vector;
+    }
+
+    pub(super) struct Avx512;
+
+    impl Lanes for Avx512 {
+        const WIDTH: usize = 16;
+        type Vector = __m512;
+        type Mask = __mmask16;
+        #[inline(always)]
+        fn mask(lanes: usize) -> __mmask16 {
+            ((1u32 << lanes.min(16)) - 1) as __mmask16
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(value: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(value) }
+        }
+        #[inline(always)]
+        unsafe fn load(mask: __mmask16, from: *const f32) -> __m512 {
+            unsafe { _mm512_maskz_loadu_ps(mask, from) }
+        }
+        #[inline(always)]
+        unsafe fn store(mask: __mmask16, to: *mut f32, value: __m512) {
+            unsafe { _mm512_mask_storeu_ps(to, mask, value) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+    }
+
+    pub(super) struct Avx2;
+
+    impl Lanes for Avx2 {
+        const WIDTH: usize = 8;
+        type Vector = __m256;
+        type Mask = __m256i;
+        #[inline(always)]
+        fn mask(lanes: usize) -> __m256i {
+            let lanes = lanes.min(8) as i32;
+            // SAFETY: AVX is part of every CPU these copies run on (AVX2 is asserted before).
+            unsafe {
+                _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(lanes),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(value: f32) -> __m256 {
+            unsafe { _mm256_set1_ps(value) }
+        }
+        #[inline(always)]
+        unsafe fn load(mask: __m256i, from: *const f32) -> __m256 {
+            unsafe { _mm256_maskload_ps(from, mask) }
+        }
+        #[inline(always)]
+        unsafe fn store(mask: __m256i, to: *mut f32, value: __m256) {
+            unsafe { _mm256_maskstore_ps(to, mask, value) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+    }
+
+    /// `rows` of the product, a group of 64 columns (four vectors) at a time.
     ///
     /// # Safety
-    /// AVX-512 must be present, and the operands as [`product_rows`] checks them; `out` is the
-    /// first of the rows' outputs.
-    #[inline(always)]
-    unsafe fn rows<const R: usize, const V: usize>(&self, rows: Range<usize>, out: *mut f32) {
-        let mut row = rows.start;
-        // SAFETY: the caller's; each tile's rows lie in `rows`.
-        unsafe {
-            while row + R <= rows.end {
-                self.tile::<R, V>(row, out.add((row - rows.start) * self.n));
-                row += R;
-            }
-            while row < rows.end {
-                self.tile::<1, V>(row, out.add((row - rows.start) * self.n));
-                row += 1;
+    /// The CPU must have AVX-512 and the operands be as `product_rows` checks them.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn groups_avx512(product: &Group, rows: Range<usize>, out: *mut f32) {
+        let n = product.n;
+        for first_column in (0..n).step_by(64) {
+            let group = Group {
+                first_column,
+                ..*product
+            };
+            // SAFETY: the caller's.
+            unsafe {
+                match (n - first_column).min(64).div_ceil(16) {
+                    1 => group.rows::<Avx512, 8, 1>(rows.clone(), out),
+                    2 => group.rows::<Avx512, 6, 2>(rows.clone(), out),
+                    3 => group.rows::<Avx512, 6, 3>(rows.clone(), out),
+                    _ => group.rows::<Avx512, 6, 4>(rows.clone(), out),
+                }
             }
         }
     }
 
-    /// R rows from `first_row` of the group's columns, into `out` (the first row's output).
-    #[inline(always)]
-    unsafe fn tile<const R: usize, const V: usize>(&self, first_row: usize, out: *mut f32) {
-        use std::arch::x86_64::*;
-        let masks: [__mmask16; V] = std::array::from_fn(|v| {
-            let lanes = self.width.saturating_sub(16 * v).min(16);
-            ((1u32 << lanes) - 1) as __mmask16
-        });
-        let Lhs {
-            values,
-            offset,
-            row_stride,
-            column_stride,
-        } = self.lhs;
-        // SAFETY (whole body): the caller's. The lhs offsets are those product_rows bounds;
-        // rhs and out are read and written under masks that keep to the group's columns.
-        unsafe {
-            let lhs_rows: [*const f32; R] = std::array::from_fn(|r| {
-                values
-                    .as_ptr()
-                    .offset(offset as isize + (first_row + r) as isize * row_stride)
-            });
-            let mut start = 0;
-            while start < self.k {
-                let end = (start + self.block).min(self.k);
-                let mut sums = [[_mm512_setzero_ps(); V]; R];
-                for p in start..end {
-                    let rhs_row = self.rhs.add(p * self.n + self.first_column);
-                    let rhs: [__m512; V] = std::array::from_fn(|v| {
-                        _mm512_maskz_loadu_ps(masks[v], rhs_row.add(16 * v))
-                    });
-                    let step = p as isize * column_stride;
-                    for r in 0..R {
-                        let value = _mm512_set1_ps(*lhs_rows[r].offset(step));
-                        for v in 0..V {
-                            sums[r][v] = _mm512_fmadd_ps(rhs[v], value, sums[r][v]);
+    /// `rows` of the product, a group of 24 columns (three vectors: sixteen registers hold
+    /// twelve sums, the right-hand vectors and a broadcast) at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 with FMA and the operands be as `product_rows` checks them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn groups_avx2(product: &Group, rows: Range<usize>, out: *mut f32) {
+        let n = product.n;
+        for first_column in (0..n).step_by(24) {
+            let group = Group {
+                first_column,
+                ..*product
+            };
+            // SAFETY: the caller's.
+            unsafe {
+                match (n - first_column).min(24).div_ceil(8) {
+                    1 => group.rows::<Avx2, 8, 1>(rows.clone(), out),
+                    2 => group.rows::<Avx2, 6, 2>(rows.clone(), out),
+                    _ => group.rows::<Avx2, 4, 3>(rows.clone(), out),
+                }
+            }
+        }
+    }
+
+    impl Group<'_> {
+        /// The group's V vectors of columns of `rows`, R rows at a time (the last few in one
+        /// smaller tile), each row's sums held in registers down a block of the inner
+        /// dimension.
+        ///
+        /// # Safety
+        /// The CPU must have L's instruction set, and the operands be as `product_rows` checks
+        /// them; `out` is the first of the rows' outputs.
+        #[inline(always)]
+        unsafe fn rows<L: Lanes, const R: usize, const V: usize>(
+            &self,
+            rows: Range<usize>,
+            out: *mut f32,
+        ) {
+            let mut row = rows.start;
+            // SAFETY: the caller's; each tile's rows lie in `rows`.
+            unsafe {
+                while row + R <= rows.end {
+                    self.tile::<L, R, V>(row, out.add((row - rows.start) * self.n));
+                    row += R;
+                }
+                // One at a time, each of these rows would be a single chain of dependent
+                // multiply-adds per vector: weight gradients have few rows and long chains.
+                let out = out.add((row - rows.start) * self.n);
+                match rows.end - row {
+                    0 => {}
+                    1 => self.tile::<L, 1, V>(row, out),
+                    2 => self.tile::<L, 2, V>(row, out),
+                    3 => self.tile::<L, 3, V>(row, out),
+                    4 => self.tile::<L, 4, V>(row, out),
+                    5 => self.tile::<L, 5, V>(row, out),
+                    6 => self.tile::<L, 6, V>(row, out),
+                    7 => self.tile::<L, 7, V>(row, out),
+                    rest => unreachable!("{rest} rows left after tiles of {R}"),
+                }
+            }
+        }
+
+        /// R rows from `first_row` of the group's columns, into `out` (the first row's
+        /// output).
+        #[inline(always)]
+        unsafe fn tile<L: Lanes, const R: usize, const V: usize>(
+            &self,
+            first_row: usize,
+            out: *mut f32,
+        ) {
+            let width = (self.n - self.first_column).min(V * L::WIDTH);
+            let masks: [L::Mask; V] =
+                std::array::from_fn(|v| L::mask(width.saturating_sub(v * L::WIDTH)));
+            let Lhs {
+                values,
+                offset,
+                row_stride,
+                column_stride,
+            } = self.lhs;
+            // SAFETY (whole body): the caller's. The lhs offsets are those product_rows bounds;
+            // rhs and out are read and written under masks that keep to the group's columns.
+            unsafe {
+                let lhs_rows: [*const f32; R] = std::array::from_fn(|r| {
+                    values
+                        .as_ptr()
+                        .offset(offset as isize + (first_row + r) as isize * row_stride)
+                });
+                let mut start = 0;
+                while start < self.k {
+                    let end = (start + self.block).min(self.k);
+                    let mut sums = [[L::zero(); V]; R];
+                    for p in start..end {
+                        let rhs_row = self.rhs.add(p * self.n + self.first_column);
+                        let rhs: [L::Vector; V] =
+                            std::array::from_fn(|v| L::load(masks[v], rhs_row.add(v * L::WIDTH)));
+                        let step = p as isize * column_stride;
+                        for (row_sums, lhs_row) in sums.iter_mut().zip(&lhs_rows) {
+                            let value = L::splat(*lhs_row.offset(step));
+                            for (sum, &rhs) in row_sums.iter_mut().zip(&rhs) {
+                                *sum = L::fma(rhs, value, *sum);
+                            }
                         }
                     }
-                }
-                for r in 0..R {
-                    let out_row = out.add(r * self.n + self.first_column);
-                    for v in 0..V {
-                        let to = out_row.add(16 * v);
-                        let addend = match (start, self.bias) {
-                            (0, None) => None,
-                            (0, Some(bias)) => Some(_mm512_maskz_loadu_ps(
-                                masks[v],
-                                bias.add(self.first_column + 16 * v),
-                            )),
-                            _ => Some(_mm512_maskz_loadu_ps(masks[v], to)),
-                        };
-                        let value = match addend {
-                            Some(addend) => _mm512_add_ps(addend, sums[r][v]),
-                            None => sums[r][v],
-                        };
-                        _mm512_mask_storeu_ps(to, masks[v], value);
+                    for (r, row_sums) in sums.iter().enumerate() {
+                        let out_row = out.add(r * self.n + self.first_column);
+                        for (v, (&sum, &mask)) in row_sums.iter().zip(&masks).enumerate() {
+                            let to = out_row.add(v * L::WIDTH);
+                            let addend = match (start, self.bias) {
+                                (0, None) => None,
+                                (0, Some(bias)) => {
+                                    Some(L::load(mask, bias.add(self.first_column + v * L::WIDTH)))
+                                }
+                                _ => Some(L::load(mask, to)),
+                            };
+                            let value = match addend {
+                                Some(addend) => L::add(addend, sum),
+                                None => sum,
+                            };
+                            L::store(mask, to, value);
+                        }
                     }
+                    start = end;
                 }
-                start = end;
             }
         }
     }

@@ -31,7 +31,7 @@ use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::chained_product;
-use crate::helper_threads::{self, Background, CHUNKS_PER_THREAD, chunk_rows};
+use crate::helper_threads::{self, Background, CHUNKS_PER_THREAD, WriteRows, chunk_rows};
 use crate::network::tanh_f32;
 use crate::scorer::Isa;
 use crate::sparse_rows::{ByColumn, SparseRows, by_column_in_pieces};
@@ -224,7 +224,7 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
     }
     let contiguous_dots = lhs.column_stride == 1 && rhs.row_stride == 1;
     if let Some(block) = chained_product::inner_block(m, k, n, contiguous_dots)
-        .filter(|_| chained_product::available())
+        .filter(|_| chained_product::isa().is_some())
     {
         let packed;
         let rhs_rows = match rhs.row_major_values() {
@@ -300,12 +300,7 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
 
 /// The m rows of n values that `product_rows` writes for an m × k by k × n product, in chunks
 /// of rows over this thread's helpers where it has them ([`split_rows`]).
-fn in_row_chunks(
-    m: usize,
-    k: usize,
-    n: usize,
-    product_rows: &(dyn Fn(Range<usize>, &mut [MaybeUninit<f32>]) + Sync),
-) -> Vec<f32> {
+fn in_row_chunks(m: usize, k: usize, n: usize, product_rows: &WriteRows<'_, f32>) -> Vec<f32> {
     let threads = helper_threads::threads_now();
     let chunks = match threads {
         1 => 1,
@@ -1234,18 +1229,23 @@ mod tests {
                 usize::from(chained_product::inner_block(m, k, n, contiguous_dots).is_some());
             for (with_bias, squash) in [(false, false), (true, false), (true, true)] {
                 let bias = with_bias.then_some(bias.as_slice());
-                // Below AVX-512 the products are gemm's own.
-                let by_gemm = Isa::Avx2.capped(|| product(&lhs, &rhs, bias, squash));
-                let ours = product(&lhs, &rhs, bias, squash);
-                assert!(
-                    ours.len() == by_gemm.len()
-                        && ours
-                            .iter()
-                            .zip(&by_gemm)
-                            .all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{m}×{k}×{n} (lhs transposed {lhs_transposed}, rhs transposed \
-                     {rhs_transposed}, bias {with_bias}, tanh {squash})"
-                );
+                // Without AVX2 the products are gemm's own (whose kernels are chosen apart).
+                let by_gemm = Isa::Portable.capped(|| product(&lhs, &rhs, bias, squash));
+                for isa in Isa::available()
+                    .into_iter()
+                    .filter(|&isa| isa > Isa::Portable)
+                {
+                    let ours = isa.capped(|| product(&lhs, &rhs, bias, squash));
+                    assert!(
+                        ours.len() == by_gemm.len()
+                            && ours
+                                .iter()
+                                .zip(&by_gemm)
+                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{m}×{k}×{n} on {isa:?} (lhs transposed {lhs_transposed}, rhs \
+                         transposed {rhs_transposed}, bias {with_bias}, tanh {squash})"
+                    );
+                }
             }
         }
         assert_eq!(chained, shapes.len() - 5, "shapes the chained kernel takes");

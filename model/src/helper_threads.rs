@@ -39,7 +39,7 @@ const DONE: u8 = 3;
 const STOP: u8 = 4;
 
 /// Writes the values of a range of rows, given the range and the rows' slice of the buffer.
-type WriteRows<'a, T> = dyn Fn(Range<usize>, &mut [MaybeUninit<T>]) + Sync + 'a;
+pub(crate) type WriteRows<'a, T> = dyn Fn(Range<usize>, &mut [MaybeUninit<T>]) + Sync + 'a;
 
 /// Work given a number: a chunk's, or, as a helper takes it, the number of the thread (the
 /// owner 0, its helpers from 1).
