@@ -3,9 +3,12 @@
 //! One-hot encoded columns (KDDCUP99's protocol, service and flag) leave about nine in ten
 //! scaled training features at exactly zero. Through gemm a first layer multiplies every one
 //! of them, in its output x·W + b and again in its weight gradient xᵀ·g; here both visit the
-//! nonzeros only. A zero adds nothing to a sum, so the results are the dense products' up to
-//! the order of the additions (the tests bound the difference). The loops multiply and then
-//! add, never fused, so every instruction set gives the same bits.
+//! nonzeros only. The loops take fused multiply-adds in the order of the columns (of the rows,
+//! for the weight gradient), as gemm's kernels do, and a zero's multiply-add would leave a sum
+//! as it was: the layer's output is the dense layer's, bit for bit where gemm's or our chained
+//! kernel sums it (a test compares), and the weight gradient differs from gemm's only where
+//! gemm splits a sum into blocks. Every instruction set gives the same bits; a CPU without FMA
+//! takes its fused multiply-adds from the math library, slowly.
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
@@ -202,8 +205,12 @@ impl SparseRows {
         let values_per_row = (nonzeros_per_row + 1) * outputs;
         let product_of = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
             // With AVX-512 a 64-lane block of sums takes four registers where AVX2 takes
-            // eight: each entry half as many loads, multiplies and adds.
-            let out = on_isa!(isa, || self.product_rows(rows, &weight, stride, bias, out));
+            // eight: each entry half as many loads and multiply-adds.
+            // Only AVX-512 has the registers to hold two rows' 64-lane blocks of sums.
+            let in_pairs = isa == Isa::Avx512;
+            let out = on_isa!(isa, || {
+                self.product_rows(rows, &weight, stride, bias, in_pairs, out)
+            });
             finish(out);
         };
         // SAFETY: each chunk writes every value of its rows (`SparseRows::product_rows`).
@@ -218,7 +225,8 @@ impl SparseRows {
     }
 
     /// Rows `rows` of [`SparseRows::product`] written into `output`, W padded to `stride`
-    /// columns; every value is written.
+    /// columns; every value is written. `in_pairs`: two rows at a time where W is one block
+    /// wide ([`sum_row_pair`]).
     #[inline(always)]
     fn product_rows<'o>(
         &self,
@@ -226,24 +234,41 @@ impl SparseRows {
         weight: &[f32],
         stride: usize,
         bias: &[f32],
+        in_pairs: bool,
         output: &'o mut [MaybeUninit<f32>],
     ) -> &'o mut [f32] {
         let outputs = bias.len();
         assert_eq!(output.len(), rows.len() * outputs, "output rows");
-        for (i, row) in rows.enumerate() {
+        let in_pairs = in_pairs && [64, 32, LANES].contains(&stride);
+        let mut i = 0;
+        while i < rows.len() {
+            let row = rows.start + i;
             // From this row to the end: the rows after it are written later.
-            let sums = sum_rows(
-                self.row(row),
-                weight,
-                stride,
-                &mut output[i * outputs..],
-                outputs,
-            );
-            for (sum, b) in sums.iter_mut().zip(bias) {
-                *sum += b;
+            let out = &mut output[i * outputs..];
+            let written = if in_pairs && i + 1 < rows.len() {
+                sum_row_pair(
+                    self.row(row),
+                    self.row(row + 1),
+                    weight,
+                    stride,
+                    out,
+                    outputs,
+                );
+                2
+            } else {
+                sum_rows(self.row(row), weight, stride, out, outputs);
+                1
+            };
+            // SAFETY: the sums above wrote every value of these rows.
+            let sums = unsafe { out[..written * outputs].assume_init_mut() };
+            for sums in sums.chunks_exact_mut(outputs) {
+                for (sum, b) in sums.iter_mut().zip(bias) {
+                    *sum += b;
+                }
             }
+            i += written;
         }
-        // SAFETY: `sum_rows` wrote every value of every row (asserted to fill the output).
+        // SAFETY: every row was written above.
         unsafe { output.assume_init_mut() }
     }
 
@@ -420,7 +445,7 @@ impl SparseRows {
                     let at = column as usize * stride + start;
                     let target: &mut [f32; W] = (&mut sums[at..at + W]).try_into().expect("W sums");
                     for ((sum, &g), &next_g) in target.iter_mut().zip(&lanes).zip(&next_lanes) {
-                        *sum = (*sum + value * g) + next_value * next_g;
+                        *sum = next_value.mul_add(next_g, value.mul_add(g, *sum));
                     }
                 }
                 row += 2;
@@ -430,7 +455,7 @@ impl SparseRows {
                 let at = column as usize * stride + start;
                 let target: &mut [f32; W] = (&mut sums[at..at + W]).try_into().expect("W sums");
                 for (sum, &g) in target.iter_mut().zip(&lanes) {
-                    *sum += value * g;
+                    *sum = value.mul_add(g, *sum);
                 }
             }
             row += 1;
@@ -851,6 +876,70 @@ fn put<const W: usize>(block: [f32; W], out: &mut [MaybeUninit<f32>], start: usi
     }
 }
 
+/// Two rows' [`sum_rows`] (the entries `first` into `out`, then `second` into the next
+/// `count` values) for `matrix` one block of sums wide (`stride` 64, 32 or [`LANES`]). Each
+/// row's multiply-adds follow one another, each waiting on the one before; the two rows' chains
+/// are independent, so taken in turn they overlap, and each row still adds its entries in order.
+#[inline(always)]
+fn sum_row_pair(
+    first: (&[u32], &[f32]),
+    second: (&[u32], &[f32]),
+    matrix: &[f32],
+    stride: usize,
+    out: &mut [MaybeUninit<f32>],
+    count: usize,
+) {
+    assert!(
+        count <= stride && out.len() >= 2 * count,
+        "two rows of {count} values"
+    );
+    // The first row's block may spill past its values into the second row's, which is
+    // stored after it.
+    macro_rules! pair {
+        ($width:expr) => {{
+            let (first, second) = sum_block_pair::<$width>(first, second, matrix, stride);
+            put(first, out, 0, count);
+            put(second, &mut out[count..], 0, count);
+        }};
+    }
+    match stride {
+        64 => pair!(64),
+        32 => pair!(32),
+        LANES => pair!(LANES),
+        _ => panic!("a pair of rows needs a matrix one block wide, not {stride}"),
+    }
+}
+
+/// [`sum_block`] for two rows' entries from lane 0, their entries taken in turn.
+#[inline(always)]
+fn sum_block_pair<const W: usize>(
+    first: (&[u32], &[f32]),
+    second: (&[u32], &[f32]),
+    matrix: &[f32],
+    stride: usize,
+) -> ([f32; W], [f32; W]) {
+    let add = |sums: &mut [f32; W], index: u32, value: f32| {
+        let offset = index as usize * stride;
+        let row: &[f32; W] = matrix[offset..offset + W].try_into().expect("W values");
+        for (sum, &m) in sums.iter_mut().zip(row) {
+            *sum = value.mul_add(m, *sum);
+        }
+    };
+    let (mut first_sums, mut second_sums) = ([0f32; W], [0f32; W]);
+    let both = first.0.len().min(second.0.len());
+    for e in 0..both {
+        add(&mut first_sums, first.0[e], first.1[e]);
+        add(&mut second_sums, second.0[e], second.1[e]);
+    }
+    for e in both..first.0.len() {
+        add(&mut first_sums, first.0[e], first.1[e]);
+    }
+    for e in both..second.0.len() {
+        add(&mut second_sums, second.0[e], second.1[e]);
+    }
+    (first_sums, second_sums)
+}
+
 /// Σ value·matrix[index][start..start + W] over the entries, in order.
 #[inline(always)]
 fn sum_block<const W: usize>(
@@ -864,7 +953,7 @@ fn sum_block<const W: usize>(
         let offset = index as usize * stride + start;
         let row: &[f32; W] = matrix[offset..offset + W].try_into().expect("W values");
         for (sum, &m) in sums.iter_mut().zip(row) {
-            *sum += value * m;
+            *sum = value.mul_add(m, *sum);
         }
     }
     sums
@@ -1097,9 +1186,10 @@ mod tests {
 
     #[test]
     fn product_is_the_dense_product_plus_bias() {
-        // Widths across the vector lengths and their remainders; a row of zeros keeps the bias.
-        for (columns, outputs) in [(118, 60), (9, 7), (3, 1), (20, 33)] {
-            let mut x = mostly_zeros(50, columns, 0.12, columns as u64);
+        // Widths across the vector lengths and their remainders (rows taken in pairs where
+        // the sums are one block wide, an odd one left over); a row of zeros keeps the bias.
+        for (columns, outputs) in [(118, 60), (9, 7), (3, 1), (20, 33), (50, 32)] {
+            let mut x = mostly_zeros(51, columns, 0.12, columns as u64);
             x[..columns].fill(0.0);
             let weight = uniform(columns * outputs, 3);
             let bias = uniform(outputs, 4);
@@ -1107,6 +1197,18 @@ mod tests {
             let product = rows.product(&weight, &bias, &|_| {});
             assert_close(&product, &dense_product(&x, &weight, &bias, columns));
             assert_eq!(product[..outputs], bias[..]);
+            // Where the dense layer's products are our chained kernel's (AVX2 or AVX-512), the
+            // same bits as the dense layer: a zero's multiply-add leaves a sum as it was.
+            let chained = crate::chained_product::inner_block(51, columns, outputs, false);
+            if chained.is_some() && crate::chained_product::isa().is_some() {
+                let dense = crate::dense::product(
+                    &crate::dense::Matrix::row_major(&x, 51, columns),
+                    &crate::dense::Matrix::row_major(&weight, columns, outputs),
+                    Some(&bias),
+                    false,
+                );
+                assert_eq!(product, dense, "{columns} × {outputs}");
+            }
             // Every instruction set's copy of the loop, the same bits.
             for isa in Isa::available() {
                 assert_eq!(
