@@ -3,13 +3,15 @@
 //! Built from burn's general operations, a tanh layer records a matrix product, a broadcast bias
 //! add and the three operations of the tanh gradient trick, each with its own temporaries and
 //! backward step; those took more of a training step than the matrix products. Here the forward
-//! pass has gemm add the product to the bias and applies `tanh_f32` in one pass over it, and the
+//! pass adds the product to the bias and applies `tanh_f32` in one pass over it, and the
 //! backward pass forms g·(1 − y²) and the bias gradient in one pass before the two products of
-//! the weight and input gradients. The products are gemm's, the kernels flex's own product
-//! calls, with the arguments flex gives them; the values and gradients are the bits the
-//! composed operations gave (a test compares them). A first layer fed mostly zeros (one-hot
-//! columns) multiplies only the nonzeros instead (`sparse_rows`), for its output and its weight
-//! gradient; those values match the dense ones up to the order of the additions.
+//! the weight and input gradients. The products sum as gemm, the kernels flex's own product
+//! calls, sums them: through gemm with the arguments flex gives it, or where the CPU has AVX2 or
+//! AVX-512 through our kernel that keeps gemm's order (`chained_product`). The values and
+//! gradients are the bits the composed operations gave (a test compares them). A first layer
+//! fed mostly zeros (one-hot columns) multiplies only the nonzeros instead (`sparse_rows`), for
+//! its output and its weight gradient: on CPUs with FMA its output has the dense one's bits,
+//! and its weight gradient the dense one's up to where gemm splits the sums into blocks.
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
@@ -191,11 +193,12 @@ impl<'a> Matrix<'a> {
 }
 
 /// lhs·rhs as a row-major buffer, plus `bias` on every row when given, then through tanh when
-/// `squash`, through the gemm kernels flex's own matrix product calls, with the same
-/// arguments, so the bits are flex's. Calling them here saves what flex's product adds around
-/// them: it zeroes a fresh output and copies it into an aligned buffer, and the bias then takes
-/// another pass. Where this thread has helpers, large products are split by rows over them
-/// ([`split_rows`]); each chunk fills its rows with the bias, multiplies and squashes them.
+/// `squash`, with the bits of the gemm kernels flex's own matrix product calls: our chained
+/// kernel where it keeps their order and the CPU runs it, else gemm with the same arguments.
+/// Either saves what flex's product adds around them: it zeroes a fresh output and copies it
+/// into an aligned buffer, and the bias then takes another pass. Where this thread has helpers,
+/// large products are split by rows over them ([`split_rows`]); each chunk adds the bias to its
+/// rows' sums (gemm: to rows filled with it), and squashes them.
 pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: bool) -> Vec<f32> {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
