@@ -15,6 +15,7 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
+use crate::dense::Matrix;
 use crate::scorer::Isa;
 
 /// The inner block gemm's blocked kernels sum in for an m × k by k × n product with a
@@ -43,56 +44,36 @@ pub(crate) fn isa() -> Option<Isa> {
     }
 }
 
-/// A left-hand operand in place: element (i, p) at `values[offset + i·row_stride +
-/// p·column_stride]`.
-#[derive(Clone, Copy)]
-pub(crate) struct Lhs<'a> {
-    pub values: &'a [f32],
-    pub offset: usize,
-    pub row_stride: isize,
-    pub column_stride: isize,
-}
-
 /// Rows `rows` of lhs·rhs, plus `bias` on each row where given, into `out` (those rows, n
-/// values each, row-major): each value the sum gemm forms for the whole m × k by k × n product
-/// whose inner block is `block` ([`inner_block`]). `rhs` is row-major, k rows of n.
+/// values each, row-major): each value the sum gemm forms for the whole product whose inner
+/// block is `block` ([`inner_block`]). lhs is read in place, whatever its strides; `rhs` is
+/// row-major, lhs's columns rows of n.
 ///
 /// Panics where the CPU has neither instruction set ([`isa`]) or an operand is too short.
 pub(crate) fn product_rows(
-    lhs: Lhs,
+    lhs: &Matrix,
     rhs: &[f32],
-    (k, n): (usize, usize),
+    n: usize,
     block: usize,
     bias: Option<&[f32]>,
     rows: Range<usize>,
     out: &mut [MaybeUninit<f32>],
 ) {
     let isa = isa().expect("chained products need AVX2 or AVX-512");
+    let k = lhs.columns;
     assert!(block > 0 && k > 0, "an inner dimension to sum over");
+    assert!(
+        lhs.in_bounds() && rows.end <= lhs.rows,
+        "lhs rows inside its buffer"
+    );
     assert_eq!(rhs.len(), k * n, "rhs holds k rows of n");
     assert_eq!(out.len(), rows.len() * n, "out holds the rows asked for");
     assert!(bias.is_none_or(|bias| bias.len() == n), "bias length");
     if rows.is_empty() || n == 0 {
         return;
     }
-    // Every element read lies inside lhs.values: the extremes of i and p bound the offsets.
-    let corner = |i: usize, p: usize| {
-        lhs.offset as isize + i as isize * lhs.row_stride + p as isize * lhs.column_stride
-    };
-    for (i, p) in [
-        (rows.start, 0),
-        (rows.end - 1, 0),
-        (rows.start, k - 1),
-        (rows.end - 1, k - 1),
-    ] {
-        let at = corner(i, p);
-        assert!(
-            at >= 0 && (at as usize) < lhs.values.len(),
-            "lhs element ({i}, {p}) out of bounds"
-        );
-    }
     let product = Group {
-        lhs,
+        lhs: *lhs,
         rhs: rhs.as_ptr(),
         k,
         n,
@@ -101,9 +82,9 @@ pub(crate) fn product_rows(
         first_column: 0,
     };
     let out = out.as_mut_ptr().cast::<f32>();
-    // SAFETY (both): the CPU has the instruction set (`isa`); the corners of the lhs rows read
-    // lie in its buffer (asserted, and the offsets are linear in i and p); rhs and out hold what
-    // is asserted above.
+    // SAFETY (both): the CPU has the instruction set (`isa`); every lhs element lies in its
+    // buffer and the rows asked for are lhs rows (asserted); rhs and out hold what is asserted
+    // above.
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 => unsafe { x86::groups_avx512(&product, rows, out) },
@@ -116,7 +97,7 @@ pub(crate) fn product_rows(
 /// The output columns `first_column..` (up to a group's width) of a product.
 #[derive(Clone, Copy)]
 struct Group<'a> {
-    lhs: Lhs<'a>,
+    lhs: Matrix<'a>,
     rhs: *const f32,
     k: usize,
     n: usize,
@@ -130,7 +111,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Group, Lhs};
+    use super::{Group, Matrix};
 
     /// One instruction set's vectors of f32 lanes, with loads and stores of their first
     /// `lanes` lanes only. Every function but `mask` needs the CPU to have the instruction set
@@ -326,11 +307,12 @@ mod x86 {
             let width = (self.n - self.first_column).min(V * L::WIDTH);
             let masks: [L::Mask; V] =
                 std::array::from_fn(|v| L::mask(width.saturating_sub(v * L::WIDTH)));
-            let Lhs {
+            let Matrix {
                 values,
                 offset,
                 row_stride,
                 column_stride,
+                ..
             } = self.lhs;
             // SAFETY (whole body): the caller's. The lhs offsets are those product_rows bounds;
             // rhs and out are read and written under masks that keep to the group's columns.

@@ -108,13 +108,14 @@ fn adds_to_finished_sums(m: usize, k: usize, n: usize) -> bool {
 }
 
 /// An f32 matrix as gemm reads it: its buffer, and where element (i, j) sits in it.
+#[derive(Clone, Copy)]
 pub(crate) struct Matrix<'a> {
-    values: &'a [f32],
-    rows: usize,
-    columns: usize,
-    offset: usize,
-    row_stride: isize,
-    column_stride: isize,
+    pub(crate) values: &'a [f32],
+    pub(crate) rows: usize,
+    pub(crate) columns: usize,
+    pub(crate) offset: usize,
+    pub(crate) row_stride: isize,
+    pub(crate) column_stride: isize,
 }
 
 impl<'a> Matrix<'a> {
@@ -137,8 +138,9 @@ impl<'a> Matrix<'a> {
         matrix.in_bounds().then_some(matrix)
     }
 
-    /// Whether every element (i, j) lies inside the buffer: what makes the gemm call sound.
-    fn in_bounds(&self) -> bool {
+    /// Whether every element (i, j) lies inside the buffer, the strides being non-negative:
+    /// what makes the gemm call sound.
+    pub(crate) fn in_bounds(&self) -> bool {
         if self.rows == 0 || self.columns == 0 {
             return true;
         }
@@ -166,7 +168,7 @@ impl<'a> Matrix<'a> {
     }
 
     /// A row-major copy of the elements.
-    fn to_row_major(&self) -> Vec<f32> {
+    fn row_major_copy(&self) -> Vec<f32> {
         let mut copy = vec![0.0; self.rows * self.columns];
         if self.columns == 0 {
             return copy;
@@ -233,20 +235,14 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
         let rhs_rows = match rhs.row_major_values() {
             Some(values) => values,
             None => {
-                packed = rhs.to_row_major();
+                packed = rhs.row_major_copy();
                 &packed[..]
             }
-        };
-        let lhs_in_place = chained_product::Lhs {
-            values: lhs.values,
-            offset: lhs.offset,
-            row_stride: lhs.row_stride,
-            column_stride: lhs.column_stride,
         };
         let product_rows = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
             let len = out.len();
             let start = out.as_mut_ptr().cast::<f32>();
-            chained_product::product_rows(lhs_in_place, rhs_rows, (k, n), block, bias, rows, out);
+            chained_product::product_rows(lhs, rhs_rows, n, block, bias, rows, out);
             if squash {
                 // SAFETY: the chained product wrote every value of these rows.
                 tanh_in_place(unsafe { std::slice::from_raw_parts_mut(start, len) });
@@ -1041,6 +1037,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use crate::network::{DagmmNet, NetworkWeights};
+    use crate::testing::same_bits;
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().try_into_vec::<f32>().unwrap()
@@ -1240,11 +1237,7 @@ mod tests {
                 {
                     let ours = isa.capped(|| product(&lhs, &rhs, bias, squash));
                     assert!(
-                        ours.len() == by_gemm.len()
-                            && ours
-                                .iter()
-                                .zip(&by_gemm)
-                                .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        same_bits(&ours, &by_gemm),
                         "{m}×{k}×{n} on {isa:?} (lhs transposed {lhs_transposed}, rhs \
                          transposed {rhs_transposed}, bias {with_bias}, tanh {squash})"
                     );
@@ -1291,11 +1284,7 @@ mod tests {
                         usize::from(split_rows(m, k, n, CHUNKS_PER_THREAD * (helpers + 1)) > 1);
                     let split = product(&lhs, &rhs, bias, squash);
                     assert!(
-                        alone
-                            .iter()
-                            .zip(&split)
-                            .all(|(x, y)| x.to_bits() == y.to_bits())
-                            && alone.len() == split.len(),
+                        same_bits(&alone, &split),
                         "{m}×{k}×{n} (transposed {transposed}, bias {with_bias}, tanh {squash}) \
                          over {} threads",
                         helpers + 1

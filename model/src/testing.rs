@@ -33,6 +33,12 @@ pub(crate) fn assert_close_to_reference(
     }
 }
 
+/// Whether two buffers hold the same values bit for bit (so −0 differs from 0, and NaNs
+/// compare by their bits), and as many.
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// Held by tests that pin threads to CPUs, which the process shares: one at a time sees the
 /// CPUs it claims as the only ones claimed.
 pub(crate) static PINNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
