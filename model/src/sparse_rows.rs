@@ -919,11 +919,7 @@ fn sum_block_pair<const W: usize>(
     stride: usize,
 ) -> ([f32; W], [f32; W]) {
     let add = |sums: &mut [f32; W], index: u32, value: f32| {
-        let offset = index as usize * stride;
-        let row: &[f32; W] = matrix[offset..offset + W].try_into().expect("W values");
-        for (sum, &m) in sums.iter_mut().zip(row) {
-            *sum = value.mul_add(m, *sum);
-        }
+        add_entry(sums, matrix, index as usize * stride, value);
     };
     let (mut first_sums, mut second_sums) = ([0f32; W], [0f32; W]);
     let both = first.0.len().min(second.0.len());
@@ -950,13 +946,18 @@ fn sum_block<const W: usize>(
 ) -> [f32; W] {
     let mut sums = [0f32; W];
     for (&index, &value) in indices.iter().zip(values) {
-        let offset = index as usize * stride + start;
-        let row: &[f32; W] = matrix[offset..offset + W].try_into().expect("W values");
-        for (sum, &m) in sums.iter_mut().zip(row) {
-            *sum = value.mul_add(m, *sum);
-        }
+        add_entry(&mut sums, matrix, index as usize * stride + start, value);
     }
     sums
+}
+
+/// sums += value·matrix[offset..offset + W], one fused multiply-add a lane.
+#[inline(always)]
+fn add_entry<const W: usize>(sums: &mut [f32; W], matrix: &[f32], offset: usize, value: f32) {
+    let row: &[f32; W] = matrix[offset..offset + W].try_into().expect("W values");
+    for (sum, &m) in sums.iter_mut().zip(row) {
+        *sum = value.mul_add(m, *sum);
+    }
 }
 
 #[cfg(test)]
