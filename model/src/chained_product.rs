@@ -210,7 +210,10 @@ mod x86 {
         }
     }
 
-    /// `rows` of the product, a group of 64 columns (four vectors) at a time.
+    /// `rows` of the product, a group of 64 columns (four vectors) at a time. Groups of two
+    /// vectors take twelve rows a tile: each inner step's two right-hand loads then feed 24
+    /// multiply-adds, not 12 (a 60 × 1024 by 1024 × 30 weight gradient: 37 → 31 µs). One
+    /// vector keeps eight: its broadcasts, one load per multiply-add whatever the rows, bound it.
     ///
     /// # Safety
     /// The CPU must have AVX-512 and the operands be as `product_rows` checks them.
@@ -226,7 +229,7 @@ mod x86 {
             unsafe {
                 match (n - first_column).min(64).div_ceil(16) {
                     1 => group.rows::<Avx512, 8, 1>(rows.clone(), out),
-                    2 => group.rows::<Avx512, 6, 2>(rows.clone(), out),
+                    2 => group.rows::<Avx512, 12, 2>(rows.clone(), out),
                     3 => group.rows::<Avx512, 6, 3>(rows.clone(), out),
                     _ => group.rows::<Avx512, 6, 4>(rows.clone(), out),
                 }
@@ -278,6 +281,13 @@ mod x86 {
                 while row + R <= rows.end {
                     self.tile::<L, R, V>(row, out.add((row - rows.start) * self.n));
                     row += R;
+                }
+                // Past the leftover tiles below, eight rows at a time.
+                if R > 8 {
+                    while row + 8 <= rows.end {
+                        self.tile::<L, 8, V>(row, out.add((row - rows.start) * self.n));
+                        row += 8;
+                    }
                 }
                 // One at a time, each of these rows would be a single chain of dependent
                 // multiply-adds per vector: weight gradients have few rows and long chains.
