@@ -1175,6 +1175,27 @@ mod tests {
         }
     }
 
+    /// An m × k left operand, a k × n right one and a bias of n, drawn in that order.
+    fn random_operands(
+        rng: &mut ChaCha8Rng,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let a = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let b = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let bias = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        (a, b, bias)
+    }
+
+    /// `a` as an m × k matrix, read in place: row-major, or the transpose of a k × m one.
+    fn left_operand(a: &[f32], m: usize, k: usize, transposed: bool) -> Matrix<'_> {
+        match transposed {
+            true => Matrix::row_major(a, k, m).transposed(),
+            false => Matrix::row_major(a, m, k),
+        }
+    }
+
     #[test]
     fn chained_products_are_gemms_bit_for_bit() {
         // (m, k, n, lhs stored transposed, rhs stored transposed): the network's forward
@@ -1213,13 +1234,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let mut chained = 0;
         for (m, k, n, lhs_transposed, rhs_transposed) in shapes {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let lhs = match lhs_transposed {
-                true => Matrix::row_major(&a, k, m).transposed(),
-                false => Matrix::row_major(&a, m, k),
-            };
+            let (a, b, bias) = random_operands(&mut rng, m, k, n);
+            let lhs = left_operand(&a, m, k, lhs_transposed);
             let rhs = match rhs_transposed {
                 true => Matrix::row_major(&b, n, k).transposed(),
                 false => Matrix::row_major(&b, k, n),
@@ -1267,13 +1283,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut split_shapes = [0usize; 2];
         for (m, k, n, transposed) in shapes {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let lhs = match transposed {
-                true => Matrix::row_major(&a, k, m).transposed(),
-                false => Matrix::row_major(&a, m, k),
-            };
+            let (a, b, bias) = random_operands(&mut rng, m, k, n);
+            let lhs = left_operand(&a, m, k, transposed);
             let rhs = Matrix::row_major(&b, k, n);
             for (with_bias, squash) in [(false, false), (true, false), (true, true)] {
                 let bias = with_bias.then_some(bias.as_slice());
