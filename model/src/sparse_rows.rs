@@ -10,11 +10,10 @@
 //! gemm splits a sum into blocks. Every instruction set gives the same bits; a CPU without FMA
 //! takes its fused multiply-adds from the math library, slowly.
 
-use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use crate::helper_threads;
+use crate::helper_threads::{self, LineAligned};
 
 use crate::scorer::{Isa, on_isa};
 
@@ -379,8 +378,19 @@ impl SparseRows {
         assert_eq!(grad.len(), self.rows() * outputs, "gradient shape");
         let stride = outputs.next_multiple_of(LANES);
         // Output rows padded to whole vectors, and a gradient row's lanes past its end taken
-        // from the next row (or zeros after the last): they only reach the padding.
-        let mut sums = vec![0f32; self.columns * stride];
+        // from the next row (or zeros after the last): they only reach the padding. Each
+        // entry loads and stores its output row's vectors, so the rows start on cache lines
+        // ([`LineAligned`]).
+        let zeros = |_: Range<usize>, out: &mut [MaybeUninit<f32>]| out.fill(MaybeUninit::new(0.0));
+        // SAFETY: every value is written.
+        let mut sums = unsafe {
+            helper_threads::line_aligned_rows_written_in_chunks(
+                self.columns,
+                stride,
+                stride,
+                &zeros,
+            )
+        };
         let mut start = 0;
         for width in [64, 32, LANES] {
             while start + width <= stride && start < outputs {
@@ -393,7 +403,7 @@ impl SparseRows {
             }
         }
         if stride == outputs {
-            return sums;
+            return sums.to_vec();
         }
         let mut compact = Vec::with_capacity(self.columns * outputs);
         for row in sums.chunks_exact(stride) {
@@ -788,12 +798,14 @@ fn nonzero_mask<const AVX2: bool>(word: &[f32]) -> u64 {
 const LANES: usize = 8;
 
 /// `matrix` (row-major, `columns` wide) with each row padded with zeros to a multiple of
-/// [`LANES`], and the padded width. Each value is written once (zeroing the whole copy first
-/// was most of the fit thread's `memset`), and a fit's spare cores take chunks of the rows.
-fn padded(matrix: &[f32], columns: usize) -> (Cow<'_, [f32]>, usize) {
+/// [`LANES`], and the padded width. A copy starts on a cache line ([`LineAligned`]), so that
+/// the rows' whole vectors never straddle two. Each value is written once (zeroing the
+/// whole copy first was most of the fit thread's `memset`), and a fit's spare cores take
+/// chunks of the rows.
+fn padded(matrix: &[f32], columns: usize) -> (Padded<'_>, usize) {
     let stride = columns.next_multiple_of(LANES);
     if stride == columns {
-        return (Cow::Borrowed(matrix), stride);
+        return (Padded::InPlace(matrix), stride);
     }
     let rows_of = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
         let from = &matrix[rows.start * columns..rows.end * columns];
@@ -805,8 +817,28 @@ fn padded(matrix: &[f32], columns: usize) -> (Cow<'_, [f32]>, usize) {
     };
     let rows = matrix.len() / columns;
     // SAFETY: each row's values and padding are written.
-    let padded = unsafe { helper_threads::rows_written_in_chunks(rows, stride, stride, &rows_of) };
-    (Cow::Owned(padded), stride)
+    let padded = unsafe {
+        helper_threads::line_aligned_rows_written_in_chunks(rows, stride, stride, &rows_of)
+    };
+    (Padded::Copied(padded), stride)
+}
+
+/// What [`padded`] gives: the matrix itself where its rows were whole vectors already, or a
+/// padded copy.
+enum Padded<'a> {
+    InPlace(&'a [f32]),
+    Copied(LineAligned<f32>),
+}
+
+impl std::ops::Deref for Padded<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Padded::InPlace(values) => values,
+            Padded::Copied(values) => values,
+        }
+    }
 }
 
 /// sums[l] = Σ value·matrix[index][l] over the (index, value) entries, in their order, for
