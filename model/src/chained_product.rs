@@ -35,6 +35,39 @@ pub(crate) fn inner_block(m: usize, k: usize, n: usize, contiguous_dots: bool) -
     }
 }
 
+/// The inner block gemm sums in for lhs·rhs with a row-major output where its sums are this
+/// kernel's, `None` elsewhere: its blocked kernels ([`inner_block`]), and its path for a single
+/// output column from left-hand rows and a contiguous right-hand column whose inner dimension
+/// is shorter than its vectors. That path's vector part is then empty, and each row is one
+/// chain of fused multiply-adds from zero, in order: a block of k. (The network's 10 → 1
+/// layer and the input gradient of its 1 → 10 layer: 12 µs a product through gemm, which
+/// spends most of it summing empty vectors across their lanes row by row.)
+pub(crate) fn gemm_block(lhs: &Matrix, rhs: &Matrix) -> Option<usize> {
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    let contiguous_dots = lhs.column_stride == 1 && rhs.row_stride == 1;
+    inner_block(m, k, n, contiguous_dots).or_else(|| {
+        // gemm's tests in its order: tiny outputs, k ≤ 2, a left operand stored by columns,
+        // then this path.
+        let single_column_by_rows = n == 1
+            && m > 16 * 16
+            && k > 2
+            && lhs.row_stride != 1
+            && contiguous_dots
+            && k < gemm_f32_lanes();
+        single_column_by_rows.then_some(k)
+    })
+}
+
+/// f32 lanes of the vectors gemm's kernels take on this CPU: AVX-512's where it has them
+/// (our build asks gemm for its AVX-512 kernels), else AVX2's.
+pub(crate) fn gemm_f32_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        return 16;
+    }
+    8
+}
+
 /// The instruction set the chained products run on here: AVX-512 or AVX2 (both with fused
 /// multiply-adds, as gemm's kernels for them); `None` elsewhere, where the products stay gemm's.
 pub(crate) fn isa() -> Option<Isa> {

@@ -35,7 +35,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use crate::chained_product;
 use crate::helper_threads::{self, Background, CHUNKS_PER_THREAD, WriteRows, chunk_rows};
 use crate::network::tanh_f32;
-use crate::scorer::Isa;
+use crate::scorer::{Isa, on_isa};
 use crate::sparse_rows::{ByColumn, SparseRows, by_column_in_pieces};
 
 #[backend_extension(Flex, Autodiff)]
@@ -174,12 +174,18 @@ impl<'a> Matrix<'a> {
             return copy;
         }
         for (i, row) in copy.chunks_exact_mut(self.columns).enumerate() {
-            let start = self.offset as isize + i as isize * self.row_stride;
             for (j, value) in row.iter_mut().enumerate() {
-                *value = self.values[(start + j as isize * self.column_stride) as usize];
+                *value = self.at(i, j);
             }
         }
         copy
+    }
+
+    /// Element (i, j).
+    fn at(&self, i: usize, j: usize) -> f32 {
+        let index =
+            self.offset as isize + i as isize * self.row_stride + j as isize * self.column_stride;
+        self.values[index as usize]
     }
 
     pub(crate) fn row_major(values: &'a [f32], rows: usize, columns: usize) -> Self {
@@ -208,7 +214,14 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
     if m == 0 || n == 0 {
         return Vec::new();
     }
-    if k == 0 || bias.is_some_and(|_| !adds_to_finished_sums(m, k, n)) {
+    let chained = chained_product::isa();
+    let short = chained.filter(|_| gemm_takes_short_inner_products(lhs, rhs));
+    let block = chained_product::gemm_block(lhs, rhs).filter(|_| chained.is_some());
+    // Summed in one block, or as gemm's short products, a product takes the bias onto its
+    // finished sums, as the loop below would.
+    let bias_on_finished_sums =
+        short.is_some() || block == Some(k) || adds_to_finished_sums(m, k, n);
+    if k == 0 || bias.is_some_and(|_| !bias_on_finished_sums) {
         let mut output = match (k, bias) {
             (0, Some(bias)) => bias.repeat(m),
             (0, None) => vec![0.0; m * n],
@@ -227,10 +240,19 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
         }
         return output;
     }
-    let contiguous_dots = lhs.column_stride == 1 && rhs.row_stride == 1;
-    if let Some(block) = chained_product::inner_block(m, k, n, contiguous_dots)
-        .filter(|_| chained_product::isa().is_some())
-    {
+    if let Some(isa) = short {
+        let product_rows = |rows: Range<usize>, out: &mut [MaybeUninit<f32>]| {
+            let len = out.len();
+            let start = out.as_mut_ptr().cast::<f32>();
+            on_isa!(isa, || short_inner_products(lhs, rhs, bias, rows, out));
+            if squash {
+                // SAFETY: every value of these rows was written.
+                tanh_in_place(unsafe { std::slice::from_raw_parts_mut(start, len) });
+            }
+        };
+        return in_row_chunks(m, k, n, &product_rows);
+    }
+    if let Some(block) = block {
         let packed;
         let rhs_rows = match rhs.row_major_values() {
             Some(values) => values,
@@ -295,6 +317,61 @@ pub(crate) fn product(lhs: &Matrix, rhs: &Matrix, bias: Option<&[f32]>, squash: 
         }
     };
     in_row_chunks(m, k, n, &product_rows)
+}
+
+/// Whether gemm takes lhs·rhs (without a bias) by its path for inner dimensions of one or two,
+/// which [`short_inner_products`] sums as it does: gemm's path for tiny outputs of contiguous
+/// dot products comes before it.
+fn gemm_takes_short_inner_products(lhs: &Matrix, rhs: &Matrix) -> bool {
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    let tiny_dots = lhs.column_stride == 1 && rhs.row_stride == 1 && m * n <= 16 * 16;
+    (1..=2).contains(&k) && !tiny_dots
+}
+
+/// Rows `rows` of lhs·rhs for an inner dimension of one or two, as gemm sums them there: each
+/// product rounded, then their sum. (The network's 1 → 10 layer and the input
+/// gradient of its 10 → 1 layer: 7 µs a product through gemm, whose loop for them is scalar.)
+#[inline(always)]
+fn short_inner_products(
+    lhs: &Matrix,
+    rhs: &Matrix,
+    bias: Option<&[f32]>,
+    rows: Range<usize>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (k, n) = (lhs.columns, rhs.columns);
+    assert!(
+        (1..=2).contains(&k) && out.len() == rows.len() * n,
+        "rows of short products"
+    );
+    let rhs_row = |p: usize| -> Vec<f32> { (0..n).map(|j| rhs.at(p, j)).collect() };
+    let first = rhs_row(0);
+    let second = if k == 2 { rhs_row(1) } else { vec![0.0; n] };
+    let zeros = vec![0.0; n];
+    // The bias apart, so that no zero is added where there is none (it would turn −0 into +0).
+    let (bias, with_bias) = match bias {
+        Some(bias) => (bias, true),
+        None => (&zeros[..], false),
+    };
+    for (i, out) in rows.zip(out.chunks_exact_mut(n)) {
+        let l0 = lhs.at(i, 0);
+        let lanes = out.iter_mut().zip(&first).zip(&second).zip(bias);
+        match (k, with_bias) {
+            (1, false) => lanes.for_each(|(((out, &r0), _), _)| {
+                out.write(l0 * r0);
+            }),
+            (1, true) => lanes.for_each(|(((out, &r0), _), &b)| {
+                out.write(l0 * r0 + b);
+            }),
+            (_, with_bias) => {
+                let l1 = lhs.at(i, 1);
+                lanes.for_each(|(((out, &r0), &r1), &b)| {
+                    let sum = l1 * r1 + l0 * r0;
+                    out.write(if with_bias { sum + b } else { sum });
+                });
+            }
+        }
+    }
 }
 
 /// The m rows of n values that `product_rows` writes for an m × k by k × n product, in chunks
@@ -1200,8 +1277,10 @@ mod tests {
     fn chained_products_are_gemms_bit_for_bit() {
         // (m, k, n, lhs stored transposed, rhs stored transposed): the network's forward
         // products, input and weight gradients and Gram products, widths around the kernel's
-        // vectors and groups, inner dimensions of one and two of gemm's blocks, and shapes gemm
-        // takes other paths for (which stay gemm's).
+        // vectors and groups, inner dimensions of one and two of gemm's blocks, single output
+        // columns (gemm's path by rows, which is the kernel's sum for inner dimensions shorter
+        // than gemm's vectors), inner dimensions of one and two (summed apart as gemm sums
+        // them), and shapes gemm takes other paths for (which stay gemm's).
         let shapes = [
             (1024, 60, 30, false, false),
             (1024, 30, 10, false, false),
@@ -1230,6 +1309,18 @@ mod tests {
             (10, 1024, 4, true, false),
             (10, 1024, 1, true, false),
             (100, 2, 40, false, false),
+            (1024, 10, 1, false, false),
+            (1024, 10, 1, false, true),
+            (1024, 5, 1, false, false),
+            (300, 7, 1, false, true),
+            (256, 10, 1, false, false),
+            (1024, 20, 1, false, false),
+            (1024, 10, 1, true, false),
+            (1024, 1, 10, false, false),
+            (1024, 1, 10, false, true),
+            (1024, 1, 10, true, false),
+            (1024, 2, 10, true, true),
+            (10, 1, 10, false, false),
         ];
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let mut chained = 0;
@@ -1240,9 +1331,7 @@ mod tests {
                 true => Matrix::row_major(&b, n, k).transposed(),
                 false => Matrix::row_major(&b, k, n),
             };
-            let contiguous_dots = lhs.column_stride == 1 && rhs.row_stride == 1;
-            chained +=
-                usize::from(chained_product::inner_block(m, k, n, contiguous_dots).is_some());
+            chained += usize::from(chained_product::gemm_block(&lhs, &rhs).is_some());
             for (with_bias, squash) in [(false, false), (true, false), (true, true)] {
                 let bias = with_bias.then_some(bias.as_slice());
                 // Without AVX2 the products are gemm's own (whose kernels are chosen apart).
@@ -1260,7 +1349,17 @@ mod tests {
                 }
             }
         }
-        assert_eq!(chained, shapes.len() - 5, "shapes the chained kernel takes");
+        // gemm's single-column path is a plain chain for k = 10 only with AVX-512's vectors.
+        let single_columns = if chained_product::gemm_f32_lanes() > 10 {
+            4
+        } else {
+            2
+        };
+        assert_eq!(
+            chained,
+            shapes.len() - 5 - 7 - 5 + single_columns,
+            "shapes the chained kernel takes"
+        );
     }
 
     #[test]
