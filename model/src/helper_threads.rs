@@ -1142,6 +1142,10 @@ mod tests {
             assert_eq!(&written[..], &want[..]);
             assert_eq!(written.as_ptr() as usize % 64, 0);
         }
+        let written = unsafe {
+            line_aligned_rows_written_in_chunks(0, 3, 1 << 20, &|r, o| write_rows(&threads, r, o))
+        };
+        assert!(written.is_empty());
     }
 
     #[test]
