@@ -617,12 +617,16 @@ pub(crate) unsafe fn rows_written_in_chunks<T: Send + Sync>(
     values_per_row: usize,
     write: &WriteRows<'_, T>,
 ) -> Vec<T> {
-    let chunks = row_chunks(rows, values_per_row);
-    let ranges: Vec<Range<usize>> = (0..chunks)
-        .map(|chunk| chunk_rows(rows, chunk, chunks))
-        .collect();
     // SAFETY: the caller's.
-    unsafe { rows_written_in_ranges(rows, width, &ranges, write) }
+    unsafe { rows_written_in_ranges(rows, width, &row_chunk_ranges(rows, values_per_row), write) }
+}
+
+/// The ranges of rows [`rows_written_in_chunks`] hands out ([`row_chunks`] of them).
+fn row_chunk_ranges(rows: usize, values_per_row: usize) -> Vec<Range<usize>> {
+    let chunks = row_chunks(rows, values_per_row);
+    (0..chunks)
+        .map(|chunk| chunk_rows(rows, chunk, chunks))
+        .collect()
 }
 
 /// A row-major buffer of `rows` rows of `width` values, written by `write(range, values)` for
@@ -671,10 +675,7 @@ pub(crate) unsafe fn line_aligned_rows_written_in_chunks<T: Send + Sync>(
     values_per_row: usize,
     write: &WriteRows<'_, T>,
 ) -> LineAligned<T> {
-    let chunks = row_chunks(rows, values_per_row);
-    let ranges: Vec<Range<usize>> = (0..chunks)
-        .map(|chunk| chunk_rows(rows, chunk, chunks))
-        .collect();
+    let ranges = row_chunk_ranges(rows, values_per_row);
     let len = rows.checked_mul(width).expect("buffer size overflows");
     let buffer = LineAligned::<T>::with_capacity(64, len);
     let (start, align, _, capacity) = buffer.into_raw_parts();

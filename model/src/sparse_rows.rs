@@ -381,16 +381,8 @@ impl SparseRows {
         // from the next row (or zeros after the last): they only reach the padding. Each
         // entry loads and stores its output row's vectors, so the rows start on cache lines
         // ([`LineAligned`]).
-        let zeros = |_: Range<usize>, out: &mut [MaybeUninit<f32>]| out.fill(MaybeUninit::new(0.0));
-        // SAFETY: every value is written.
-        let mut sums = unsafe {
-            helper_threads::line_aligned_rows_written_in_chunks(
-                self.columns,
-                stride,
-                stride,
-                &zeros,
-            )
-        };
+        let mut sums = LineAligned::<f32>::new(64);
+        sums.resize(self.columns * stride, 0.0);
         let mut start = 0;
         for width in [64, 32, LANES] {
             while start + width <= stride && start < outputs {
@@ -402,9 +394,8 @@ impl SparseRows {
                 start += width;
             }
         }
-        if stride == outputs {
-            return sums.to_vec();
-        }
+        // Compacted (or, where the rows were whole vectors already, copied) into a plain buffer
+        // for the tensor.
         let mut compact = Vec::with_capacity(self.columns * outputs);
         for row in sums.chunks_exact(stride) {
             compact.extend_from_slice(&row[..outputs]);
