@@ -261,9 +261,9 @@ mod tests {
         let x = Tensor::<2>::from_data(TensorData::new(x, [32, d]), device);
         let out = net.forward(x, None);
         let loss = if joint {
-            out.squared_error.mean() + out.gamma.powi_scalar(2).mean()
+            out.squared_error().mean() + out.gamma.powi_scalar(2).mean()
         } else {
-            out.squared_error.mean()
+            out.squared_error().mean()
         };
         loss.backward()
     }

@@ -71,7 +71,7 @@ pub fn energy(z: Tensor<2>, gmm: &GmmTensors, cov_reg: f64) -> (Tensor<1>, Tenso
 
 /// Each dimension's population variance over the batch (n, not n − 1, so a one-row batch gives
 /// 0 rather than NaN) plus cov_reg, `[d]`, held constant for the gradient.
-fn code_spread(z: &Tensor<2>, cov_reg: f64) -> Tensor<1> {
+pub(crate) fn code_spread(z: &Tensor<2>, cov_reg: f64) -> Tensor<1> {
     let [n, d] = z.dims();
     let detached = z.clone().detach();
     if detached.dtype() == DType::F32 && n > 0 {

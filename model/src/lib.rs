@@ -21,6 +21,7 @@ pub mod mixture_energy;
 pub mod mixture_factors;
 pub mod mixture_stats;
 pub mod network;
+pub mod objective;
 pub mod preprocess;
 pub mod reconstruction;
 pub mod reconstruction_layer;

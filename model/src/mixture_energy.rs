@@ -328,7 +328,7 @@ impl MixtureEnergyBackend for Flex {
 
 /// Gradients of Σ_i grad_i·E_i with respect to z, μ, the factors (lower triangle) and
 /// log_norm.
-fn energy_gradients(
+pub(crate) fn energy_gradients(
     z: FlexTensor,
     mu: FlexTensor,
     chol: FlexTensor,

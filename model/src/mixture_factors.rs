@@ -135,7 +135,7 @@ impl MixtureFactorsBackend for Flex {
 }
 
 /// Gradients of Σ grad ⊙ factors with respect to φ and Σ (lower triangle), given the forward pass's `factors`.
-fn factors_backward(
+pub(crate) fn factors_backward(
     phi: FlexTensor,
     cov: FlexTensor,
     spread: FlexTensor,

@@ -315,7 +315,7 @@ impl MixtureStatsBackend for Flex {
 }
 
 /// Gradients of Σ grad ⊙ stats with respect to z and γ, given the forward pass's `stats`.
-fn stats_backward(
+pub(crate) fn stats_backward(
     z: FlexTensor,
     gamma: FlexTensor,
     stats: FlexTensor,

@@ -32,12 +32,23 @@ pub struct DagmmNet {
 pub struct Forward {
     /// Compressed code z_c, `[n, latent_dim]`.
     pub z_c: Tensor<2>,
-    /// Squared reconstruction error ‖x − x'‖² per row, `[n, 1]`.
-    pub squared_error: Tensor<2>,
+    /// The reconstruction terms per row, `[n, 3]`: relative distance, cosine and the squared
+    /// error ‖x − x'‖² ([`crate::reconstruction`]).
+    pub terms: Tensor<2>,
     /// z = [z_c, relative Euclidean distance, cosine similarity], `[n, latent_dim + 2]`.
     pub z: Tensor<2>,
     /// Soft mixture memberships γ, `[n, gmm_k]`.
     pub gamma: Tensor<2>,
+}
+
+impl Forward {
+    /// Squared reconstruction error ‖x − x'‖² per row, `[n, 1]`.
+    pub fn squared_error(&self) -> Tensor<2> {
+        let n = self.terms.dims()[0];
+        self.terms
+            .clone()
+            .slice([0..n, SQUARED_ERROR..SQUARED_ERROR + 1])
+    }
 }
 
 /// Layer sizes of the encoder, decoder and estimation network, as (input, output) pairs.
@@ -168,7 +179,6 @@ impl DagmmNet {
     /// hidden layer during training, and is `None` for evaluation.
     pub fn forward(&self, x: Tensor<2>, dropout_masks: Option<&[Tensor<2>]>) -> Forward {
         let z_c = mlp(&self.encoder, x.clone());
-        let n = z_c.dims()[0];
         // The output layer goes with the terms: in training they then skip forming x'.
         let (output_layer, hidden_layers) = self.decoder.split_last().expect("a decoder layer");
         let hidden = hidden_layers
@@ -176,7 +186,6 @@ impl DagmmNet {
             .fold(z_c.clone(), |h, layer| dense(layer, h, true));
         let terms = reconstruction_terms_through(x, hidden, output_layer);
         let z = codes(z_c.clone(), terms.clone());
-        let squared_error = terms.slice([0..n, SQUARED_ERROR..SQUARED_ERROR + 1]);
         let mut h = z.clone();
         let last = self.estimation.len() - 1;
         for (i, layer) in self.estimation.iter().enumerate() {
@@ -190,7 +199,7 @@ impl DagmmNet {
         let gamma = softmax_rows(h);
         Forward {
             z_c,
-            squared_error,
+            terms,
             z,
             gamma,
         }

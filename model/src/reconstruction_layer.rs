@@ -523,9 +523,9 @@ pub(crate) mod tests {
             Tensor::<2>::from_data(TensorData::new(w, [n, columns]), &device)
         };
         let loss = (out.z.clone() * weights(width, 0.0)).sum()
-            + (out.squared_error.clone() * weights(1, 1.0)).sum();
+            + (out.squared_error() * weights(1, 1.0)).sum();
         let grads = loss.backward();
-        let mut series = vec![values(out.z), values(out.squared_error)];
+        let mut series = vec![values(out.squared_error()), values(out.z)];
         for layer in net.decoder.iter().chain(&net.encoder) {
             series.push(values(layer.weight.val().grad(&grads).unwrap()));
             let bias = layer.bias.as_ref().unwrap().val();
@@ -553,7 +553,7 @@ pub(crate) mod tests {
         let gram = prepared_input::with(key, Some(rows), false, || forward_and_gradients(&net, x));
         assert_eq!(gram_steps(), before + 1, "one step through the Gram matrix");
 
-        let mut names = vec!["z".to_string(), "squared error".to_string()];
+        let mut names = vec!["squared error".to_string(), "z".to_string()];
         for part in ["decoder", "encoder"] {
             for i in 0..2 {
                 names.push(format!("{part} {i} weight"));

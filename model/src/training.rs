@@ -17,6 +17,7 @@ use crate::dense::prepared_input;
 use crate::gmm::{GmmParams, energy, gmm_stats};
 use crate::helper_threads;
 use crate::network::{DagmmNet, NetworkWeights};
+use crate::objective::{LOSS, objective};
 use crate::preprocess::Preprocessor;
 use crate::scorer::Scorer;
 use crate::sparse_rows::{
@@ -235,18 +236,15 @@ fn fit_on_one_thread(
                     .expect("the generator is home between batches");
                 prepare(batch_rows(b + 1).to_vec(), rng)
             });
-            let reconstruction = out.squared_error.mean();
-            let gmm = gmm_stats(out.z.clone(), out.gamma);
-            let (energies, penalty) = energy(out.z, &gmm, cfg.cov_reg);
-            let mean_energy = energies.mean();
-            let loss = if joint {
-                reconstruction.clone()
-                    + mean_energy.clone().mul_scalar(cfg.lambda_energy)
-                    + penalty.clone().mul_scalar(cfg.lambda_cov)
-            } else {
-                reconstruction.clone()
-            };
-            let parts = Tensor::cat(vec![loss.clone(), reconstruction, mean_energy, penalty], 0)
+            let parts = objective(
+                out.terms,
+                out.z,
+                out.gamma,
+                cfg.cov_reg,
+                joint.then_some([cfg.lambda_energy, cfg.lambda_cov]),
+            );
+            let loss = parts.clone().slice(LOSS..LOSS + 1);
+            let parts = parts
                 .into_data()
                 .try_into_vec::<f32>()
                 .expect("loss is f32");
