@@ -223,30 +223,18 @@ impl ModuleMapper for AdamMapper<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::nn::Linear;
     use burn::optim::{AdamConfig, GradientsParams};
     use burn::tensor::{Device, TensorData};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     use crate::config::NetworkConfig;
-    use crate::network::{DagmmNet, NetworkWeights};
+    use crate::network::{DagmmNet, Layer, NetworkWeights};
 
-    fn bits(layers: &[Linear]) -> Vec<u32> {
+    fn bits(layers: &[Layer]) -> Vec<u32> {
         layers
             .iter()
-            .flat_map(|l| {
-                let w = l.weight.val().into_data().try_into_vec::<f32>().unwrap();
-                let b = l
-                    .bias
-                    .as_ref()
-                    .unwrap()
-                    .val()
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .unwrap();
-                w.into_iter().chain(b)
-            })
+            .flat_map(|l| l.params.val().into_data().try_into_vec::<f32>().unwrap())
             .map(f32::to_bits)
             .collect()
     }
@@ -256,7 +244,7 @@ mod tests {
     /// Gradients of a loss on random data; without `joint`, of the reconstruction alone, as in
     /// training's warm-up, so that the estimation network gets none.
     fn grads(net: &DagmmNet, rng: &mut ChaCha8Rng, device: &Device, joint: bool) -> Gradients {
-        let d = net.encoder[0].weight.dims()[0];
+        let [d, _] = net.encoder[0].dims();
         let x: Vec<f32> = (0..32 * d).map(|_| rng.random_range(-3.0..3.0)).collect();
         let x = Tensor::<2>::from_data(TensorData::new(x, [32, d]), device);
         let out = net.forward(x, None);

@@ -29,39 +29,75 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     Autodiff, AutodiffBackend, Backend, Dispatch, Flex, TensorMetadata, backend_extension,
 };
-use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::chained_product;
 use crate::helper_threads::{self, Background, CHUNKS_PER_THREAD, WriteRows, chunk_rows};
-use crate::network::tanh_f32;
+use crate::network::{Layer, tanh_f32};
 use crate::scorer::{Isa, on_isa};
 use crate::sparse_rows::{ByColumn, SparseRows, by_column_in_pieces};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DenseBackend: Backend {
-    /// x·W + b for x `[n, d_in]`, W `[d_in, d_out]`, b `[d_out]`; then tanh when `squash`.
-    fn dense(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        squash: bool,
-    ) -> FloatTensor<Self>;
+    /// x·W + b for x `[n, d_in]` and the layer's parameters `[d_in + 1, d_out]`: W's rows,
+    /// then b ([`Layer`]); then tanh when `squash`.
+    fn dense(x: FloatTensor<Self>, params: FloatTensor<Self>, squash: bool) -> FloatTensor<Self>;
 }
 
 /// `layer` applied to `x`, then tanh when `squash`.
-pub fn dense(layer: &Linear, x: Tensor<2>, squash: bool) -> Tensor<2> {
-    let [_, d_output] = layer.weight.dims();
-    let bias = match &layer.bias {
-        Some(bias) => bias.val(),
-        None => Tensor::zeros([d_output], &x.device()),
-    };
+pub fn dense(layer: &Layer, x: Tensor<2>, squash: bool) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as DenseBackend>::dense(
         x.into_dispatch(),
-        layer.weight.val().into_dispatch(),
-        bias.into_dispatch(),
+        layer.params.val().into_dispatch(),
         squash,
     ))
+}
+
+/// The weight `[d_in, d_out]` and bias `[d_out]` in a layer's parameters `[d_in + 1, d_out]`,
+/// as views of its buffer.
+pub(crate) fn weight_and_bias(params: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let [rows, columns] = params.shape().dims();
+    let inputs = rows.saturating_sub(1);
+    let part = |at: Range<usize>| {
+        Flex::float_slice(
+            params.clone(),
+            &[
+                burn::tensor::Slice::from(at),
+                burn::tensor::Slice::from(0..columns),
+            ],
+        )
+    };
+    let bias = Flex::float_reshape(part(inputs..rows), [columns].into());
+    (part(0..inputs), bias)
+}
+
+/// The weight `[d_in, d_out]` as a matrix and the bias `[d_out]` in the buffer of a layer's
+/// f32 parameters `[d_in + 1, d_out]`, read in place; `None` for other tensors.
+fn weight_and_bias_f32(params: &FlexTensor) -> Option<(Matrix<'_>, &[f32])> {
+    let shape = params.shape();
+    if shape.num_dims() != 2 || shape[0] == 0 {
+        return None;
+    }
+    let (inputs, columns) = (shape[0] - 1, shape[1]);
+    let (weight, bias) = params.as_slice::<f32>()?.split_at(inputs * columns);
+    Some((Matrix::row_major(weight, inputs, columns), bias))
+}
+
+/// A layer's parameter gradient `[d_in + 1, d_out]` from its weight's and bias's.
+pub(crate) fn params_gradient(weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+    let [inputs, columns] = weight.shape().dims();
+    match (weight.as_slice::<f32>(), bias.as_slice::<f32>()) {
+        (Some(weight), Some(bias)) if weight.len() == inputs * columns => {
+            let mut values = Vec::with_capacity((inputs + 1) * columns);
+            values.extend_from_slice(weight);
+            values.extend_from_slice(bias);
+            FlexTensor::from_data(TensorData::new(values, [inputs + 1, columns]))
+        }
+        _ => Flex::float_cat(
+            vec![weight, Flex::float_reshape(bias, [1, columns].into())],
+            0,
+        ),
+    }
 }
 
 /// The contiguous f32 values of a flex tensor, borrowed when they already are.
@@ -79,23 +115,35 @@ pub(crate) fn f32_values(tensor: &FlexTensor) -> Cow<'_, [f32]> {
 }
 
 impl DenseBackend for Flex {
-    fn dense(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, squash: bool) -> FlexTensor {
-        let (Some(x_view), Some(weight_view)) = (Matrix::of(&x), Matrix::of(&weight)) else {
-            // Not our f32 training: burn's own operations.
-            let output = Flex::linear(x, weight, Some(bias));
-            return if squash {
-                Flex::float_tanh(output)
-            } else {
-                output
-            };
-        };
-        if bias.dtype() != DType::F32 {
-            return Flex::dense(x, weight, Flex::float_cast(bias, DType::F32.into()), squash);
+    fn dense(x: FlexTensor, params: FlexTensor, squash: bool) -> FlexTensor {
+        if let (Some(x_view), Some((weight, bias))) = (Matrix::of(&x), weight_and_bias_f32(&params))
+            && x_view.columns == weight.rows
+        {
+            let values = product(&x_view, &weight, Some(bias), squash);
+            return FlexTensor::from_data(TensorData::new(values, [x_view.rows, weight.columns]));
         }
-        let bias = f32_values(&bias);
-        let values = product(&x_view, &weight_view, Some(&bias), squash);
-        FlexTensor::from_data(TensorData::new(values, [x_view.rows, weight_view.columns]))
+        let (weight, bias) = weight_and_bias(&params);
+        layer(x, weight, bias, squash)
     }
+}
+
+/// x·W + b, then tanh when `squash`.
+fn layer(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, squash: bool) -> FlexTensor {
+    let (Some(x_view), Some(weight_view)) = (Matrix::of(&x), Matrix::of(&weight)) else {
+        // Not our f32 training: burn's own operations.
+        let output = Flex::linear(x, weight, Some(bias));
+        return if squash {
+            Flex::float_tanh(output)
+        } else {
+            output
+        };
+    };
+    if bias.dtype() != DType::F32 {
+        return layer(x, weight, Flex::float_cast(bias, DType::F32.into()), squash);
+    }
+    let bias = f32_values(&bias);
+    let values = product(&x_view, &weight_view, Some(&bias), squash);
+    FlexTensor::from_data(TensorData::new(values, [x_view.rows, weight_view.columns]))
 }
 
 /// Whether gemm, asked for dst + lhs·rhs, adds each finished dot product to dst in one
@@ -772,8 +820,9 @@ impl LayerInput<FlexTensor> {
     }
 }
 
-impl Backward<Flex, 3> for DenseStep {
-    /// (x, W, tanh output): x and W present only where a gradient needs them.
+impl Backward<Flex, 2> for DenseStep {
+    /// (x, the parameters, tanh output): x and the parameters present only where a gradient
+    /// needs them.
     type State = (
         Option<LayerInput<NodeId>>,
         Option<NodeId>,
@@ -782,24 +831,24 @@ impl Backward<Flex, 3> for DenseStep {
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
+        ops: Ops<Self::State, 2>,
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
-        let [node_x, node_weight, node_bias] = ops.parents;
-        let (x, weight, squashed) = ops.state;
+        let [node_x, node_params] = ops.parents;
+        let (x, params, squashed) = ops.state;
         let grad = grads.consume::<Flex>(&ops.node);
-        let weight: Option<FlexTensor> = node_x
+        let params: Option<FlexTensor> = node_x
             .as_ref()
-            .map(|_| checkpointer.retrieve_node_output(weight.expect("weight kept for dx")));
-        let x = node_weight
+            .map(|_| checkpointer.retrieve_node_output(params.expect("weight kept for dx")));
+        let x = node_params
             .as_ref()
             .map(|_| match x.expect("input kept for dW") {
                 LayerInput::Dense(id) => LayerInput::Dense(checkpointer.retrieve_node_output(id)),
                 LayerInput::Sparse(rows) => LayerInput::Sparse(rows),
             });
-        let [dx, dw, db] =
-            match layer_gradients_f32(&grad, squashed.as_ref(), x.as_ref(), weight.as_ref()) {
+        let [dx, dparams] =
+            match layer_gradients_f32(&grad, squashed.as_ref(), x.as_ref(), params.as_ref()) {
                 Some(gradients) => gradients,
                 None => {
                     let grad = match squashed {
@@ -808,13 +857,19 @@ impl Backward<Flex, 3> for DenseStep {
                     };
                     let x = x.map(LayerInput::into_tensor);
                     [
-                        weight.map(|weight| Flex::linear_x_backward(weight, grad.clone())),
-                        x.map(|x| Flex::linear_weight_backward(x, grad.clone())),
-                        Some(Flex::linear_bias_backward(grad)),
+                        params.map(|params| {
+                            Flex::linear_x_backward(weight_and_bias(&params).0, grad.clone())
+                        }),
+                        x.map(|x| {
+                            params_gradient(
+                                Flex::linear_weight_backward(x, grad.clone()),
+                                Flex::linear_bias_backward(grad),
+                            )
+                        }),
                     ]
                 }
             };
-        for (node, gradient) in [(node_x, dx), (node_weight, dw), (node_bias, db)] {
+        for (node, gradient) in [(node_x, dx), (node_params, dparams)] {
             if let (Some(node), Some(gradient)) = (node, gradient) {
                 grads.register::<Flex>(node.id, gradient);
             }
@@ -822,22 +877,23 @@ impl Backward<Flex, 3> for DenseStep {
     }
 }
 
-/// dx = g′·Wᵀ, dW = xᵀ·g′ and db = Σ g′ for f32 tensors, g′ being the gradient at x·W + b: the
-/// products through [`product`], as `linear_x_backward` and `linear_weight_backward` form them
-/// in flex. `None` where a tensor is not a 2-d f32 one, for burn's own operations.
+/// dx = g′·Wᵀ, and dW = xᵀ·g′ with db = Σ g′ as the parameters' gradient, for f32 tensors, g′
+/// being the gradient at x·W + b: the products through [`product`], as `linear_x_backward`
+/// and `linear_weight_backward` form them in flex. `None` where a tensor is not a 2-d f32
+/// one, for burn's own operations.
 fn layer_gradients_f32(
     grad: &FlexTensor,
     output: Option<&FlexTensor>,
     x: Option<&LayerInput<FlexTensor>>,
-    weight: Option<&FlexTensor>,
-) -> Option<[Option<FlexTensor>; 3]> {
+    params: Option<&FlexTensor>,
+) -> Option<[Option<FlexTensor>; 2]> {
     let grad_view = Matrix::of(grad)?;
     let (rows, columns) = (grad_view.rows, grad_view.columns);
     if output.is_some_and(|y| y.dtype() != DType::F32 || y.shape() != grad.shape()) {
         return None;
     }
-    let weight = weight
-        .map(Matrix::of)
+    let weight = params
+        .map(|params| weight_and_bias_f32(params).map(|(weight, _)| weight))
         .map_or(Some(None), |view| view.map(Some))?;
     let x_view = match x {
         Some(LayerInput::Dense(x)) => Some(Matrix::of(x)?),
@@ -880,8 +936,10 @@ fn layer_gradients_f32(
     Some([
         dx.zip(weight.as_ref())
             .map(|(dx, w)| tensor(dx, [rows, w.rows])),
-        dw.map(|(dw, inputs)| tensor(dw, [inputs, columns])),
-        Some(FlexTensor::from_data(TensorData::new(bias, [columns]))),
+        dw.map(|(mut dw, inputs)| {
+            dw.extend_from_slice(&bias);
+            tensor(dw, [inputs + 1, columns])
+        }),
     ])
 }
 
@@ -999,21 +1057,15 @@ pub(crate) mod prepared_input {
 }
 
 /// The layer through x's nonzeros, and those nonzeros, when x is a mostly-zero f32 matrix and
-/// W and b are f32 of matching shapes; `None` sends it through the dense product.
+/// the parameters f32 of a matching shape; `None` sends it through the dense product.
 fn sparse_layer(
     x: &FlexTensor,
-    weight: &FlexTensor,
-    bias: &FlexTensor,
+    params: &FlexTensor,
     squash: bool,
 ) -> Option<(SparseRows, FlexTensor)> {
-    let (x_shape, weight_shape, bias_shape) = (x.shape(), weight.shape(), bias.shape());
-    if [x, weight, bias].iter().any(|t| t.dtype() != DType::F32)
-        || x_shape.num_dims() != 2
-        || weight_shape.num_dims() != 2
-        || bias_shape.num_dims() != 1
-        || weight_shape[0] != x_shape[1]
-        || bias_shape[0] != weight_shape[1]
-    {
+    let x_shape = x.shape();
+    let (weight, bias) = weight_and_bias_f32(params)?;
+    if x.dtype() != DType::F32 || x_shape.num_dims() != 2 || weight.rows != x_shape[1] {
         return None;
     }
     let x_values = f32_values(x);
@@ -1021,37 +1073,31 @@ fn sparse_layer(
         Some(prepared) => prepared?,
         None => SparseRows::compress(&x_values, x_shape[1])?,
     };
-    let values = rows.product(&f32_values(weight), &f32_values(bias), &|rows| {
+    let weight = weight.row_major_values().expect("parameters are row-major");
+    let values = rows.product(weight, bias, &|rows| {
         if squash {
             tanh_in_place(rows);
         }
     });
-    let output = FlexTensor::from_data(TensorData::new(values, [rows.rows(), bias_shape[0]]));
+    let output = FlexTensor::from_data(TensorData::new(values, [rows.rows(), bias.len()]));
     Some((rows, output))
 }
 
 impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
-    fn dense(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        squash: bool,
-    ) -> FloatTensor<Self> {
+    fn dense(x: FloatTensor<Self>, params: FloatTensor<Self>, squash: bool) -> FloatTensor<Self> {
         let x_tracked = x.is_tracked();
-        let weight_tracked = weight.is_tracked();
+        let params_tracked = params.is_tracked();
         match DenseStep
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .prepare::<C>([x.node(), params.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let weight_state = x_tracked.then(|| prep.checkpoint(&weight));
+                let params_state = x_tracked.then(|| prep.checkpoint(&params));
                 // Data entering a first layer needs no gradient; when it is mostly zeros its
                 // nonzeros serve both the product and the weight gradient.
-                let sparse = (weight_tracked && !x_tracked)
-                    .then(|| {
-                        sparse_layer(x.primitive(), weight.primitive(), bias.primitive(), squash)
-                    })
+                let sparse = (params_tracked && !x_tracked)
+                    .then(|| sparse_layer(x.primitive(), params.primitive(), squash))
                     .flatten();
                 let (x_state, output) = match sparse {
                     Some((rows, output)) => {
@@ -1064,23 +1110,19 @@ impl<C: CheckpointStrategy> DenseBackend for Autodiff<Flex, C> {
                     None => {
                         let x = stood_for::<C>(x);
                         let x_state =
-                            weight_tracked.then(|| LayerInput::Dense(prep.checkpoint(&x)));
-                        let output = Flex::dense(
-                            x.into_primitive(),
-                            weight.into_primitive(),
-                            bias.into_primitive(),
-                            squash,
-                        );
-                        (x_state, output)
+                            params_tracked.then(|| LayerInput::Dense(prep.checkpoint(&x)));
+                        (
+                            x_state,
+                            Flex::dense(x.into_primitive(), params.into_primitive(), squash),
+                        )
                     }
                 };
                 let kept = squash.then(|| output.clone());
-                prep.finish((x_state, weight_state, kept), output)
+                prep.finish((x_state, params_state, kept), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::dense(
                 stood_for::<C>(x).into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
+                params.into_primitive(),
                 squash,
             )),
         }
@@ -1122,8 +1164,9 @@ mod tests {
 
     /// The layer as burn's general operations build it: `Linear::forward`, then tanh as the
     /// constant values y plus (h − h̄)·(1 − y²), whose gradient is tanh's.
-    fn composed(layer: &Linear, x: Tensor<2>, squash: bool) -> Tensor<2> {
-        let h = layer.forward(x);
+    fn composed(layer: &Layer, x: Tensor<2>, squash: bool) -> Tensor<2> {
+        let (weight, bias) = Layer::split(layer.params.val());
+        let h = burn::tensor::module::linear(x, weight, Some(bias));
         if !squash {
             return h;
         }
@@ -1140,7 +1183,7 @@ mod tests {
     /// kernels that add the product to the bias already in the output.
     const ROW_COUNTS: [usize; 3] = [1, 9, 300];
 
-    fn layer_and_input(device: &Device, transposed: bool, rows: usize) -> (Linear, Tensor<2>) {
+    fn layer_and_input(device: &Device, transposed: bool, rows: usize) -> (Layer, Tensor<2>) {
         let cfg = crate::NetworkConfig {
             input_dim: 7,
             hidden: vec![5],
@@ -1161,7 +1204,7 @@ mod tests {
         (net.encoder[0].clone(), x)
     }
 
-    fn fused_or_composed(layer: &Linear, x: Tensor<2>, squash: bool, fused: bool) -> Tensor<2> {
+    fn fused_or_composed(layer: &Layer, x: Tensor<2>, squash: bool, fused: bool) -> Tensor<2> {
         if fused {
             dense(layer, x, squash)
         } else {
@@ -1210,7 +1253,7 @@ mod tests {
                 "squash {squash}, transposed {transposed}, {rows} rows"
             );
             if squash {
-                let pre = values(layer.forward(x));
+                let pre = values(composed(&layer, x, false));
                 assert!(fused.iter().zip(&pre).all(|(&y, &h)| y == tanh_f32(h)));
             }
         }
@@ -1233,16 +1276,16 @@ mod tests {
         let grad = matrix([rows, columns], false);
         let output = matrix([rows, columns], true);
         let x = LayerInput::Dense(matrix([rows, inputs], false));
-        let weight = matrix([inputs, columns], false);
+        let params = matrix([inputs + 1, columns], false);
         let gradients = || {
-            layer_gradients_f32(&grad, Some(&output), Some(&x), Some(&weight))
+            layer_gradients_f32(&grad, Some(&output), Some(&x), Some(&params))
                 .expect("f32 matrices")
                 .map(|gradient| f32_values(&gradient.expect("each gradient")).into_owned())
         };
         let whole = gradients();
         assert_eq!(
             whole.each_ref().map(|g| g.len()),
-            [rows * inputs, inputs * columns, columns]
+            [rows * inputs, (inputs + 1) * columns]
         );
         for helpers in [1, 3] {
             let _lent = helper_threads::lend_unpinned(helpers);
@@ -1418,13 +1461,14 @@ mod tests {
                 let (layer, x) = layer_and_input(&device, transposed, rows);
                 let x = x.require_grad();
                 let y = fused_or_composed(&layer, x.clone(), squash, fused);
-                let d = y.dims()[1];
                 let grads = weighted_total(y).backward();
-                let bias = layer.bias.as_ref().unwrap().val();
+                // The composed layer's weight and bias are slices of the parameters, whose
+                // gradients burn puts back in their places.
+                let (weight, bias) = Layer::split(layer.params.val().grad(&grads).unwrap());
                 [
                     values(x.grad(&grads).unwrap()),
-                    values(layer.weight.val().grad(&grads).unwrap()),
-                    values(bias.grad(&grads).unwrap().reshape([1, d])),
+                    values(weight),
+                    values(bias.unsqueeze::<2>()),
                 ]
             };
             let [fused, want] = [gradients(true), gradients(false)];
@@ -1457,13 +1501,10 @@ mod tests {
                     }
                 })
                 .collect();
-            let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().unwrap().val());
-            let flex = |data: TensorData| FlexTensor::from_data(data);
             assert!(
                 sparse_layer(
-                    &flex(TensorData::new(xs.clone(), [40, 7])),
-                    &flex(weight.to_data()),
-                    &flex(bias.to_data()),
+                    &FlexTensor::from_data(TensorData::new(xs.clone(), [40, 7])),
+                    &FlexTensor::from_data(layer.params.val().to_data()),
                     squash
                 )
                 .is_some(),
@@ -1472,16 +1513,11 @@ mod tests {
             let x = Tensor::<2>::from_data(TensorData::new(xs, [40, 7]), &device);
             let run = |fused: bool| {
                 let y = fused_or_composed(&layer, x.clone(), squash, fused);
-                let d = y.dims()[1];
                 let grads = weighted_total(y.clone()).backward();
-                [
-                    values(y),
-                    values(weight.grad(&grads).unwrap()),
-                    values(bias.grad(&grads).unwrap().reshape([1, d])),
-                ]
+                [values(y), values(layer.params.val().grad(&grads).unwrap())]
             };
             let [sparse, want] = [run(true), run(false)];
-            for (name, (s, w)) in ["values", "weight", "bias"]
+            for (name, (s, w)) in ["values", "parameters"]
                 .iter()
                 .zip(sparse.iter().zip(&want))
             {
@@ -1553,7 +1589,7 @@ mod tests {
         let stand_in_key = prepared_input::Key::of(&zeros, 7);
         let stand_in = Tensor::<2>::from_data(TensorData::new(zeros, [40, 7]), &device);
         // Through the nonzeros: the same bits as with the rows themselves.
-        let run = |layer: &Linear, x: &Tensor<2>| values(dense(layer, x.clone(), true));
+        let run = |layer: &Layer, x: &Tensor<2>| values(dense(layer, x.clone(), true));
         let expected = prepared_input::with(key, Some(rows.clone()), false, || run(&layer, &x));
         let through_nonzeros = prepared_input::with(stand_in_key, Some(rows.clone()), true, || {
             run(&layer, &stand_in)
@@ -1626,25 +1662,8 @@ mod tests {
         assert_eq!(y.dims(), [0, 5]);
         let grads = y.sum().backward();
         assert_eq!(x.grad(&grads).unwrap().dims(), [0, 7]);
-        let weight_grad = values(layer.weight.val().grad(&grads).unwrap());
-        assert_eq!(weight_grad.len(), 7 * 5);
-        assert!(weight_grad.iter().all(|&g| g == 0.0));
-    }
-
-    #[test]
-    fn a_layer_without_bias_adds_nothing() {
-        let device = Device::flex();
-        let (mut layer, x) = layer_and_input(&device, false, 300);
-        let with_zero_bias = {
-            let [_, d] = layer.weight.dims();
-            let mut zeroed = layer.clone();
-            zeroed.bias = Some(burn::module::Param::from_tensor(Tensor::zeros(
-                [d],
-                &device,
-            )));
-            values(dense(&zeroed, x.clone(), true))
-        };
-        layer.bias = None;
-        assert_eq!(values(dense(&layer, x, true)), with_zero_bias);
+        let params_grad = values(layer.params.val().grad(&grads).unwrap());
+        assert_eq!(params_grad.len(), (7 + 1) * 5);
+        assert!(params_grad.iter().all(|&g| g == 0.0));
     }
 }

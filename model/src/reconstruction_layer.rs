@@ -35,13 +35,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::dense::{
     DenseBackend, Matrix, SparseInput, f32_values, prepared_input, product, stood_for,
 };
 use crate::helper_threads;
+use crate::network::Layer;
 use crate::reconstruction::{ReconstructionBackend, row_coefficients};
 use crate::scorer::{Isa, features_from_sums, on_isa};
 use crate::step_support::to_f64;
@@ -49,29 +49,23 @@ use crate::step_support::to_f64;
 #[backend_extension(Flex, Autodiff)]
 pub trait ReconstructionLayerBackend: Backend {
     /// `[n, 3]`: the reconstruction terms ([`crate::reconstruction::reconstruction_terms`]) of x
-    /// `[n, d]` and x' = h·W + b, for h `[n, m]`, W `[m, d]` and b `[d]`.
+    /// `[n, d]` and x' = h·W + b, for h `[n, m]` and the layer's parameters `[m + 1, d]`: W's
+    /// rows, then b ([`Layer`]).
     fn reconstruction_terms_through(
         x: FloatTensor<Self>,
         h: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
+        params: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 }
 
 /// The reconstruction terms of x and `layer` applied to `h` (no tanh): the decoder's output
 /// layer and the terms in one.
-pub fn reconstruction_terms_through(x: Tensor<2>, h: Tensor<2>, layer: &Linear) -> Tensor<2> {
-    let [_, d_output] = layer.weight.dims();
-    let bias = match &layer.bias {
-        Some(bias) => bias.val(),
-        None => Tensor::zeros([d_output], &h.device()),
-    };
+pub fn reconstruction_terms_through(x: Tensor<2>, h: Tensor<2>, layer: &Layer) -> Tensor<2> {
     Tensor::from_dispatch(
         <Dispatch as ReconstructionLayerBackend>::reconstruction_terms_through(
             x.into_dispatch(),
             h.into_dispatch(),
-            layer.weight.val().into_dispatch(),
-            bias.into_dispatch(),
+            layer.params.val().into_dispatch(),
         ),
     )
 }
@@ -81,10 +75,9 @@ impl ReconstructionLayerBackend for Flex {
     fn reconstruction_terms_through(
         x: FlexTensor,
         h: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
+        params: FlexTensor,
     ) -> FlexTensor {
-        let x_hat = <Flex as DenseBackend>::dense(h, weight, bias, false);
+        let x_hat = <Flex as DenseBackend>::dense(h, params, false);
         <Flex as ReconstructionBackend>::reconstruction_terms(x, x_hat)
     }
 }
@@ -101,20 +94,18 @@ fn gram_pays(n: usize, m: usize, d: usize, nonzeros: usize) -> bool {
 fn gram_inputs(
     x: &FlexTensor,
     h: &FlexTensor,
-    weight: &FlexTensor,
-    bias: &FlexTensor,
+    params: &FlexTensor,
 ) -> Option<((usize, usize, usize), SparseInput)> {
-    if [x, h, weight, bias].iter().any(|t| t.dtype() != DType::F32)
+    if [x, h, params].iter().any(|t| t.dtype() != DType::F32)
         || x.shape().num_dims() != 2
         || h.shape().num_dims() != 2
-        || weight.shape().num_dims() != 2
-        || bias.shape().num_dims() != 1
+        || params.shape().num_dims() != 2
     {
         return None;
     }
     let [n, d] = x.shape().dims();
     let [h_rows, m] = h.shape().dims();
-    let fits = h_rows == n && weight.shape().dims::<2>() == [m, d] && bias.shape()[0] == d;
+    let fits = h_rows == n && params.shape().dims::<2>() == [m + 1, d];
     // Only a contiguous x is the buffer the first layer shared (a copy would have its own key).
     let sparse = prepared_input::shared(x.as_slice::<f32>()?, d)?;
     let rows = sparse.rows();
@@ -126,8 +117,8 @@ fn gram_inputs(
 struct GramState {
     shape: (usize, usize, usize),
     h: FlexTensor,
-    weight: FlexTensor,
-    bias: FlexTensor,
+    /// The layer's parameters: W's rows, then b.
+    params: FlexTensor,
     x: SparseInput,
     kept: Kept,
 }
@@ -249,8 +240,8 @@ fn row_factors(sums: &[f64], grad: &[f64]) -> Vec<(f64, f64)> {
 fn gram_backward(
     state: &GramState,
     grad: &FlexTensor,
-    wanted: [bool; 3],
-) -> [Option<FlexTensor>; 3] {
+    wanted: [bool; 2],
+) -> [Option<FlexTensor>; 2] {
     let (n, m, d) = state.shape;
     let Kept {
         hg_2wb, xw_bx, wb, ..
@@ -280,11 +271,11 @@ fn gram_backward(
         let dh = unsafe { helper_threads::rows_written_in_chunks(n, m, 3 * m, &rows_of) };
         tensor(dh, &[n, m])
     });
-    if !(wanted[1] || wanted[2]) {
-        return [dh, None, None];
+    if !wanted[1] {
+        return [dh, None];
     }
-    let w = f32_values(&state.weight);
-    let b = f32_values(&state.bias);
+    let params = f32_values(&state.params);
+    let (w, b) = params.split_at(m * d);
     // Hᵀα and Σα, in f64.
     let (h_alpha, alpha_total) = on_isa!(Isa::best(16), || {
         let mut h_alpha = vec![0f64; m];
@@ -323,7 +314,7 @@ fn gram_backward(
     let beta_h_beta = scaled_rows(true);
     // Xᵀ·[diag(β)·H | β], `[d, m + 1]`.
     let through_x = state.x.transposed_product(&beta_h_beta, m + 1);
-    let db = wanted[2].then(|| {
+    let db = {
         let mut db: Vec<f64> = (b.iter().enumerate())
             .map(|(j, &b)| alpha_total * f64::from(b) + f64::from(through_x[j * (m + 1) + m]))
             .collect();
@@ -332,9 +323,9 @@ fn gram_backward(
                 *sum += u * f64::from(value);
             }
         }
-        tensor(db.into_iter().map(|v| v as f32).collect(), &[d])
-    });
-    let dw = wanted[1].then(|| {
+        db.into_iter().map(|v| v as f32).collect::<Vec<f32>>()
+    };
+    let dparams = {
         let alpha_h = scaled_rows(false);
         let h_alpha_h = product(
             &Matrix::row_major(&alpha_h, n, m).transposed(),
@@ -344,11 +335,11 @@ fn gram_backward(
         );
         let through_w = product(
             &Matrix::row_major(&h_alpha_h, m, m),
-            &Matrix::row_major(&w, m, d),
+            &Matrix::row_major(w, m, d),
             None,
             false,
         );
-        let mut dw = Vec::with_capacity(m * d);
+        let mut dw = Vec::with_capacity((m + 1) * d);
         for (k, through_w) in through_w.chunks_exact(d).enumerate() {
             dw.extend(
                 through_w
@@ -361,20 +352,21 @@ fn gram_backward(
                     }),
             );
         }
-        tensor(dw, &[m, d])
-    });
-    [dh, dw, db]
+        dw.extend_from_slice(&db);
+        tensor(dw, &[m + 1, d])
+    };
+    [dh, Some(dparams)]
 }
 
 #[derive(Debug)]
 struct GramStep;
 
-impl Backward<Flex, 3> for GramStep {
+impl Backward<Flex, 2> for GramStep {
     type State = GramState;
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
+        ops: Ops<Self::State, 2>,
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
@@ -393,63 +385,44 @@ impl<C: CheckpointStrategy> ReconstructionLayerBackend for Autodiff<Flex, C> {
     fn reconstruction_terms_through(
         x: FloatTensor<Self>,
         h: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
+        params: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         // Only for data (x needs no gradient) whose nonzeros the first layer shared.
         let gram = (!x.is_tracked())
-            .then(|| {
-                gram_inputs(
-                    x.primitive(),
-                    h.primitive(),
-                    weight.primitive(),
-                    bias.primitive(),
-                )
-            })
+            .then(|| gram_inputs(x.primitive(), h.primitive(), params.primitive()))
             .flatten();
         let Some((shape, sparse)) = gram else {
             let x = stood_for::<C>(x);
-            let x_hat = <Self as DenseBackend>::dense(h, weight, bias, false);
+            let x_hat = <Self as DenseBackend>::dense(h, params, false);
             return <Self as ReconstructionBackend>::reconstruction_terms(x, x_hat);
         };
         match GramStep
-            .prepare::<C>([h.node(), weight.node(), bias.node()])
+            .prepare::<C>([h.node(), params.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 #[cfg(test)]
                 tests::GRAM_STEPS.with(|steps| steps.set(steps.get() + 1));
-                let (h, weight, bias) = (
-                    h.into_primitive(),
-                    weight.into_primitive(),
-                    bias.into_primitive(),
-                );
-                let (terms, kept) = gram_forward(
-                    shape,
-                    &sparse,
-                    &f32_values(&h),
-                    &f32_values(&weight),
-                    &f32_values(&bias),
-                );
+                let (h, params) = (h.into_primitive(), params.into_primitive());
+                let (n, m, d) = shape;
+                let values = f32_values(&params);
+                let (weight, bias) = values.split_at(m * d);
+                let (terms, kept) = gram_forward(shape, &sparse, &f32_values(&h), weight, bias);
+                drop(values);
                 let state = GramState {
                     shape,
                     h,
-                    weight,
-                    bias,
+                    params,
                     x: sparse,
                     kept,
                 };
-                prep.finish(
-                    state,
-                    FlexTensor::from_data(TensorData::new(terms, [shape.0, 3])),
-                )
+                prep.finish(state, FlexTensor::from_data(TensorData::new(terms, [n, 3])))
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::reconstruction_terms_through(
                 stood_for::<C>(x).into_primitive(),
                 h.into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
+                params.into_primitive(),
             )),
         }
     }
@@ -527,9 +500,7 @@ pub(crate) mod tests {
         let grads = loss.backward();
         let mut series = vec![values(out.squared_error()), values(out.z)];
         for layer in net.decoder.iter().chain(&net.encoder) {
-            series.push(values(layer.weight.val().grad(&grads).unwrap()));
-            let bias = layer.bias.as_ref().unwrap().val();
-            series.push(values(bias.grad(&grads).unwrap()));
+            series.push(values(layer.params.val().grad(&grads).unwrap()));
         }
         series
     }
@@ -556,8 +527,7 @@ pub(crate) mod tests {
         let mut names = vec!["squared error".to_string(), "z".to_string()];
         for part in ["decoder", "encoder"] {
             for i in 0..2 {
-                names.push(format!("{part} {i} weight"));
-                names.push(format!("{part} {i} bias"));
+                names.push(format!("{part} {i} parameters"));
             }
         }
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
