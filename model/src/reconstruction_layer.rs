@@ -227,6 +227,17 @@ fn gram_forward(
     (terms, kept)
 }
 
+/// `values`, `rows` × `columns` row-major, transposed.
+fn transposed(values: &[f32], rows: usize, columns: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for (i, row) in values.chunks_exact(columns).enumerate() {
+        for (j, &value) in row.iter().enumerate() {
+            out[j * rows + i] = value;
+        }
+    }
+    out
+}
+
 /// Per row, α and β of the gradient α·x' + β·x with respect to x', from `grad` `[n, 3]`.
 fn row_factors(sums: &[f64], grad: &[f64]) -> Vec<(f64, f64)> {
     row_coefficients(sums, grad, true)
@@ -314,9 +325,11 @@ fn gram_backward(
     let beta_h_beta = scaled_rows(true);
     // Xᵀ·[diag(β)·H | β], `[d, m + 1]`.
     let through_x = state.x.transposed_product(&beta_h_beta, m + 1);
-    let db = {
-        let mut db: Vec<f64> = (b.iter().enumerate())
-            .map(|(j, &b)| alpha_total * f64::from(b) + f64::from(through_x[j * (m + 1) + m]))
+    // By columns, `[m + 1, d]`: the loops below then read each in order, d values side by side.
+    let through_x = transposed(&through_x, d, m + 1);
+    let db = on_isa!(Isa::best(16), || {
+        let mut db: Vec<f64> = (b.iter().zip(&through_x[m * d..]))
+            .map(|(&b, &through_x)| alpha_total * f64::from(b) + f64::from(through_x))
             .collect();
         for (row, &u) in w.chunks_exact(d).zip(&h_alpha) {
             for (sum, &value) in db.iter_mut().zip(row) {
@@ -324,7 +337,7 @@ fn gram_backward(
             }
         }
         db.into_iter().map(|v| v as f32).collect::<Vec<f32>>()
-    };
+    });
     let dparams = {
         let alpha_h = scaled_rows(false);
         let h_alpha_h = product(
@@ -340,18 +353,20 @@ fn gram_backward(
             false,
         );
         let mut dw = Vec::with_capacity((m + 1) * d);
-        for (k, through_w) in through_w.chunks_exact(d).enumerate() {
-            dw.extend(
-                through_w
-                    .iter()
-                    .zip(b.iter())
-                    .enumerate()
-                    .map(|(j, (&tw, &b))| {
-                        let through_x = through_x[j * (m + 1) + k];
-                        (f64::from(tw) + h_alpha[k] * f64::from(b) + f64::from(through_x)) as f32
-                    }),
-            );
-        }
+        on_isa!(Isa::best(16), || {
+            let rows = through_w.chunks_exact(d).zip(through_x.chunks_exact(d));
+            for ((through_w, through_x), &h_alpha) in rows.zip(&h_alpha) {
+                dw.extend(
+                    through_w
+                        .iter()
+                        .zip(b)
+                        .zip(through_x)
+                        .map(|((&tw, &b), &tx)| {
+                            (f64::from(tw) + h_alpha * f64::from(b) + f64::from(tx)) as f32
+                        }),
+                );
+            }
+        });
         dw.extend_from_slice(&db);
         tensor(dw, &[m + 1, d])
     };
