@@ -19,13 +19,14 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::{Scalar, Shape, Slice, Tensor};
+use burn::tensor::{DType, Scalar, Shape, Slice, Tensor};
 
 use crate::gmm::code_spread;
 use crate::mixture_energy::{MixtureEnergyBackend, energy_gradients};
 use crate::mixture_factors::{MixtureFactorsBackend, factors_backward};
 use crate::mixture_stats::{MixtureStatsBackend, stats_backward};
 use crate::reconstruction::SQUARED_ERROR;
+use crate::step_support::{from_f64, to_f64};
 
 /// Where each part sits in the objective's output.
 pub const LOSS: usize = 0;
@@ -184,46 +185,59 @@ impl ObjectiveBackend for Flex {
     }
 }
 
-/// burn's gradient of a mean over a tensor of `shape`: ones scaled by 1/count, times `grad`.
-fn mean_backward(grad: FlexTensor, shape: Shape) -> FlexTensor {
-    let scale = 1_f64 / shape.num_elements() as f64;
-    let ones = Flex::float_ones(shape.clone(), &grad.device(), grad.dtype().into());
-    let scale = Flex::float_mul_scalar(ones, scale.into());
-    Flex::float_mul(scale, unsqueezed(grad, shape.num_dims()))
+/// The tensors' rounding: an f32 sum or product of f32 values, computed in f64 and rounded
+/// once, is the f32 operation's own result, so the gradients burn's small steps formed on
+/// `[1]` tensors are formed here on plain values, in either precision.
+#[derive(Clone, Copy)]
+struct Rounding {
+    to_f32: bool,
 }
 
-/// burn's gradient of a sum over a tensor of `shape`: ones times `grad`.
-fn sum_backward(grad: FlexTensor, shape: Shape) -> FlexTensor {
-    let ones = Flex::float_ones(shape.clone(), &grad.device(), grad.dtype().into());
-    Flex::float_mul(ones, unsqueezed(grad, shape.num_dims()))
+impl Rounding {
+    fn of(dtype: DType) -> Self {
+        Self {
+            to_f32: dtype != DType::F64,
+        }
+    }
+
+    fn round(self, value: f64) -> f64 {
+        if self.to_f32 {
+            f64::from(value as f32)
+        } else {
+            value
+        }
+    }
 }
 
-/// A one-value gradient with as many dimensions as the tensor it broadcasts over.
-fn unsqueezed(grad: FlexTensor, dims: usize) -> FlexTensor {
-    Flex::float_reshape(grad, Shape::from(vec![1; dims]))
-}
-
-/// The gradients of the parts of a tensor of `shape` that slices took (`columns` of each of
-/// `rows`), each put back among zeros and added up, as burn registers them.
+/// A tensor of `shape` and `dtype` holding the gradients of the parts of it that slices took
+/// (`columns` of each of its rows), zeros elsewhere. Where several slices' gradients met, burn
+/// added them up, each put back among zeros: every value then went through one add of zero,
+/// which turns −0 into +0.
 fn slices_backward(
+    dtype: DType,
     shape: Shape,
-    rows: usize,
-    parts: Vec<(std::ops::Range<usize>, FlexTensor)>,
+    parts: &[(std::ops::Range<usize>, &[f64])],
 ) -> FlexTensor {
-    parts
-        .into_iter()
-        .map(|(at, grad)| {
-            let zeros = Flex::float_zeros(shape.clone(), &grad.device(), grad.dtype().into());
-            let width = at.len();
-            let grad = Flex::float_reshape(grad, Shape::from([rows, width]));
-            Flex::float_slice_assign(zeros, &columns(rows, at), grad)
-        })
-        .reduce(Flex::float_add)
-        .expect("at least one slice")
+    let [rows, width] = shape.dims();
+    let mut values = vec![0f64; rows * width];
+    let added_up = parts.len() > 1;
+    for (at, grad) in parts {
+        for (row, grad) in values
+            .chunks_exact_mut(width)
+            .zip(grad.chunks_exact(at.len()))
+        {
+            for (value, &grad) in row[at.clone()].iter_mut().zip(grad) {
+                *value = if added_up { grad + 0.0 } else { grad };
+            }
+        }
+    }
+    from_f64(values, shape, dtype)
 }
 
 /// The gradients with respect to the terms, z and γ of Σ grad ⊙ output; z's and γ's only
-/// where `mixture_wanted`.
+/// where `mixture_wanted`. Each is formed as burn's own steps formed it from the composed
+/// operations: a mean's gradient is its output's times the element type's 1/count, a sum's
+/// is copied, a scaling's is scaled.
 fn backward(kept: Kept, grad: FlexTensor, mixture_wanted: bool) -> [Option<FlexTensor>; 3] {
     let Kept {
         terms_shape,
@@ -235,31 +249,29 @@ fn backward(kept: Kept, grad: FlexTensor, mixture_wanted: bool) -> [Option<FlexT
         cov_reg,
         lambdas,
     } = kept;
-    let part = |at: usize| Flex::float_slice(grad.clone(), &[Slice::from(at..at + 1)]);
-    let loss_bar = part(LOSS);
+    let dtype = grad.dtype();
+    let rounding = Rounding::of(dtype);
+    let round = |value: f64| rounding.round(value);
+    let tensor = |values: Vec<f64>, shape: Shape| from_f64(values, shape, dtype);
+    let mean_backward = |grad: f64, count: usize| round(round(1.0 / count as f64) * grad);
+    let g = to_f64(&grad);
     // The loss's gradient reaches each part through its add and its scaling, then meets the
     // part's own.
-    let reconstruction_bar = Flex::float_add(loss_bar.clone(), part(RECONSTRUCTION));
+    let reconstruction_bar = round(g[LOSS] + g[RECONSTRUCTION]);
     let (energy_bar, penalty_bar) = match lambdas {
         Some([energy_weight, penalty_weight]) => (
-            Flex::float_add(
-                Flex::float_mul_scalar(loss_bar.clone(), scalar(energy_weight, &grad)),
-                part(MEAN_ENERGY),
-            ),
-            Flex::float_add(
-                Flex::float_mul_scalar(loss_bar, scalar(penalty_weight, &grad)),
-                part(PENALTY),
-            ),
+            round(round(g[LOSS] * round(energy_weight)) + g[MEAN_ENERGY]),
+            round(round(g[LOSS] * round(penalty_weight)) + g[PENALTY]),
         ),
-        None => (part(MEAN_ENERGY), part(PENALTY)),
+        None => (g[MEAN_ENERGY], g[PENALTY]),
     };
 
     let rows = terms_shape[0];
-    let squared_error_bar = mean_backward(reconstruction_bar, Shape::from([rows, 1]));
+    let squared_error_bar = vec![mean_backward(reconstruction_bar, rows); rows];
     let terms_bar = slices_backward(
+        dtype,
         terms_shape,
-        rows,
-        vec![(SQUARED_ERROR..SQUARED_ERROR + 1, squared_error_bar)],
+        &[(SQUARED_ERROR..SQUARED_ERROR + 1, &squared_error_bar)],
     );
 
     if !mixture_wanted {
@@ -269,27 +281,27 @@ fn backward(kept: Kept, grad: FlexTensor, mixture_wanted: bool) -> [Option<FlexT
     let k = stats.shape()[0];
     let [phi, mu, cov] = stats_parts(&stats, d);
     let [chol, log_norm] = factor_parts(&factors, d);
-    let energies_bar = mean_backward(energy_bar, Shape::from([n]));
+    let energies_bar = tensor(vec![mean_backward(energy_bar, n); n], Shape::from([n]));
     let (z_bar_energy, mu_bar, chol_bar, log_norm_bar) =
         energy_gradients(z.clone(), mu, chol, log_norm, energies_bar);
-    let penalty_shares_bar = sum_backward(penalty_bar, Shape::from([k, 1]));
+    let penalty_shares_bar = vec![penalty_bar; k];
     let factors_bar = slices_backward(
+        dtype,
         factors.shape(),
-        k,
-        vec![
-            (d * d + 1..d * d + 2, penalty_shares_bar),
-            (d * d..d * d + 1, log_norm_bar),
-            (0..d * d, chol_bar),
+        &[
+            (d * d + 1..d * d + 2, &penalty_shares_bar),
+            (d * d..d * d + 1, &to_f64(&log_norm_bar)),
+            (0..d * d, &to_f64(&chol_bar)),
         ],
     );
     let (phi_bar, cov_bar) = factors_backward(phi, cov, spread, factors, factors_bar, cov_reg);
     let stats_bar = slices_backward(
+        dtype,
         stats.shape(),
-        k,
-        vec![
-            (1..1 + d, mu_bar),
-            (0..1, phi_bar),
-            (1 + d..1 + d + d * d, cov_bar),
+        &[
+            (1..1 + d, &to_f64(&mu_bar)),
+            (0..1, &to_f64(&phi_bar)),
+            (1 + d..1 + d + d * d, &to_f64(&cov_bar)),
         ],
     );
     let (z_bar_stats, gamma_bar) = stats_backward(z, gamma, stats, stats_bar);
