@@ -111,15 +111,24 @@ impl AdamBackend for Flex {
 
 fn update(param: &mut [f32], grad: &[f32], m1: &mut [f32], m2: &mut [f32], step: &AdamStep) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx2.supported() {
-        // SAFETY: this CPU has AVX2.
-        return unsafe { update_avx2(param, grad, m1, m2, step) };
+    match Isa::best(16) {
+        // SAFETY (both): Isa::best only names instruction sets this CPU has.
+        Isa::Avx512 => return unsafe { update_avx512(param, grad, m1, m2, step) },
+        Isa::Avx2 => return unsafe { update_avx2(param, grad, m1, m2, step) },
+        Isa::Portable => {}
     }
     update_lanes(param, grad, m1, m2, step)
 }
 
-/// [`update_lanes`] eight values at a time: square roots and divisions are correctly rounded
-/// at every width and nothing is fused, so the bits are the scalar loop's.
+/// [`update_lanes`] sixteen values at a time: square roots and divisions are correctly
+/// rounded at every width and nothing is fused, so the bits are the scalar loop's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn update_avx512(param: &mut [f32], grad: &[f32], m1: &mut [f32], m2: &mut [f32], step: &AdamStep) {
+    update_lanes(param, grad, m1, m2, step)
+}
+
+/// [`update_lanes`] eight values at a time, as [`update_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn update_avx2(param: &mut [f32], grad: &[f32], m1: &mut [f32], m2: &mut [f32], step: &AdamStep) {
