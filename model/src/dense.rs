@@ -127,7 +127,8 @@ impl DenseBackend for Flex {
     }
 }
 
-/// x·W + b, then tanh when `squash`.
+/// x·W + b, then tanh when `squash`, for parameters not read in place (another element type,
+/// or a view with strides).
 fn layer(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, squash: bool) -> FlexTensor {
     let (Some(x_view), Some(weight_view)) = (Matrix::of(&x), Matrix::of(&weight)) else {
         // Not our f32 training: burn's own operations.
@@ -138,9 +139,7 @@ fn layer(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, squash: bool) -> F
             output
         };
     };
-    if bias.dtype() != DType::F32 {
-        return layer(x, weight, Flex::float_cast(bias, DType::F32.into()), squash);
-    }
+    // The bias shares the weight's buffer, so it is f32 too.
     let bias = f32_values(&bias);
     let values = product(&x_view, &weight_view, Some(&bias), squash);
     FlexTensor::from_data(TensorData::new(values, [x_view.rows, weight_view.columns]))

@@ -185,30 +185,6 @@ impl ObjectiveBackend for Flex {
     }
 }
 
-/// The tensors' rounding: an f32 sum or product of f32 values, computed in f64 and rounded
-/// once, is the f32 operation's own result, so the gradients burn's small steps formed on
-/// `[1]` tensors are formed here on plain values, in either precision.
-#[derive(Clone, Copy)]
-struct Rounding {
-    to_f32: bool,
-}
-
-impl Rounding {
-    fn of(dtype: DType) -> Self {
-        Self {
-            to_f32: dtype != DType::F64,
-        }
-    }
-
-    fn round(self, value: f64) -> f64 {
-        if self.to_f32 {
-            f64::from(value as f32)
-        } else {
-            value
-        }
-    }
-}
-
 /// A tensor of `shape` and `dtype` holding the gradients of the parts of it that slices took
 /// (`columns` of each of its rows), zeros elsewhere. Where several slices' gradients met, burn
 /// added them up, each put back among zeros: every value then went through one add of zero,
@@ -250,8 +226,17 @@ fn backward(kept: Kept, grad: FlexTensor, mixture_wanted: bool) -> [Option<FlexT
         lambdas,
     } = kept;
     let dtype = grad.dtype();
-    let rounding = Rounding::of(dtype);
-    let round = |value: f64| rounding.round(value);
+    // An f32 sum or product of f32 values, computed in f64 and rounded once, is the f32
+    // operation's own result: the gradients burn's small steps formed on `[1]` tensors are
+    // formed here on plain values, in either precision.
+    let to_f32 = dtype != DType::F64;
+    let round = |value: f64| {
+        if to_f32 {
+            f64::from(value as f32)
+        } else {
+            value
+        }
+    };
     let tensor = |values: Vec<f64>, shape: Shape| from_f64(values, shape, dtype);
     let mean_backward = |grad: f64, count: usize| round(round(1.0 / count as f64) * grad);
     let g = to_f64(&grad);
