@@ -100,7 +100,7 @@ fn row_sums_f32_serial(x: &[f32], x_hat: &[f32], d: usize) -> Vec<RowSums<f32>> 
 /// zeros. Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn columns_of_eight_rows(
+pub(crate) fn columns_of_eight_rows(
     block: &[f32],
     d: usize,
     start: usize,

@@ -42,6 +42,8 @@ use crate::dense::{
 };
 use crate::helper_threads;
 use crate::network::Layer;
+#[cfg(target_arch = "x86_64")]
+use crate::reconstruction::columns_of_eight_rows;
 use crate::reconstruction::{ReconstructionBackend, row_coefficients};
 use crate::scorer::{Isa, features_from_sums, on_isa};
 use crate::step_support::to_f64;
@@ -166,6 +168,82 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     lanes.iter().map(|&lane| f64::from(lane)).sum()
 }
 
+/// [`dot`] of eight pairs of rows side by side in AVX2 registers: row r of `a` (rows of m
+/// values from `a[0]`) with row r of `b` (the first m of each `b_stride` values). Each row's
+/// lanes take the same multiplies and adds; the rest of a row is loaded under a mask, zeros
+/// past it (a lane, which starts at +0 and so is never −0, plus +0 keeps its bits). The eight
+/// rows' lanes are then turned into columns, so that one f64 add per lane adds the next lane
+/// of all eight rows, in [`dot`]'s order. Row by row, the plain loop's lanes compile to scalar
+/// code and each row's sum waits on a chain of some twenty adds.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dots_of_eight_rows(a: &[f32], b: &[f32], m: usize, b_stride: usize) -> [f64; 8] {
+    use std::arch::x86_64::*;
+    assert!(a.len() >= 8 * m && b.len() >= 7 * b_stride + m && b_stride >= m);
+    let whole = m - m % 8;
+    let mut lanes = [_mm256_setzero_ps(); 8];
+    for at in (0..whole).step_by(8) {
+        for (r, lanes) in lanes.iter_mut().enumerate() {
+            // SAFETY: at + 8 ≤ m, inside row r of each (asserted above).
+            let (a, b) = unsafe {
+                (
+                    _mm256_loadu_ps(a.as_ptr().add(r * m + at)),
+                    _mm256_loadu_ps(b.as_ptr().add(r * b_stride + at)),
+                )
+            };
+            *lanes = _mm256_add_ps(*lanes, _mm256_mul_ps(a, b));
+        }
+    }
+    if whole < m {
+        let rest = (m - whole) as i32;
+        let mask = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(rest),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        for (r, lanes) in lanes.iter_mut().enumerate() {
+            // SAFETY: the mask loads only the m − whole values left in row r of each.
+            let (a, b) = unsafe {
+                (
+                    _mm256_maskload_ps(a.as_ptr().add(r * m + whole), mask),
+                    _mm256_maskload_ps(b.as_ptr().add(r * b_stride + whole), mask),
+                )
+            };
+            *lanes = _mm256_add_ps(*lanes, _mm256_mul_ps(a, b));
+        }
+    }
+    let mut by_rows = [0f32; 64];
+    for (r, &lanes) in lanes.iter().enumerate() {
+        // SAFETY: row r's eight values fit `by_rows`.
+        unsafe { _mm256_storeu_ps(by_rows.as_mut_ptr().add(8 * r), lanes) };
+    }
+    let columns = columns_of_eight_rows(&by_rows, 8, 0, 8);
+    let halves = |column: __m256| {
+        (
+            _mm256_cvtps_pd(_mm256_castps256_ps128(column)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(column)),
+        )
+    };
+    // The iterator's sum starts from a zero, and a zero plus the first lane (never −0) is that
+    // lane.
+    let (mut low, mut high) = halves(columns[0]);
+    for &column in &columns[1..] {
+        let (column_low, column_high) = halves(column);
+        low = _mm256_add_pd(low, column_low);
+        high = _mm256_add_pd(high, column_high);
+    }
+    let mut sums = [0f64; 8];
+    // SAFETY: eight f64 fit `sums`.
+    unsafe {
+        _mm256_storeu_pd(sums.as_mut_ptr(), low);
+        _mm256_storeu_pd(sums.as_mut_ptr().add(4), high);
+    }
+    sums
+}
+
 /// The terms `[n, 3]` and what the backward pass keeps, from f32 values of h `[n, m]`, W
 /// `[m, d]`, b `[d]` and x's nonzeros.
 fn gram_forward(
@@ -193,19 +271,48 @@ fn gram_forward(
         &|_| {},
     );
     let bb = dot(b, b);
+    let isa = Isa::best(16);
+    // h·(x·Wᵀ) and h·(h·G + 2 W·b) of rows `first..first + 8`.
+    #[cfg(target_arch = "x86_64")]
+    let eight_rows_of_dots = |first: usize| {
+        // SAFETY (both): only called where the CPU has AVX2 (AVX-512 comes with it).
+        let h = &h[first * m..];
+        unsafe {
+            (
+                dots_of_eight_rows(h, &xw_bx[first * (m + 1)..], m, m + 1),
+                dots_of_eight_rows(h, &hg_2wb[first * m..], m, m),
+            )
+        }
+    };
+    let row_sums = |i: usize, xh_dot: f64, hh_dot: f64| {
+        let xx: f64 = rows.row(i).1.iter().map(|&v| f64::from(v).powi(2)).sum();
+        let xh = xh_dot + f64::from(xw_bx[i * (m + 1) + m]);
+        let hh = hh_dot + bb;
+        // Never below zero, and NaN stays NaN (`max` would turn it into 0) so that a diverging
+        // fit still shows in its loss.
+        let difference = xx - 2.0 * xh + hh;
+        let dd = if difference < 0.0 { 0.0 } else { difference };
+        [xx, dd, hh, xh].map(|s| s as f32)
+    };
     let sums_of = |range: Range<usize>, out: &mut [MaybeUninit<[f32; 4]>]| {
-        on_isa!(Isa::best(16), || {
-            for (i, out) in range.zip(out) {
-                let xx: f64 = rows.row(i).1.iter().map(|&v| f64::from(v).powi(2)).sum();
+        on_isa!(isa, || {
+            let mut i = range.start;
+            while i < range.end {
+                let out = &mut out[i - range.start..];
+                #[cfg(target_arch = "x86_64")]
+                if isa != Isa::Portable && i + 8 <= range.end {
+                    let (xh_dots, hh_dots) = eight_rows_of_dots(i);
+                    for (r, out) in out[..8].iter_mut().enumerate() {
+                        out.write(row_sums(i + r, xh_dots[r], hh_dots[r]));
+                    }
+                    i += 8;
+                    continue;
+                }
                 let h_row = &h[i * m..(i + 1) * m];
-                let xw_bx = &xw_bx[i * (m + 1)..(i + 1) * (m + 1)];
-                let xh = dot(h_row, &xw_bx[..m]) + f64::from(xw_bx[m]);
-                let hh = dot(h_row, &hg_2wb[i * m..(i + 1) * m]) + bb;
-                // Never below zero, and NaN stays NaN (`max` would turn it into 0) so that a
-                // diverging fit still shows in its loss.
-                let difference = xx - 2.0 * xh + hh;
-                let dd = if difference < 0.0 { 0.0 } else { difference };
-                out.write([xx, dd, hh, xh].map(|s| s as f32));
+                let xw = &xw_bx[i * (m + 1)..i * (m + 1) + m];
+                let hg = &hg_2wb[i * m..(i + 1) * m];
+                out[0].write(row_sums(i, dot(h_row, xw), dot(h_row, hg)));
+                i += 1;
             }
         })
     };
