@@ -25,7 +25,7 @@ use burn::tensor::Tensor;
 
 use crate::gmm::MIN_WEIGHT;
 use crate::helper_threads;
-use crate::scorer::Isa;
+use crate::scorer::{Isa, on_isa};
 use crate::step_support::{from_f64, register_gradients, to_f64};
 
 #[backend_extension(Flex, Autodiff)]
@@ -187,38 +187,127 @@ fn stats_gradients<const D: usize>(stats: &Stats, grad: &[f64]) -> [Vec<f64>; 2]
     // of z̄ and, through `gamma_bar_at`, of γ̄.
     let mut gamma_bar: Vec<f64> = Vec::with_capacity(n * k);
     let gamma_bar_at = helper_threads::SharedBuffer::spare_of(&mut gamma_bar);
+    let per_component = PerComponent {
+        mu,
+        symmetric: &symmetric,
+        cov_bar: &cov_bar,
+        mu_bar: &mu_bar,
+        cov_dot: &cov_dot,
+        inverse_sums: &inverse_sums,
+        phi_bar: &phi_bar,
+    };
+    let write_gamma_bar = |row: usize, c: usize, value: f64| {
+        // SAFETY: the row's γ̄ lies inside the n·k values reserved, and each row is one
+        // chunk's alone.
+        unsafe { (*gamma_bar_at.add(row * k + c)).write(value) };
+    };
+    // Eight f64 lanes take an AVX-512 register (sixteen f32 lanes).
+    let isa = Isa::best(2 * ROW_LANES);
     let rows_of = |rows: Range<usize>, z_bar_rows: &mut [MaybeUninit<f64>]| {
-        for (i, z_bar_i) in rows.zip(z_bar_rows.chunks_exact_mut(D)) {
-            let (zi, gi) = (&codes[i], &stats.gamma[i * k..(i + 1) * k]);
-            let mut z_bar = [0f64; D];
-            for c in 0..k {
-                let (inverse_sum, g) = (inverse_sums[c], gi[c]);
-                let r: [f64; D] = std::array::from_fn(|j| zi[j] - mu[c][j]);
-                let mut value = phi_bar[c] - cov_dot[c] * inverse_sum;
-                for a in 0..D {
-                    let mut through_cov = 0.0;
-                    let mut quadratic = 0.0;
-                    for b in 0..D {
-                        through_cov += symmetric[c][a][b] * r[b];
-                        quadratic += cov_bar[c][a][b] * r[b];
+        on_isa!(isa, || {
+            let mut start = rows.start;
+            for z_bar_block in z_bar_rows.chunks_mut(ROW_LANES * D) {
+                let gamma_bar_of =
+                    |r: usize, c: usize, value: f64| write_gamma_bar(start + r, c, value);
+                let block = start..start + z_bar_block.len() / D;
+                if block.len() == ROW_LANES {
+                    let z_bar = gradient_rows::<D, ROW_LANES>(
+                        &per_component,
+                        &codes[block.clone()],
+                        &stats.gamma[block.start * k..block.end * k],
+                        gamma_bar_of,
+                    );
+                    write_lanes(&z_bar, z_bar_block);
+                } else {
+                    for (r, z_bar_row) in z_bar_block.chunks_exact_mut(D).enumerate() {
+                        let row = block.start + r;
+                        let gamma_bar_of =
+                            |_: usize, c: usize, value: f64| gamma_bar_of(r, c, value);
+                        let z_bar = gradient_rows::<D, 1>(
+                            &per_component,
+                            &codes[row..row + 1],
+                            &stats.gamma[row * k..(row + 1) * k],
+                            gamma_bar_of,
+                        );
+                        write_lanes(&z_bar, z_bar_row);
                     }
-                    z_bar[a] += g * (mu_bar[c][a] + through_cov) * inverse_sum;
-                    value += (mu_bar[c][a] + quadratic) * r[a] * inverse_sum;
                 }
-                // SAFETY: row i's γ̄ lies inside the n·k values reserved, and row i is this
-                // chunk's alone.
-                unsafe { (*gamma_bar_at.add(i * k + c)).write(value) };
+                start = block.end;
             }
-            for (out, value) in z_bar_i.iter_mut().zip(z_bar) {
-                out.write(value);
-            }
-        }
+        })
     };
     // SAFETY: `rows_of` writes each row's D values of z̄.
     let z_bar = unsafe { helper_threads::rows_written_in_chunks(n, D, 4 * k * D * D, &rows_of) };
     // SAFETY: the chunks covered every row, each writing the row's k values of γ̄.
     unsafe { gamma_bar.set_len(n * k) };
     [z_bar, gamma_bar]
+}
+
+/// Rows side by side in [`gradient_rows`]: eight f64 fill an AVX-512 register.
+const ROW_LANES: usize = 8;
+
+/// What every row's z̄ and γ̄ take of each component: μ, Ŝ, S̄, M̄', ⟨S̄, Σ⟩, 1/s and φ̄.
+struct PerComponent<'a, const D: usize> {
+    mu: &'a [[f64; D]],
+    symmetric: &'a [[[f64; D]; D]],
+    cov_bar: &'a [[[f64; D]; D]],
+    mu_bar: &'a [[f64; D]],
+    cov_dot: &'a [f64],
+    inverse_sums: &'a [f64],
+    phi_bar: &'a [f64],
+}
+
+/// z̄ of L rows (`codes`, with memberships `gamma`) side by side, lane r holding row r, with
+/// each γ̄ handed to `gamma_bar_of(r, c, value)`. Each lane does one row's multiplies and adds
+/// in the order of a loop over that row alone, so the lanes change the speed, not a bit.
+#[inline(always)]
+fn gradient_rows<const D: usize, const L: usize>(
+    per: &PerComponent<'_, D>,
+    codes: &[[f64; D]],
+    gamma: &[f64],
+    gamma_bar_of: impl Fn(usize, usize, f64),
+) -> [[f64; L]; D] {
+    let k = per.inverse_sums.len();
+    let mut z_bar = [[0f64; L]; D];
+    for c in 0..k {
+        let inverse_sum = per.inverse_sums[c];
+        let (symmetric, cov_bar, mu_bar) = (&per.symmetric[c], &per.cov_bar[c], &per.mu_bar[c]);
+        let g: [f64; L] = std::array::from_fn(|r| gamma[r * k + c]);
+        let residual: [[f64; L]; D] =
+            std::array::from_fn(|j| std::array::from_fn(|r| codes[r][j] - per.mu[c][j]));
+        let mut value = [per.phi_bar[c] - per.cov_dot[c] * inverse_sum; L];
+        for a in 0..D {
+            let mut through_cov = [0f64; L];
+            let mut quadratic = [0f64; L];
+            for b in 0..D {
+                for r in 0..L {
+                    through_cov[r] += symmetric[a][b] * residual[b][r];
+                    quadratic[r] += cov_bar[a][b] * residual[b][r];
+                }
+            }
+            for r in 0..L {
+                z_bar[a][r] += g[r] * (mu_bar[a] + through_cov[r]) * inverse_sum;
+                value[r] += (mu_bar[a] + quadratic[r]) * residual[a][r] * inverse_sum;
+            }
+        }
+        for (r, &value) in value.iter().enumerate() {
+            gamma_bar_of(r, c, value);
+        }
+    }
+    z_bar
+}
+
+/// Lane r of each of the D rows of `lanes` into row r of `out` (L rows of D values).
+#[inline(always)]
+fn write_lanes<const D: usize, const L: usize>(
+    lanes: &[[f64; L]; D],
+    out: &mut [MaybeUninit<f64>],
+) {
+    for (r, row) in out.chunks_exact_mut(D).enumerate() {
+        for (out, lane) in row.iter_mut().zip(lanes) {
+            out.write(lane[r]);
+        }
+    }
 }
 
 /// Calls `$function::<D>(args)` with the const D equal to the code width `$d`, so that the
