@@ -226,6 +226,9 @@ impl Mixture {
         let mut log_terms = [[0f64; L]; MAX_GMM_K];
         let mut r_bar = [[0f64; L]; MAX_Z_DIM];
         for (block, row) in blocks.zip(out.chunks_exact_mut(width)) {
+            // z̄ of the block's samples, lane by lane: the components' r̄ added in order, then
+            // written out once (the row starts at zero, as this does).
+            let mut z_bar_lanes = [[0f64; L]; MAX_Z_DIM];
             let start = block * L;
             let used = L.min(n - start);
             let (z_bar, shares) = row.split_at_mut(L * d);
@@ -290,10 +293,15 @@ impl Mixture {
                         }
                         chol_shares[c * d * d + j * d + p] = sum;
                     }
-                    for r in 0..used {
-                        z_bar[r * d + j] += r_bar[j][r];
+                    for r in 0..L {
+                        z_bar_lanes[j][r] += r_bar[j][r];
                     }
                     mu_shares[c * d + j] = r_bar[j].iter().sum::<f64>();
+                }
+            }
+            for (r, z_bar) in z_bar.chunks_exact_mut(d).take(used).enumerate() {
+                for (j, z_bar) in z_bar.iter_mut().enumerate() {
+                    *z_bar = z_bar_lanes[j][r];
                 }
             }
         }
