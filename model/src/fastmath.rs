@@ -72,6 +72,40 @@ pub(crate) fn exp_non_positive<const L: usize>(t: [f64; L]) -> [f64; L] {
     std::array::from_fn(|lane| scale[lane].mul_add(expm1_r[lane], scale[lane]))
 }
 
+/// [`exp_non_positive`] of eight lanes in one AVX-512 register, step for step: the same fused
+/// multiply-adds, subtractions and integer shifts in each lane, so the same bits. Over an
+/// array of eight, LLVM split the lanes into pieces of one, two, four and one, each with its
+/// own twelve-term series.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn exp_non_positive_avx512(t: [f64; 8]) -> [f64; 8] {
+    use std::arch::x86_64::*;
+    // SAFETY: eight f64 in `t`.
+    let t = unsafe { _mm512_loadu_pd(t.as_ptr()) };
+    // `f64::max` keeps −708 where t is NaN, as MAXPD does with the constant second.
+    let y = _mm512_max_pd(t, _mm512_set1_pd(-708.0));
+    let shifter = _mm512_set1_pd(SHIFTER);
+    let shifted = _mm512_fmadd_pd(y, _mm512_set1_pd(std::f64::consts::LOG2_E), shifter);
+    let n = _mm512_sub_pd(shifted, shifter);
+    // −n·ln 2 + y in one rounding, as (−n).mul_add(ln 2, y).
+    let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(std::f64::consts::LN_2), y);
+    let mut series = _mm512_set1_pd(EXPM1_SERIES[0]);
+    for &c in &EXPM1_SERIES[1..] {
+        series = _mm512_fmadd_pd(series, r, _mm512_set1_pd(c));
+    }
+    let exponent_bits = _mm512_add_epi64(_mm512_castpd_si512(shifted), _mm512_set1_epi64(1023));
+    let scale = _mm512_castsi512_pd(_mm512_slli_epi64::<52>(exponent_bits));
+    let expm1_r = _mm512_mul_pd(r, series);
+    let mut out = [0f64; 8];
+    // SAFETY: eight f64 fit `out`.
+    unsafe { _mm512_storeu_pd(out.as_mut_ptr(), _mm512_fmadd_pd(scale, expm1_r, scale)) };
+    out
+}
+
 /// ln s for 1 ≤ s < 2^64: s = m · 2^e with m in [√½, √2), ln m = 2 atanh(u) with
 /// u = (m − 1)/(m + 1), |u| ≤ 0.172, by its odd series to u^17 (error below 1e-15).
 #[inline(always)]
@@ -305,6 +339,37 @@ mod tests {
             s += 0.000_731;
         }
         assert_eq!(ln_at_least_one([1.0])[0], 0.0);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx512_exp_gives_the_lane_loops_bits() {
+        if !crate::scorer::Isa::Avx512.supported() {
+            return; // Nothing here runs the AVX-512 copy.
+        }
+        let mut values: Vec<f64> = (0..=80_000).map(|i| -(i as f64) * 0.009_3).collect();
+        values.extend([
+            0.0,
+            -0.0,
+            -708.0,
+            -708.5,
+            -750.0,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ]);
+        values.extend((1..60).map(|k| -(2f64.powi(-k))));
+        for block in values.chunks(8) {
+            let mut lanes = [0.0; 8];
+            lanes[..block.len()].copy_from_slice(block);
+            // SAFETY: this CPU has AVX-512F (checked above).
+            let vector = unsafe { exp_non_positive_avx512(lanes) };
+            let lane_loop = exp_non_positive(lanes);
+            assert_eq!(
+                vector.map(f64::to_bits),
+                lane_loop.map(f64::to_bits),
+                "{lanes:?}"
+            );
+        }
     }
 
     /// Distance from libm's f64 result in units of the f32 spacing at that value.

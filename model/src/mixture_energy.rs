@@ -27,6 +27,8 @@ use burn::tensor::Tensor;
 
 use crate::config::{MAX_GMM_K, MAX_Z_DIM};
 use crate::fastmath::exp_non_positive;
+#[cfg(target_arch = "x86_64")]
+use crate::fastmath::exp_non_positive_avx512;
 use crate::gmm::LaneMixture;
 use crate::helper_threads;
 use crate::scorer::{Isa, mixture_energies};
@@ -141,7 +143,7 @@ impl Mixture {
                 Isa::Avx2 => return unsafe { self.blocks_fma(grad, &inverse_pivots, blocks, out) },
                 Isa::Portable => {}
             }
-            self.blocks_body(grad, &inverse_pivots, blocks, out)
+            self.blocks_body::<false>(grad, &inverse_pivots, blocks, out)
         };
         // Per sample and component, a forward and a back substitution and L̄'s triangle: a
         // few multiply-adds per entry of the factor.
@@ -193,7 +195,7 @@ impl Mixture {
         blocks: Range<usize>,
         out: &mut [f64],
     ) {
-        self.blocks_body(grad, inverse_pivots, blocks, out)
+        self.blocks_body::<true>(grad, inverse_pivots, blocks, out)
     }
 
     /// The blocks' rows compiled for AVX2 with fused multiply-adds (the exp below uses them).
@@ -206,12 +208,13 @@ impl Mixture {
         blocks: Range<usize>,
         out: &mut [f64],
     ) {
-        self.blocks_body(grad, inverse_pivots, blocks, out)
+        self.blocks_body::<false>(grad, inverse_pivots, blocks, out)
     }
 
-    /// The rows ([`Mixture::block_width`]) of `blocks`, in `out`, which starts zeroed.
+    /// The rows ([`Mixture::block_width`]) of `blocks`, in `out`, which starts zeroed;
+    /// `AVX512` where the caller runs with AVX-512F, whose exp takes the eight lanes at once.
     #[inline(always)]
-    fn blocks_body(
+    fn blocks_body<const AVX512: bool>(
         &self,
         grad: &[f64],
         inverse_pivots: &[f64],
@@ -263,7 +266,8 @@ impl Mixture {
             // Responsibilities w_c = softmax(log_terms)_c, by log-sum-exp.
             let mut total = [0f64; L];
             for c in 0..k {
-                log_terms[c] = exp_non_positive(std::array::from_fn(|r| log_terms[c][r] - best[r]));
+                let shifted = std::array::from_fn(|r| log_terms[c][r] - best[r]);
+                log_terms[c] = exp_lanes::<AVX512>(shifted);
                 for r in 0..L {
                     total[r] += log_terms[c][r];
                 }
@@ -306,6 +310,18 @@ impl Mixture {
             }
         }
     }
+}
+
+/// [`exp_non_positive`] of a block's lanes, in one AVX-512 register where `AVX512` (the
+/// caller runs with AVX-512F): the same bits either way.
+#[inline(always)]
+fn exp_lanes<const AVX512: bool>(t: [f64; GRADIENT_LANES]) -> [f64; GRADIENT_LANES] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX512 {
+        // SAFETY: AVX512 is set only where the caller runs with AVX-512F.
+        return unsafe { exp_non_positive_avx512(t) };
+    }
+    exp_non_positive(t)
 }
 
 fn mixture(z: &FlexTensor, mu: &FlexTensor, chol: &FlexTensor, log_norm: &FlexTensor) -> Mixture {
@@ -458,6 +474,13 @@ mod tests {
             // Compared whole: a mismatch would print thousand-value buffers.
             assert!(mixture.gradients(&grad) == whole, "{helpers} helpers");
             assert!(mixture.energies() == energies, "{helpers} helpers");
+        }
+        // Each instruction set's copy of the blocks (AVX-512's with its own exp) alike.
+        for isa in Isa::available() {
+            let (gradients, isa_energies) =
+                isa.capped(|| (mixture.gradients(&grad), mixture.energies()));
+            assert!(gradients == whole, "{isa:?}");
+            assert!(isa_energies == energies, "{isa:?}");
         }
     }
 }
