@@ -142,6 +142,14 @@ fn moments_in_lanes<const D: usize>(z: &[f64], gamma: &[f64], k: usize) -> Momen
 
 /// [`Stats::gradients`] for codes of width D.
 fn stats_gradients<const D: usize>(stats: &Stats, grad: &[f64]) -> [Vec<f64>; 2] {
+    stats_gradients_in_lanes::<D, ROW_LANES>(stats, grad)
+}
+
+/// [`Stats::gradients`] with L rows side by side in [`gradient_rows`] (one: row by row).
+fn stats_gradients_in_lanes<const D: usize, const L: usize>(
+    stats: &Stats,
+    grad: &[f64],
+) -> [Vec<f64>; 2] {
     let (n, k) = (stats.n, stats.k);
     let width = 1 + D + D * D;
     let codes = stats.z.as_chunks::<D>().0;
@@ -202,27 +210,25 @@ fn stats_gradients<const D: usize>(stats: &Stats, grad: &[f64]) -> [Vec<f64>; 2]
         unsafe { (*gamma_bar_at.add(row * k + c)).write(value) };
     };
     // Eight f64 lanes take an AVX-512 register (sixteen f32 lanes).
-    let isa = Isa::best(2 * ROW_LANES);
+    let isa = Isa::best(2 * L);
     let rows_of = |rows: Range<usize>, z_bar_rows: &mut [MaybeUninit<f64>]| {
         on_isa!(isa, || {
             let mut start = rows.start;
-            for z_bar_block in z_bar_rows.chunks_mut(ROW_LANES * D) {
-                let gamma_bar_of =
-                    |r: usize, c: usize, value: f64| write_gamma_bar(start + r, c, value);
+            for z_bar_block in z_bar_rows.chunks_mut(L * D) {
                 let block = start..start + z_bar_block.len() / D;
-                if block.len() == ROW_LANES {
-                    let z_bar = gradient_rows::<D, ROW_LANES>(
+                if block.len() == L {
+                    let z_bar = gradient_rows::<D, L>(
                         &per_component,
                         &codes[block.clone()],
                         &stats.gamma[block.start * k..block.end * k],
-                        gamma_bar_of,
+                        |r, c, value| write_gamma_bar(block.start + r, c, value),
                     );
                     write_lanes(&z_bar, z_bar_block);
                 } else {
+                    // The rows after the last whole block, one at a time.
                     for (r, z_bar_row) in z_bar_block.chunks_exact_mut(D).enumerate() {
                         let row = block.start + r;
-                        let gamma_bar_of =
-                            |_: usize, c: usize, value: f64| gamma_bar_of(r, c, value);
+                        let gamma_bar_of = |_, c, value| write_gamma_bar(row, c, value);
                         let z_bar = gradient_rows::<D, 1>(
                             &per_component,
                             &codes[row..row + 1],
@@ -612,6 +618,15 @@ mod tests {
             assert!(helper_threads::chunks_worth(n * 4 * k * d * d) > 1, "split");
             // Compared whole: a mismatch would print thousand-value buffers.
             assert!(stats.gradients(&grad) == whole, "{helpers} helpers");
+        }
+        // Rows side by side give each row's own bits: row by row, and under each instruction
+        // set's copy.
+        assert!(
+            stats_gradients_in_lanes::<3, 1>(&stats, &grad) == whole,
+            "row by row"
+        );
+        for isa in Isa::available() {
+            assert!(isa.capped(|| stats.gradients(&grad)) == whole, "{isa:?}");
         }
     }
 }
